@@ -1,0 +1,178 @@
+"""Arenas: one contiguous byte buffer per device that the tracked tensors live in.
+
+Why: a snapshot of N separate tensors costs N kernel launches / N Python calls, which dominates for models made
+of many small tensors. Re-homing every tracked tensor as a view into one flat buffer per device (with
+``Tensor.set_``, which keeps object identity, like FSDP's flat parameters) makes a snapshot or a restore a single
+memcpy per device, whatever the number of tensors.
+
+Positions (:class:`Entry`) are append-only: an entry's bytes never move while any snapshot may refer to them, so
+a snapshot taken before the arena grew is a byte-prefix of the current arena and restores with one copy.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+ALIGN = 64  # bytes; keeps every tensor cache-line aligned and valid for vectorised/fused kernels
+_WORD = torch.int64  # arenas are copied as 8-byte words: byte-wise copy_ is measurably slower on CPU
+
+
+def storage_use_count(storage: torch.UntypedStorage) -> int:
+    """How many tensors (and storage objects) share ``storage``. O(1)."""
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def owns_storage(t: torch.Tensor) -> bool:
+    """True when ``t`` is the only tensor using its storage, and uses all of it (so it can be moved safely)."""
+    if t._base is not None or t.storage_offset() != 0:
+        return False
+    st = t.untyped_storage()
+    if st.nbytes() != t.numel() * t.element_size():
+        return False
+    # 1 for t itself + 1 for the storage object `st` we are holding right now.
+    return storage_use_count(st) == 2
+
+
+class Entry:
+    """A fixed position in an arena, and the tensor currently living there (if any)."""
+
+    __slots__ = ("key", "arena", "offset", "nbytes", "dtype", "shape", "stride", "_obj", "_weak")
+
+    def __init__(self, key: Any, arena: Arena, offset: int, t: torch.Tensor) -> None:
+        self.key = key
+        self.arena = arena
+        self.offset = offset
+        self.nbytes = t.numel() * t.element_size()
+        self.dtype = t.dtype
+        self.shape = t.shape
+        self.stride = t.stride()
+        self._obj: torch.Tensor | None = None
+        self._weak: weakref.ref | None = None
+
+    def fits(self, t: torch.Tensor) -> bool:
+        return (
+            t.dtype == self.dtype
+            and t.shape == self.shape
+            and t.stride() == self.stride
+            and t.device == self.arena.device
+        )
+
+    def obj(self) -> torch.Tensor | None:
+        if self._obj is not None:
+            return self._obj
+        return self._weak() if self._weak is not None else None
+
+    def hold(self, t: torch.Tensor | None, strong: bool) -> None:
+        """Remember the tensor living here. Container-held tensors are held weakly, so that replacing one in its
+        container frees it and shows up as a drop in the arena's use count (our O(1) change detector)."""
+        if t is None:
+            self._obj, self._weak = None, None
+        elif strong:
+            self._obj, self._weak = t, None
+        else:
+            self._obj, self._weak = None, weakref.ref(t)
+
+    def make_strong(self) -> None:
+        t = self.obj()
+        if t is not None:
+            self._obj, self._weak = t, None
+
+    def is_home(self, t: torch.Tensor) -> bool:
+        """True when ``t`` currently lives at this position."""
+        return (
+            t.device == self.arena.device
+            and t.untyped_storage().data_ptr() == self.arena.data_ptr
+            and t.storage_offset() * t.element_size() == self.offset
+            and self.fits(t)
+        )
+
+    def view(self) -> torch.Tensor:
+        """A new tensor object living at this position."""
+        t = torch.empty(0, dtype=self.dtype, device=self.arena.device)
+        t.set_(self.arena.storage, self.offset // t.element_size(), self.shape, self.stride)
+        return t
+
+    def move_in(self, t: torch.Tensor) -> None:
+        """Copy ``t``'s value into this position and make ``t`` live here (same Python object)."""
+        with torch.no_grad():
+            here = self.view()
+            here.copy_(t)
+            t.set_(self.arena.storage, self.offset // t.element_size(), self.shape, self.stride)
+            del here
+
+
+def _span(t: torch.Tensor) -> int:
+    """Bytes of storage a dense tensor with these strides needs (handles channels_last etc.)."""
+    if t.numel() == 0:
+        return 0
+    extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return extent * t.element_size()
+
+
+class Arena:
+    """A growable byte buffer on one device holding the live values of tracked tensors."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.used = 0  # bytes handed out (a multiple of ALIGN)
+        self.storage = torch.empty(0, dtype=torch.uint8, device=device).untyped_storage()
+        self.data_ptr = self.storage.data_ptr()
+        self.entries: list[Entry] = []
+        self._words: torch.Tensor | None = None
+        self.baseline = storage_use_count(self.storage)
+
+    @property
+    def nbytes(self) -> int:
+        return self.used
+
+    def words(self) -> torch.Tensor:
+        """The used bytes as an int64 tensor (for copying); cached, and counted in the baseline."""
+        w = self._words
+        if w is None or w.numel() * 8 != self.used:
+            w = self._words = torch.empty(0, dtype=_WORD, device=self.device)
+            w.set_(self.storage, 0, (self.used // 8,), (1,))
+        return w
+
+    def plan(self, t: torch.Tensor, extra: int) -> int:
+        """Bytes needed by ``t`` on top of ``extra`` already planned, rounded to ALIGN."""
+        return extra + (_span(t) + ALIGN - 1) // ALIGN * ALIGN
+
+    def reserve(self, nbytes: int) -> None:
+        """Make room for ``nbytes`` more bytes, moving every live tensor to a new buffer if needed."""
+        need = self.used + nbytes
+        if need <= self.storage.nbytes():
+            return
+        new = torch.empty(need, dtype=torch.uint8, device=self.device).untyped_storage()
+        if self.used:
+            dst = torch.empty(0, dtype=torch.uint8, device=self.device)
+            dst.set_(new, 0, (self.used,), (1,))
+            src = torch.empty(0, dtype=torch.uint8, device=self.device)
+            src.set_(self.storage, 0, (self.used,), (1,))
+            dst.copy_(src)
+            del dst, src
+        with torch.no_grad():
+            for e in self.entries:
+                obj = e.obj()
+                if obj is not None:
+                    obj.set_(new, e.offset // obj.element_size(), e.shape, e.stride)
+        self.storage = new
+        self.data_ptr = new.data_ptr()
+        self._words = None
+
+    def add(self, key: Any, t: torch.Tensor) -> Entry:
+        """Allocate a new position for a tensor shaped like ``t`` (call :meth:`reserve` first)."""
+        e = Entry(key, self, self.used, t)
+        self.used = self.plan(t, self.used)
+        self._words = None
+        self.entries.append(e)
+        return e
+
+    def changed(self) -> bool:
+        """O(1): did any tensor stop living here (or a foreign view appear) since :meth:`rebaseline`?"""
+        return storage_use_count(self.storage) != self.baseline
+
+    def rebaseline(self) -> None:
+        self.baseline = storage_use_count(self.storage)

@@ -1,0 +1,113 @@
+"""The timeline of recorded points: which ring slot holds which point and where the live state is.
+
+Pure bookkeeping, no tensors, so every undo/redo/snapshot sequence can be property-tested cheaply.
+
+A *point* is a recorded state, numbered 0, 1, 2, ... in recording order. Point ``cur`` is the one the live state
+derives from. ``clean`` means no optimizer step has started since the live state was recorded or restored (so a new
+recording overwrites point ``cur``); otherwise the live state is "after" point ``cur`` and a new recording becomes
+point ``cur + 1``. Points ``lo..hi`` are stored, point ``i`` in slot ``i % nslots``.
+"""
+
+from __future__ import annotations
+
+from .errors import RewindError
+
+
+class Timeline:
+    def __init__(self, capacity: int, redo: bool) -> None:
+        self.capacity = capacity
+        self.redo_enabled = redo
+        # One extra slot lets undo keep the live state for redo without evicting an undo point.
+        self.nslots = capacity + 1 if redo else capacity
+        self.lo = 0
+        self.hi = -1
+        self.cur = -1
+        self.clean = False
+
+    def slot(self, point: int) -> int:
+        return point % self.nslots
+
+    # ------------------------------------------------------------------ queries
+    def _live_point(self) -> int:
+        """The point number the live state has (or would get if recorded)."""
+        return self.cur if self.clean else self.cur + 1
+
+    def undo_depth(self) -> int:
+        if self.cur < 0:
+            return 0
+        live = self._live_point()
+        lo = self.lo
+        if not self.clean and self.redo_enabled:
+            lo = max(lo, live - self.nslots + 1)  # recording the live state evicts the oldest point if full
+        return max(0, min(live - lo, self.capacity))
+
+    def redo_depth(self) -> int:
+        return self.hi - self.cur if self.clean and self.cur >= 0 else 0
+
+    # ------------------------------------------------------------------ transitions
+    def record(self) -> int:
+        """A snapshot of the live state is being written; returns its point number."""
+        i = self._live_point()
+        self.cur = self.hi = i
+        self.lo = max(self.lo, i - self.nslots + 1)
+        self.clean = True
+        return i
+
+    def step_started(self) -> None:
+        """An optimizer step is about to change the live state: it leaves point cur, and redo is no longer
+        possible."""
+        self.clean = False
+        if self.cur >= 0:
+            self.hi = self.cur
+
+    def plan_undo(self, n: int) -> tuple[int | None, int]:
+        """(point to record the live state as, or None; point to restore). Raises if not possible."""
+        _check_n(n, "undo")
+        depth = self.undo_depth()
+        if n > depth:
+            raise RewindError(
+                f"cannot undo {n} step(s): only {depth} available (capacity={self.capacity}). "
+                + ("Build the Rewind with a larger capacity to keep more history." if depth else
+                   "Nothing has been recorded since the last undo/construction; take an optimizer step first.")
+            )  # fmt: skip
+        if self.clean:
+            return None, self.cur - n
+        live = self.cur + 1
+        return (live if self.redo_enabled else None), live - n
+
+    def plan_redo(self, n: int) -> int:
+        _check_n(n, "redo")
+        depth = self.redo_depth()
+        if n > depth:
+            why = (
+                "redo is only possible right after undo; an optimizer step (or snapshot) since then cleared it"
+                if depth == 0
+                else f"only {depth} available"
+            )
+            raise RewindError(f"cannot redo {n} step(s): {why}.")
+        return self.cur + n
+
+    def plan_goto(self, point: int) -> tuple[int | None, int]:
+        """Like plan_undo, to an absolute point (used by transactions)."""
+        if point < self.lo or point > self.hi:
+            raise RewindError(
+                f"point {point} is no longer stored (history keeps points {self.lo}..{self.hi}); "
+                "increase capacity so the transaction's start point is not evicted."
+            )
+        if self.clean or point > self.cur:
+            return None, point
+        live = self.cur + 1
+        return (live if self.redo_enabled else None), point
+
+    def moved(self, recorded: int | None, target: int) -> None:
+        """Commit a restore planned by plan_undo/plan_redo/plan_goto."""
+        if recorded is not None:
+            self.hi = recorded
+            self.lo = max(self.lo, recorded - self.nslots + 1)
+        self.cur = target
+        self.clean = True
+
+
+def _check_n(n: int, what: str) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise RewindError(f"{what}(n) takes a positive int, got {n!r}.")

@@ -1,0 +1,329 @@
+"""The public entry point: :class:`Rewind` (undo/redo/snapshot/retry) and :class:`Trial` (transactions)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from .errors import RewindError
+from .history import Timeline
+from .rng import RNGState
+from .snapshot import Recorder, Slot
+from .tracker import Tracker, iter_modules
+
+
+class Rewind:
+    """Exact, bounded-memory undo/redo of a whole training state.
+
+    Tracks parameters and buffers of ``model``, every tensor and Python value in ``optimizer.state``, the
+    optimizer's ``param_groups`` (hyperparameters included), ``schedulers`` (anything with
+    ``state_dict``/``load_state_dict``), a ``torch.amp.GradScaler`` and the RNGs. By default a step pre-hook records
+    the state just before every ``optimizer.step()``; :meth:`undo` brings it back bit for bit.
+
+    Example::
+
+        rw = Rewind(model, optimizer, capacity=4)
+        loss.backward(); optimizer.step()
+        if worse: rw.retry(lr=lambda lr: lr / 2)   # undo, halve the lr, step again with the same gradients
+
+    Args:
+        model: an ``nn.Module``, an iterable of modules, or ``None``. The optimizer's parameters are always
+            tracked, even those not in ``model``.
+        optimizer: any ``torch.optim.Optimizer`` (including user subclasses).
+        schedulers: objects with ``state_dict``/``load_state_dict`` (all of ``torch.optim.lr_scheduler``, data
+            samplers, ...), restored together with the rest.
+        scaler: a ``torch.amp.GradScaler`` (scale, growth tracker and per-step bookkeeping are restored).
+        capacity: how many steps can be undone.
+        rng: ``True`` restores the torch CPU and CUDA generators; ``"all"`` adds Python's ``random`` and NumPy's
+            global generator; ``False`` leaves RNGs alone.
+        grads: also record ``.grad`` so that :meth:`undo` brings gradients back (lets :meth:`retry` work after
+            ``zero_grad()``).
+        redo: keep the undone state so :meth:`redo` can return to it. Costs one extra copy per :meth:`undo` from
+            a freshly stepped state, and one extra history slot of memory.
+        auto: record automatically before every ``optimizer.step()``. With ``auto=False`` call :meth:`snapshot`
+            yourself (steps are still noticed, so undo/redo bookkeeping stays right).
+        max_bytes: refuse (with :class:`RewindError`) any history larger than this many bytes.
+        verify: re-scan every tracked tensor at each snapshot instead of the O(1) change check (slower; only
+            needed if you replace optimizer-state tensors by hand while keeping references to the old ones).
+        generators: extra ``torch.Generator`` objects to restore (e.g. a DataLoader's).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Iterable[torch.nn.Module] | None,
+        optimizer: torch.optim.Optimizer,
+        schedulers: Sequence[Any] | Any = (),
+        scaler: torch.amp.GradScaler | None = None,
+        capacity: int = 1,
+        rng: bool | str = True,
+        *,
+        grads: bool = False,
+        redo: bool = True,
+        auto: bool = True,
+        max_bytes: int | None = None,
+        verify: bool = False,
+        generators: Sequence[torch.Generator] = (),
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise RewindError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise RewindError(f"capacity must be an int >= 1 (steps that can be undone), got {capacity!r}.")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise RewindError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}.")
+        if rng not in (True, False, "all"):
+            raise RewindError(f"rng must be True, False or 'all', got {rng!r}.")
+        objects = _check_schedulers(schedulers, optimizer)
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise RewindError(
+                f"scaler must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}; pass LR schedulers "
+                "and other stateful objects through schedulers=."
+            )
+        modules = iter_modules(model)
+
+        self.optimizer = optimizer
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._auto = auto
+        self._grads = grads
+        self._timeline = Timeline(capacity, redo)
+        self._slots = [Slot() for _ in range(self._timeline.nslots)]
+        self._pending = False  # a snapshot was taken since the last step: the pre-step hook need not take one
+        self._tracker = Tracker(modules, optimizer, verify=verify, budget=self._check_budget)
+        self._recorder = Recorder(
+            self._tracker,
+            optimizer,
+            objects,
+            scaler,
+            RNGState(torch_rng=bool(rng), python=rng == "all", numpy=rng == "all", generators=generators),
+            grads,
+        )
+        self._hook = optimizer.register_step_pre_hook(self._pre_step)
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._auto and not self._pending:
+            self.snapshot()
+        self._pending = False
+        self._timeline.step_started()
+
+    # ------------------------------------------------------------------ public API
+    def snapshot(self) -> None:
+        """Record the live state now, as the point the next step will be undone to.
+
+        Example::
+
+            rw = Rewind(model, opt, auto=False)
+            rw.snapshot()                       # top of the iteration, before forward (captures RNG for dropout)
+            loss = model(x).sum(); loss.backward(); opt.step()
+        """
+        tl = self._timeline
+        point = tl.cur if (tl.clean and tl.cur >= 0) else tl.cur + 1
+        slot = self._slots[tl.slot(point)]
+        self._tracker.ensure()
+        self._recorder.prepare(slot)
+        try:
+            self._recorder.capture(slot)
+        except BaseException:
+            self._forget(point)
+            raise
+        tl.record()
+        self._pending = True
+
+    def undo(self, n: int = 1) -> None:
+        """Go back ``n`` steps: the state just before the ``n``-th last recorded step, bit for bit.
+
+        Example::
+
+            optimizer.step()
+            rw.undo()            # parameters, optimizer state, schedulers, scaler and RNG as before the step
+            rw.redo()            # and forward again
+        """
+        recorded, target = self._timeline.plan_undo(n)
+        self._move(recorded, target)
+
+    def redo(self, n: int = 1) -> None:
+        """Go forward ``n`` undone steps (possible until the next step or snapshot).
+
+        Example::
+
+            rw.undo(2); rw.redo(); rw.redo()   # back where we started
+        """
+        target = self._timeline.plan_redo(n)
+        self._move(None, target)
+
+    def retry(self, closure: Callable[[], Any] | None = None, **hparams: Any) -> Any:
+        """Undo the last step, change hyperparameters in every param group, and step again.
+
+        Each keyword is a param-group key (``lr``, ``momentum``, ``betas``, ``weight_decay``...) set to a value,
+        or to a function of the old value. Uses the gradients present now (or those recorded with
+        ``grads=True``); pass ``closure`` for optimizers that need one. Returns what ``optimizer.step`` returns.
+
+        Example::
+
+            loss.backward(); optimizer.step()
+            if evaluate() > before:
+                rw.retry(lr=lambda lr: lr * 0.5)
+        """
+        groups = self.optimizer.param_groups
+        for k in hparams:
+            if k == "params" or any(k not in g for g in groups):
+                valid = sorted({k for g in groups for k in g if k != "params"})
+                raise RewindError(f"retry({k}=...): not a hyperparameter of every param group; valid: {valid}.")
+        if closure is None and not self._grads and all(p.grad is None for p in self._tracker.params):
+            raise RewindError(
+                "retry() needs gradients, but every .grad is None (zero_grad() ran?). Call retry before "
+                "zero_grad(), build the Rewind with grads=True, or pass a closure that recomputes the loss."
+            )
+        self.undo()
+        for g in groups:
+            for k, v in hparams.items():
+                new = v(g[k]) if callable(v) else v
+                old = g[k]
+                if isinstance(old, torch.Tensor) and not isinstance(new, torch.Tensor):
+                    old.fill_(new)  # keep tensor hyperparameters (fused/capturable optimizers) as tensors
+                else:
+                    g[k] = new
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def trial(self) -> Trial:
+        """A transaction: record now; an exception inside the block, or :meth:`Trial.rollback`, restores it.
+
+        Example::
+
+            with rw.trial() as t:
+                optimizer.step()
+                if val_loss() > best: t.rollback()
+        """
+        return Trial(self)
+
+    def resync(self) -> None:
+        """Re-scan the model and optimizer now (automatic in nearly all cases; see ``verify``)."""
+        self._tracker.sync()
+
+    def close(self) -> None:
+        """Stop recording (removes the step hook). Tensors stay where they are and keep their values."""
+        self._hook.remove()
+
+    def __len__(self) -> int:
+        """How many steps can be undone now."""
+        return self._timeline.undo_depth()
+
+    @property
+    def redo_depth(self) -> int:
+        """How many undone steps :meth:`redo` can go forward."""
+        return self._timeline.redo_depth()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of history held (snapshot buffers), on top of the live training state."""
+        return sum(s.nbytes for s in self._slots)
+
+    def __repr__(self) -> str:
+        return (
+            f"Rewind(capacity={self.capacity}, undo={len(self)}, redo={self.redo_depth}, "
+            f"nbytes={self.nbytes}, tensors={sum(len(a.entries) for a in self._tracker.arenas.values())})"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _move(self, recorded: int | None, target: int) -> None:
+        """Record the live state as point ``recorded`` (if not None), then restore point ``target``."""
+        tl = self._timeline
+        if recorded is not None:
+            slot = self._slots[tl.slot(recorded)]
+            self._tracker.ensure()
+            self._recorder.prepare(slot)
+        try:
+            if recorded is not None:
+                self._recorder.capture(slot)
+            self._recorder.restore(self._slots[tl.slot(target)])
+        except BaseException:
+            if recorded is not None:
+                self._forget(recorded)
+            raise
+        tl.moved(recorded, target)
+        self._pending = False
+
+    def _forget(self, point: int) -> None:
+        """A write into ``point``'s slot failed half-way: the point previously in that slot is gone."""
+        tl = self._timeline
+        tl.lo = max(tl.lo, point - tl.nslots + 1)
+
+    def _goto(self, point: int) -> None:
+        recorded, target = self._timeline.plan_goto(point)
+        self._move(recorded, target)
+
+    def _check_budget(self, extra: dict[torch.device, int]) -> None:
+        if self.max_bytes is None:
+            return
+        live = sum(a.used for a in self._tracker.arenas.values()) if hasattr(self, "_tracker") else 0
+        per_slot = live + sum(extra.values())
+        need = per_slot * self._timeline.nslots
+        if need > self.max_bytes:
+            fit = self.max_bytes // per_slot - (self._timeline.nslots - self.capacity) if per_slot else 0
+            raise RewindError(
+                f"history would need {need:,} bytes ({self._timeline.nslots} snapshots x {per_slot:,} bytes), over "
+                f"max_bytes={self.max_bytes:,}. Lower capacity (at most {max(fit, 0)} fits"
+                + (", or pass redo=False to save one snapshot" if self._timeline.nslots > self.capacity else "")
+                + ") or raise max_bytes."
+            )
+
+
+class Trial:
+    """A transaction on a :class:`Rewind`. Use as ``with rw.trial() as t:``; see :meth:`Rewind.trial`."""
+
+    def __init__(self, rewind: Rewind) -> None:
+        self._rw = rewind
+        self._point: int | None = None
+        self.rolled_back = False
+
+    def __enter__(self) -> Trial:
+        self._rw.snapshot()
+        self._point = self._rw._timeline.cur
+        return self
+
+    def rollback(self) -> None:
+        """Restore the state recorded when the block was entered."""
+        if self._point is None:
+            raise RewindError("rollback() outside of the with-block: use `with rw.trial() as t:`.")
+        self._rw._goto(self._point)
+        self.rolled_back = True
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None and not self.rolled_back:
+            self.rollback()
+        self._point = None
+
+
+def _check_schedulers(schedulers: Any, optimizer: torch.optim.Optimizer) -> list[Any]:
+    if schedulers is None:
+        return []
+    if hasattr(schedulers, "state_dict") and hasattr(schedulers, "load_state_dict"):
+        schedulers = [schedulers]
+    if isinstance(schedulers, torch.amp.GradScaler):
+        raise RewindError("a GradScaler was passed as schedulers; pass it as scaler= instead.")
+    try:
+        objects = list(schedulers)
+    except TypeError:
+        raise RewindError(
+            f"schedulers must be a sequence of objects with state_dict/load_state_dict, got "
+            f"{type(schedulers).__name__}."
+        ) from None
+    for i, s in enumerate(objects):
+        if isinstance(s, torch.amp.GradScaler):
+            raise RewindError(f"schedulers[{i}] is a GradScaler; pass it as scaler= instead.")
+        if not (callable(getattr(s, "state_dict", None)) and callable(getattr(s, "load_state_dict", None))):
+            raise RewindError(
+                f"schedulers[{i}] ({type(s).__name__}) has no state_dict()/load_state_dict(); only such objects "
+                "can be restored."
+            )
+        opt = getattr(s, "optimizer", None)
+        if isinstance(opt, torch.optim.Optimizer) and opt is not optimizer:
+            raise RewindError(
+                f"schedulers[{i}] ({type(s).__name__}) drives a different optimizer than the one given to Rewind."
+            )
+    return objects

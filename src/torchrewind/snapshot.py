@@ -1,0 +1,191 @@
+"""One recorded training state (:class:`Slot`) and the code that fills it and writes it back (:class:`Recorder`).
+
+A slot's buffers are allocated on first use and reused ever after, so steady-state snapshots allocate nothing
+for arena tensors (and reuse same-shaped buffers for everything else).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .arena import Arena
+from .errors import RewindError
+from .rng import RNGState
+from .tracker import Structure, Tracker
+from .values import copy_tensor, copy_value, restore_value
+
+
+class Slot:
+    """Storage for one recorded state. ``words[device]`` mirrors that device's arena byte for byte."""
+
+    __slots__ = ("words", "used", "views", "structure", "pinned", "misc", "groups", "objects", "scaler", "rng",
+                 "grads")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.words: dict[torch.device, torch.Tensor] = {}
+        self.used: dict[torch.device, int] = {}
+        self.views: dict[torch.device, torch.Tensor] = {}  # words[:used], cached to avoid a view per snapshot
+        self.structure: Structure | None = None
+        self.pinned: dict[Any, torch.Tensor] = {}
+        self.misc: dict[Any, Any] = {}
+        self.groups: list = []
+        self.objects: list = []
+        self.scaler: dict[str, Any] | None = None
+        self.rng: dict[str, Any] = {}
+        self.grads: list | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(w.numel() * 8 for w in self.words.values())
+        n += sum(t.numel() * t.element_size() for t in self.pinned.values())
+        if self.grads:
+            n += sum(g.numel() * g.element_size() for g in self.grads if g is not None)
+        return n
+
+
+def _arena_bytes(arenas: dict[torch.device, Arena]) -> int:
+    return sum(a.used for a in arenas.values())
+
+
+class Recorder:
+    """Captures the whole training state into a :class:`Slot` and restores it from one."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        optimizer: torch.optim.Optimizer,
+        objects: Sequence[Any],
+        scaler: Any,
+        rng: RNGState,
+        grads: bool,
+    ) -> None:
+        self.tracker = tracker
+        self.optimizer = optimizer
+        self.objects = tuple(objects)
+        self.scaler = scaler
+        self.rng = rng
+        self.grads = grads
+
+    # ------------------------------------------------------------------ capture
+    def prepare(self, slot: Slot) -> None:
+        """Size the slot's buffers for the current arenas (allocating only when an arena grew)."""
+        for dev, a in self.tracker.arenas.items():
+            n = a.used // 8
+            w = slot.words.get(dev)
+            if w is None or w.numel() < n:
+                w = slot.words[dev] = torch.empty(n, dtype=torch.int64, device=dev)
+                slot.views.pop(dev, None)
+            v = slot.views.get(dev)
+            if v is None or v.numel() != n:
+                slot.views[dev] = w[:n]
+
+    def capture(self, slot: Slot) -> None:
+        tr = self.tracker
+        for dev, a in tr.arenas.items():
+            slot.views[dev].copy_(a.words(), non_blocking=True)
+            slot.used[dev] = a.used
+        s = tr.structure
+        old_pinned = slot.pinned
+        pinned = {key: copy_tensor(p, old_pinned.get(key)) for key, p in tr.pinned_params}
+        for c, name, t, key in s.pinned_items:
+            pinned[key] = copy_tensor(t, old_pinned.get(key))
+        slot.pinned = pinned
+        old_misc = slot.misc
+        slot.misc = {key: copy_value(c[name], old_misc.get(key)) for c, name, key in s.misc_items}
+        slot.structure = s
+        slot.groups = self._capture_groups(slot.groups)
+        slot.objects = [copy_value(o.state_dict()) for o in self.objects]
+        if self.scaler is not None:
+            slot.scaler = copy_value(vars(self.scaler), slot.scaler)
+        slot.rng = self.rng.capture() if self.rng.active else {}
+        if self.grads:
+            old = slot.grads or []
+            slot.grads = [
+                None if p.grad is None else copy_tensor(p.grad, old[i] if i < len(old) else None)
+                for i, p in enumerate(tr.params)
+            ]
+
+    def _capture_groups(self, old: list) -> list:
+        out = []
+        for i, g in enumerate(self.optimizer.param_groups):
+            prev = old[i][3] if i < len(old) and old[i][0] is g else None
+            hp = {k: copy_value(v, prev.get(k) if prev else None) for k, v in g.items() if k != "params"}
+            out.append((g, g["params"], tuple(g["params"]), hp))
+        return out
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, slot: Slot) -> None:
+        """Write ``slot`` back. Validates first and restores user objects (which may raise) before tensors, so an
+        exception leaves the training state as it was."""
+        if slot.structure is None:
+            raise RewindError("internal error: restoring an empty slot")
+        tr = self.tracker
+        tr.ensure()
+        for dev, used in slot.used.items():
+            a = tr.arenas.get(dev)
+            if a is None or a.used < used:
+                raise RewindError("internal error: snapshot is larger than the live arena")
+        self._restore_objects(slot.objects)
+
+        for dev, used in slot.used.items():
+            tr.arenas[dev].words()[: used // 8].copy_(slot.views[dev][: used // 8], non_blocking=True)
+        with torch.no_grad():
+            for key, p in tr.pinned_params:
+                saved = slot.pinned.get(key)
+                if saved is not None:
+                    p.copy_(saved)
+        tr.reconcile(slot.structure)
+        s = tr.structure
+        with torch.no_grad():
+            for c, name, t, key in s.pinned_items:
+                t.copy_(slot.pinned[key])
+        misc = slot.misc
+        for c, name, key in s.misc_items:
+            c[name] = restore_value(c.get(name), misc[key])
+        self._restore_groups(slot.groups)
+        if self.scaler is not None and slot.scaler is not None:
+            self._restore_attrs(self.scaler, slot.scaler)
+        if slot.rng:
+            self.rng.restore(slot.rng)
+        if self.grads and slot.grads is not None:
+            for p, g in zip(tr.params, slot.grads):
+                p.grad = None if g is None else restore_value(p.grad, g)
+        for a in tr.arenas.values():
+            a.rebaseline()  # reconcile may have created views
+
+    def _restore_objects(self, saved: list) -> None:
+        before = [copy_value(o.state_dict()) for o in self.objects] if self.objects else []
+        done = 0
+        try:
+            for o, sd in zip(self.objects, saved):
+                o.load_state_dict(copy_value(sd))  # a copy: load_state_dict may consume its argument
+                done += 1
+        except BaseException:
+            for o, sd in zip(self.objects[:done], before):
+                o.load_state_dict(sd)
+            raise
+
+    def _restore_groups(self, saved: list) -> None:
+        groups = self.optimizer.param_groups
+        if len(groups) != len(saved) or any(g is not s[0] for g, s in zip(groups, saved)):
+            groups[:] = [s[0] for s in saved]
+        for g, plist, ptuple, hp in saved:
+            if g["params"] is not plist:
+                g["params"] = plist
+            if len(plist) != len(ptuple) or any(a is not b for a, b in zip(plist, ptuple)):
+                plist[:] = ptuple
+            for k in [k for k in g if k != "params" and k not in hp]:
+                del g[k]
+            for k, v in hp.items():
+                g[k] = restore_value(g.get(k), v)
+
+    @staticmethod
+    def _restore_attrs(obj: Any, saved: dict[str, Any]) -> None:
+        d = vars(obj)
+        for k in [k for k in d if k not in saved]:
+            del d[k]
+        for k, v in saved.items():
+            d[k] = restore_value(d.get(k), v)
