@@ -211,6 +211,10 @@ class Rewind:
         """How many steps can be undone now."""
         return self._timeline.undo_depth()
 
+    def __bool__(self) -> bool:
+        # A Rewind is always truthy (``if rw:`` means "is there a Rewind"), even with nothing to undo yet.
+        return True
+
     @property
     def redo_depth(self) -> int:
         """How many undone steps :meth:`redo` can go forward."""
