@@ -17,6 +17,7 @@ structure (e.g. before the optimizer lazily created its state) puts exactly the 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,12 +36,13 @@ _TRUSTED_NAMES = (
     "RMSprop", "Rprop", "ASGD", "SparseAdam", "Adafactor", "Muon",
 )  # fmt: skip
 _TRUSTED_STEPS = {
-    getattr(torch.optim, n).step for n in _TRUSTED_NAMES if hasattr(torch.optim, n)
+    inspect.unwrap(getattr(torch.optim, n).step) for n in _TRUSTED_NAMES if hasattr(torch.optim, n)
 }
 
 
 def is_trusted(optimizer: torch.optim.Optimizer) -> bool:
-    return type(optimizer).step in _TRUSTED_STEPS
+    # unwrap: torch.optim patches each class's step with a profiling wrapper the first time one is constructed.
+    return inspect.unwrap(type(optimizer).step) in _TRUSTED_STEPS
 
 
 def _movable(t: torch.Tensor) -> bool:
