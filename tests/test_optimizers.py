@@ -51,8 +51,8 @@ class MLP(nn.Module):
         h = self.fc2(torch.tanh(self.bn(self.fc1(x))))
         return h + self.late(x) if j >= LATE else h
 
-    def groups(self) -> tuple[list, list]:
-        return [*self.fc1.parameters(), *self.bn.parameters()], [*self.fc2.parameters(), *self.late.parameters()]
+    def groups(self) -> tuple[list, list, list]:
+        return [*self.fc1.parameters(), *self.bn.parameters()], [*self.fc2.parameters()], [*self.late.parameters()]
 
 
 class MuonNet(nn.Module):
@@ -69,8 +69,8 @@ class MuonNet(nn.Module):
         h = self.fc2(torch.tanh(self.bn(self.fc1(x))))
         return h + self.late(x) if j >= LATE else h
 
-    def groups(self) -> tuple[list, list]:
-        return [self.fc1.weight], [self.fc2.weight, self.late.weight]
+    def groups(self) -> tuple[list, list, list]:
+        return [self.fc1.weight], [self.fc2.weight], [self.late.weight]
 
 
 class SparseNet(nn.Module):
@@ -87,8 +87,8 @@ class SparseNet(nn.Module):
             h = h * self.late(idx % 8)
         return h.sum(-1)
 
-    def groups(self) -> tuple[list, list]:
-        return [self.emb.weight], [self.late.weight]
+    def groups(self) -> tuple[list, list, list]:
+        return [self.emb.weight], [], [self.late.weight]
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "muon": MuonNet, "sparse": SparseNet}
@@ -249,8 +249,14 @@ class Spec:
         if self.g2 is None:
             params: Any = list(model.parameters())
         else:
-            a, b = model.groups()
-            params = [{"params": a}, {"params": b, **copy.deepcopy(self.g2)}]
+            a, b, late = model.groups()
+            if self.opt == "SGD" and impl == "fused" and self.kwargs.get("momentum"):
+                # torch's fused SGD raises (TypeError, in torch itself) when some momentum buffers of a group
+                # exist and others not, i.e. when a parameter of a stepped group gets its first gradient late.
+                params = [{"params": a}, {"params": b, **copy.deepcopy(self.g2)}]
+                params.append({"params": late, **copy.deepcopy(self.g2)})
+            else:
+                params = [{"params": a}, {"params": b + late, **copy.deepcopy(self.g2)}]
         return model, self.cls(params, **kw)
 
 
@@ -409,12 +415,12 @@ def apply_edit(opt: torch.optim.Optimizer, edit: dict[str, Callable[[Any], Any]]
 
 @functools.cache
 def _probe(spec_id: str, impl: str) -> str | None:
-    """Run the configuration for two plain steps without torchrewind; the error torch raises, if any."""
+    """Run the configuration for all steps without torchrewind; the error torch raises, if any."""
     spec = SPEC_BY_ID[spec_id]
     try:
         r = Run(spec, impl)
-        r.step(0)
-        r.step(1)
+        for j in range(STEPS):
+            r.step(j)
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None

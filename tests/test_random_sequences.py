@@ -446,6 +446,15 @@ def run_sequence(opt_name: str, cfg: dict, seq: list) -> None:
     r.final_replay_check()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add overhead (and stall badly on a loaded 2-core machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 BASE = {"sched": "chain", "capacity": 2, "redo": True, "auto": True, "grads": False, "verify": False, "seed": 0}
 
 

@@ -136,7 +136,8 @@ class Arena:
             w.set_(self.storage, 0, (self.used // 8,), (1,))
         return w
 
-    def plan(self, t: torch.Tensor, extra: int) -> int:
+    @staticmethod
+    def plan(t: torch.Tensor, extra: int) -> int:
         """Bytes needed by ``t`` on top of ``extra`` already planned, rounded to ALIGN."""
         return extra + (_span(t) + ALIGN - 1) // ALIGN * ALIGN
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from .arena import Arena
 from .errors import RewindError
 from .rng import RNGState
 from .tracker import Structure, Tracker
@@ -19,15 +18,15 @@ from .values import copy_tensor, copy_value, restore_value
 
 
 class Slot:
-    """Storage for one recorded state. ``words[device]`` mirrors that device's arena byte for byte."""
+    """Storage for one recorded state. ``words[k]`` mirrors arena ``k`` (a (device, chunk) key) byte for byte."""
 
     __slots__ = ("words", "used", "views", "structure", "pinned", "misc", "groups", "objects", "scaler", "rng",
                  "grads")  # fmt: skip
 
     def __init__(self) -> None:
-        self.words: dict[torch.device, torch.Tensor] = {}
-        self.used: dict[torch.device, int] = {}
-        self.views: dict[torch.device, torch.Tensor] = {}  # words[:used], cached to avoid a view per snapshot
+        self.words: dict[tuple, torch.Tensor] = {}
+        self.used: dict[tuple, int] = {}
+        self.views: dict[tuple, torch.Tensor] = {}  # words[:used], cached to avoid a view per snapshot
         self.structure: Structure | None = None
         self.pinned: dict[Any, torch.Tensor] = {}
         self.misc: dict[Any, Any] = {}
@@ -44,10 +43,6 @@ class Slot:
         if self.grads:
             n += sum(g.numel() * g.element_size() for g in self.grads if g is not None)
         return n
-
-
-def _arena_bytes(arenas: dict[torch.device, Arena]) -> int:
-    return sum(a.used for a in arenas.values())
 
 
 class Recorder:
@@ -72,21 +67,21 @@ class Recorder:
     # ------------------------------------------------------------------ capture
     def prepare(self, slot: Slot) -> None:
         """Size the slot's buffers for the current arenas (allocating only when an arena grew)."""
-        for dev, a in self.tracker.arenas.items():
+        for k, a in self.tracker.arenas.items():
             n = a.used // 8
-            w = slot.words.get(dev)
+            w = slot.words.get(k)
             if w is None or w.numel() < n:
-                w = slot.words[dev] = torch.empty(n, dtype=torch.int64, device=dev)
-                slot.views.pop(dev, None)
-            v = slot.views.get(dev)
+                w = slot.words[k] = torch.empty(n, dtype=torch.int64, device=a.device)
+                slot.views.pop(k, None)
+            v = slot.views.get(k)
             if v is None or v.numel() != n:
-                slot.views[dev] = w[:n]
+                slot.views[k] = w[:n]
 
     def capture(self, slot: Slot) -> None:
         tr = self.tracker
-        for dev, a in tr.arenas.items():
-            slot.views[dev].copy_(a.words(), non_blocking=True)
-            slot.used[dev] = a.used
+        for k, a in tr.arenas.items():
+            slot.views[k].copy_(a.words(), non_blocking=True)
+            slot.used[k] = a.used
         s = tr.structure
         old_pinned = slot.pinned
         pinned = {key: copy_tensor(p, old_pinned.get(key)) for key, p in tr.pinned_params}
@@ -124,14 +119,19 @@ class Recorder:
             raise RewindError("internal error: restoring an empty slot")
         tr = self.tracker
         tr.ensure()
-        for dev, used in slot.used.items():
-            a = tr.arenas.get(dev)
+        for k, used in slot.used.items():
+            a = tr.arenas.get(k)
             if a is None or a.used < used:
                 raise RewindError("internal error: snapshot is larger than the live arena")
         self._restore_objects(slot.objects)
 
-        for dev, used in slot.used.items():
-            tr.arenas[dev].words()[: used // 8].copy_(slot.views[dev][: used // 8], non_blocking=True)
+        for k, used in slot.used.items():
+            live = tr.arenas[k].words()
+            saved = slot.views[k]
+            if used != live.numel() * 8:  # snapshot taken before this arena grew: its bytes are a prefix
+                live, saved = live[: used // 8], saved[: used // 8]
+            live.copy_(saved, non_blocking=True)
+            del live
         with torch.no_grad():
             for key, p in tr.pinned_params:
                 saved = slot.pinned.get(key)

@@ -115,7 +115,10 @@ class Tracker:
         for g in optimizer.param_groups:
             for p in g["params"]:
                 self._add_param(p)
-        self.arenas: dict[torch.device, Arena] = {}
+        # (device, chunk number) -> Arena. Tensors found by one sync go into one new chunk per device, so
+        # growing never copies (or doubles the memory of) what is already there: parameters and buffers live in
+        # chunk 0, optimizer state created by the first step in chunk 1.
+        self.arenas: dict[tuple[torch.device, int], Arena] = {}
         self.entries: dict[Any, Entry] = {}
         self.pinned_params: list[tuple[Any, torch.Tensor]] = []
         self.structure: Structure | None = None
@@ -191,10 +194,16 @@ class Tracker:
             self.sync()
 
     # ------------------------------------------------------------------ sync
-    def _arena(self, device: torch.device) -> Arena:
-        a = self.arenas.get(device)
-        if a is None:
-            a = self.arenas[device] = Arena(device)
+    _MAX_CHUNKS = 4  # past this many chunks on a device, new tensors grow the last chunk instead
+
+    def _open_arena(self, device: torch.device, nbytes: int) -> Arena:
+        """The arena that receives ``nbytes`` of new tensors on ``device``."""
+        chunks = [k for k in self.arenas if k[0] == device]
+        if len(chunks) >= self._MAX_CHUNKS:
+            a = self.arenas[max(chunks, key=lambda k: k[1])]
+        else:
+            a = self.arenas[(device, len(chunks))] = Arena(device)
+        a.reserve(nbytes)
         return a
 
     def _describe(self, t: torch.Tensor) -> str:
@@ -274,19 +283,17 @@ class Tracker:
         extra: dict[torch.device, int] = {}
         for e, key, t in moves:
             if e is None:
-                a = self._arena(t.device)
-                extra[t.device] = a.plan(t, extra.get(t.device, 0))
+                extra[t.device] = Arena.plan(t, extra.get(t.device, 0))
         if extra:
             self._budget(extra)
-        for dev, n in extra.items():
-            self.arenas[dev].reserve(n)
+        target = {dev: self._open_arena(dev, n) for dev, n in extra.items()}
 
         with torch.no_grad():
             for old in evict:
                 old.set_(old.detach().clone(memory_format=torch.preserve_format))
             for e, key, t in moves:
                 if e is None:
-                    e = self.arenas[t.device].add(key, t)
+                    e = target[t.device].add(key, t)
                     self.entries[key] = e
                 e.move_in(t)
                 e.hold(t, strong=key[0] == "param")
