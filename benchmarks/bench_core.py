@@ -219,6 +219,7 @@ def bench_core(name: str, n: int, d: int, repeats: int) -> dict[str, Any]:
         "layers": n,
         "width": d,
         "params": sum(p.numel() for p in mC.parameters()),
+        "param_tensors": sum(1 for _ in mC.parameters()),
         "tensors": n_tensors,
         "state_bytes": state_bytes,
         "arena_used_bytes": used,
@@ -231,6 +232,13 @@ def bench_core(name: str, n: int, d: int, repeats: int) -> dict[str, Any]:
     def ratio(a: str, b: str, stat: str) -> float:
         return res[a][stat] / res[b][stat]
 
+    def paired(a: str) -> float:
+        """Median over rounds of (a / bound) within the same round: robust to slow drift of the machine."""
+        return statistics.median(x / b for x, b in zip(t[a], t["bound"]))
+
+    out["paired_median_ratio_to_bound"] = {
+        k: paired(k) for k in ("snapshot", "restore", "undo_redo_kept", "foreach_snapshot", "foreach_restore")
+    }
     out["ratios"] = {
         stat: {
             "snapshot_vs_bound": ratio("snapshot", "bound", stat),
@@ -320,8 +328,12 @@ def bench_training(
     batch_at: Callable[[int], tuple],
     blocks: int,
     per_block: int,
+    budget_s: float,
 ) -> dict[str, Any]:
-    """Median time of one full iteration (zero_grad, forward, backward, step) without and with Rewind."""
+    """Median time of one full iteration (zero_grad, forward, backward, step) without and with Rewind.
+
+    Runs ``blocks`` rounds of ``per_block`` iterations per variant (rotating which variant goes first), but stops
+    after ``budget_s`` seconds once at least two rounds are done, so a loaded machine cannot stretch the run."""
     torch.manual_seed(0)
     base = make_model()
     variants: dict[str, dict[str, Any]] = {}
@@ -348,12 +360,17 @@ def bench_training(
         for _ in range(warm + 8):
             iteration(v)
     keys = list(variants)
+    t0 = perf()
+    done = 0
     for b in range(blocks):
+        if done >= 2 and perf() - t0 > budget_s:
+            break
         k = b % len(keys)
         for key in keys[k:] + keys[:k]:
             v = variants[key]
             gc.collect()
             v["samples"].extend(iteration(v) for _ in range(per_block))
+        done += 1
 
     res = {key: summary(v["samples"]) for key, v in variants.items()}
     for r in res.values():
@@ -367,7 +384,7 @@ def bench_training(
         "params": sum(p.numel() for p in m.parameters()),
         "tensors": len(state_tensors(m, opt)) + sum(1 for _ in m.buffers()),
         "state_bytes": sum(a.used for a in rw._tracker.arenas.values()),
-        "blocks": blocks,
+        "blocks": done,
         "iterations_per_block": per_block,
         "times": res,
         "overhead_pct": {
@@ -380,7 +397,7 @@ def bench_training(
 # ---------------------------------------------------------------------------------------------------- report
 def core_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| model | tensors | MB | bound ms best (med) | snapshot ms (ratio) | restore ms (ratio) "
+        "| model | tensors: params (+ Adam state) | MiB | bound ms best (med) | snapshot ms (ratio) | restore ms (ratio) "
         "| undo+redo-kept ms (ratio) | seed recipe snapshot / restore / round trip ms "
         "| round-trip speed-up vs seed | foreach snapshot / restore ms |"
     )
@@ -406,7 +423,8 @@ def core_table(rows: list[dict[str, Any]]) -> str:
         seed = " / ".join(fmt_ms(T[k]["median_ms"]) for k in ("seed_snapshot", "seed_restore", "seed_round_trip"))
         fe = " / ".join(fmt_ms(T[k]["median_ms"]) for k in ("foreach_snapshot", "foreach_restore"))
         lines.append(
-            f"| {r['model']} ({r['params'] / 1e6:.2f}M params) | {r['tensors']} | {r['arena_used_bytes'] / 2**20:.1f} "
+            f"| {r['model']} ({r['params'] / 1e6:.2f}M params) | {r['param_tensors']} ({r['tensors']}) "
+            f"| {r['arena_used_bytes'] / 2**20:.1f} "
             f"| {cell('bound')} | {cell('snapshot', 'snapshot_vs_bound', SNAP_TARGET)} "
             f"| {cell('restore', 'restore_vs_bound', SNAP_TARGET)} | {cell('undo_redo_kept', 'undo_redo_kept_vs_bound')} "
             f"| {seed} | {sp} | {fe} |"
@@ -416,7 +434,7 @@ def core_table(rows: list[dict[str, Any]]) -> str:
 
 def train_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| task | params | state MB | plain ms/iter | Rewind(cap=1) ms/iter (overhead) | Rewind(cap=8) ms/iter (overhead) |",
+        "| task | params | state MiB | plain ms/iter | Rewind(cap=1) ms/iter (overhead) | Rewind(cap=8) ms/iter (overhead) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -469,17 +487,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_train:
         if quick:
             tasks = [
-                ("MLP 64-256-256-10, digits, batch 64", *digits_task(64), 4, 15),
-                ("Transformer encoder d64x2, synthetic", *transformer_task(64, 2, 16, 8), 4, 6),
+                ("MLP 64-256-256-10, digits, batch 64", *digits_task(64), 4, 15, 1.5),
+                ("Transformer encoder d64x2, synthetic", *transformer_task(64, 2, 16, 8), 4, 6, 1.5),
             ]
         else:
             tasks = [
-                ("MLP 64-256-256-10, digits, batch 64", *digits_task(64), 8, 60),
-                ("Transformer encoder d256x4 (seq 32, batch 16), synthetic", *transformer_task(256, 4, 32, 16), 6, 8),
-                ("CNN 6 conv+BN (c=32, 32x32, batch 16), synthetic", *cnn_task(32, 32, 16), 6, 8),
+                ("MLP 64-256-256-10, digits, batch 64", *digits_task(64), 8, 60, 10),
+                ("Transformer encoder d256x4 (seq 32, batch 16), synthetic", *transformer_task(256, 4, 32, 16), 6, 8, 20),
+                ("CNN 6 conv+BN (c=32, 32x32, batch 16), synthetic", *cnn_task(32, 32, 16), 6, 8, 20),
             ]
-        for name, mk, batch_at, blocks, per in tasks:
-            train.append(bench_training(name, mk, batch_at, blocks, per))
+        for name, mk, batch_at, blocks, per, budget in tasks:
+            train.append(bench_training(name, mk, batch_at, blocks, per, budget))
             print(f"  measured: {name} ({perf() - t_start:.1f} s)", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ targets

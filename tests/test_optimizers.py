@@ -28,6 +28,7 @@ from torch import nn
 
 from statecheck import assert_same, full_state
 from torchrewind import Rewind
+from torchrewind.values import values_equal  # the bitwise comparator statecheck uses (sparse-aware)
 
 SEED = 1234
 STEPS = 5  # iterations per run
@@ -335,7 +336,7 @@ SPECS: list[Spec] = [
     # LBFGS: one param group only (torch restriction); closure; list-valued state, Python ints/floats
     S("LBFGS", "plain", dict(lr=0.5, max_iter=4, history_size=3), dict(lr=half, max_iter=lambda n: n + 2), closure=True),
     S("LBFGS", "strong_wolfe", dict(lr=1.0, max_iter=4, history_size=3, line_search_fn="strong_wolfe"),
-      dict(lr=half, history_size=lambda n: n - 1), closure=True),
+      dict(lr=half, max_iter=lambda n: n - 1), closure=True),  # (shrinking history_size mid-run breaks torch)
     # SparseAdam: sparse gradients, dense-parameter-free model
     S("SparseAdam", "plain", dict(lr=0.05), dict(lr=half, betas=beta1(0.5)), g2=dict(lr=0.02, betas=(0.8, 0.99)),
       model="sparse"),
@@ -363,7 +364,13 @@ CASES = [
 ]
 
 # Library bugs found by this suite: {(spec id, impl or None for all, scenario or None for all): reason}.
-XFAIL: dict[tuple[str, str | None, str | None], str] = {}
+XFAIL: dict[tuple[str, str | None, str | None], str] = {
+    **{
+        (sid, None, "test_undo_two_then_replay_with_recorded_grads"): "BUG: Rewind(grads=True) raises on sparse "
+        "gradients (values.copy_tensor clones with memory_format=preserve_format, unsupported for sparse tensors)"
+        for sid in ("SparseAdam-plain", "SparseAdam-maximize")
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -414,25 +421,40 @@ def apply_edit(opt: torch.optim.Optimizer, edit: dict[str, Callable[[Any], Any]]
 
 
 @functools.cache
-def _probe(spec_id: str, impl: str) -> str | None:
-    """Run the configuration for all steps without torchrewind; the error torch raises, if any."""
+def _probe(spec_id: str, impl: str) -> tuple[str | None, bool]:
+    """Run the configuration for all steps without torchrewind: (the error torch raises, if any; whether
+    ``optimizer.step()`` modifies ``p.grad`` in place)."""
     spec = SPEC_BY_ID[spec_id]
+    mutates = False
     try:
         r = Run(spec, impl)
         for j in range(STEPS):
-            r.step(j)
+            r.prepare(j)
+            grads = [None if p.grad is None else p.grad.clone() for p in r.model.parameters()]
+            r.opt_step(j)
+            if not spec.closure:
+                mutates |= any(
+                    g is not None and not values_equal(g, p.grad) for g, p in zip(grads, r.model.parameters())
+                )
     except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False
+    return None, mutates
 
 
 def require_supported(spec: Spec, impl: str) -> None:
-    err = _probe(spec.id, impl)
+    err = _probe(spec.id, impl)[0]
     if err is None:
         return
     if impl == "single" and "capturable" not in spec.kwargs:
         raise AssertionError(f"test bug: the baseline configuration {spec.id} fails without torchrewind: {err}")
     pytest.skip(f"torch {torch.__version__} on CPU rejects {spec.id} with {spec.impl_kwargs(impl)}: {err}")
+
+
+def restep_rewind(spec: Spec, impl: str, **kw: Any) -> dict:
+    """Rewind arguments for scenarios that step again with the live gradients after an undo. Some torch
+    implementations modify ``p.grad`` in place during ``step()`` (foreach SGD with nesterov adds the momentum
+    buffer into the gradients), so "the same gradients" must then come back from the history (``grads=True``)."""
+    return {**kw, "grads": True} if _probe(spec.id, impl)[1] else kw
 
 
 def reference(spec: Spec, impl: str, steps: int = STEPS, edit_at: int | None = None) -> dict:
@@ -480,7 +502,7 @@ def test_undo_restep_equals_plain_run(case: tuple[Spec, str]) -> None:
     a second undo); after all steps the state equals a run that never undid anything."""
     spec, impl = case
     ref = reference(spec, impl)
-    r = Run(spec, impl, rewind={})
+    r = Run(spec, impl, rewind=restep_rewind(spec, impl))
     for j in range(STEPS):
         r.step(j)
         r.rw.undo()
@@ -518,7 +540,7 @@ def test_undo_n_redo_n(case: tuple[Spec, str]) -> None:
         pre.append(r.state())
         r.opt_step(j)
     post = r.state()
-    assert_same(post, reference(spec, impl) | {"rng": post["rng"]})  # (the reference ran later: other RNG)
+    assert_same(post, reference(spec, impl))
     for n in range(1, STEPS + 1):
         r.rw.undo(n)
         assert (len(r.rw), r.rw.redo_depth) == (STEPS - n, n)
@@ -540,7 +562,7 @@ def test_undo_edit_hparams_step(case: tuple[Spec, str]) -> None:
     that used the edited hyperparameters at that step (and after)."""
     spec, impl = case
     ref = reference(spec, impl, edit_at=EDIT_AT)
-    r = Run(spec, impl, rewind={})
+    r = Run(spec, impl, rewind=restep_rewind(spec, impl))
     for j in range(STEPS):
         r.step(j)
         if j == EDIT_AT:
@@ -555,7 +577,7 @@ def test_retry_with_hparams(case: tuple[Spec, str]) -> None:
     """3b. The same through rw.retry(**edits) (callables old -> new)."""
     spec, impl = case
     ref = reference(spec, impl, edit_at=EDIT_AT)
-    r = Run(spec, impl, rewind={})
+    r = Run(spec, impl, rewind=restep_rewind(spec, impl))
     for j in range(STEPS):
         r.step(j)
         if j == EDIT_AT:
@@ -573,10 +595,13 @@ def test_undo_first_step(case: tuple[Spec, str]) -> None:
     before = plain.state()
     plain.opt_step(0)
     after = plain.state()
+    for j in range(1, STEPS):
+        plain.step(j)
+    final = plain.state()
 
-    r = Run(spec, impl, rewind={})
+    r = Run(spec, impl, rewind=restep_rewind(spec, impl))
     r.step(0)
-    assert len(r.opt.state) > 0 or spec.opt == "SGD"  # (plain SGD without momentum keeps no state)
+    assert len(r.opt.state) > 0 or spec.id == "SGD-plain"  # (SGD without momentum keeps no state)
     r.rw.undo()
     assert len(r.opt.state) == len(before["opt_state"])
     if spec.opt != "Adagrad":  # Adagrad creates its state in __init__; every other one lazily
@@ -589,8 +614,7 @@ def test_undo_first_step(case: tuple[Spec, str]) -> None:
     assert_same(r.state(), after)
     for j in range(1, STEPS):
         r.step(j)
-        plain.step(j)
-    assert_same(r.state(), plain.state())
+    assert_same(r.state(), final)
 
 
 @cases

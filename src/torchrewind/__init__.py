@@ -8,7 +8,22 @@ Example::
 """
 
 from .errors import RewindError
+from .policies import BoldDriver, LineSearch, NonFiniteGuard, SpikeDetector, SpikeGuard
 from .rewind import Rewind, Trial
+from .skipping import SkippableIterator
+from .trajectory import Event, Trajectory
 
-__all__ = ["Rewind", "RewindError", "Trial"]
+__all__ = [
+    "BoldDriver",
+    "Event",
+    "LineSearch",
+    "NonFiniteGuard",
+    "Rewind",
+    "RewindError",
+    "SkippableIterator",
+    "SpikeDetector",
+    "SpikeGuard",
+    "Trajectory",
+    "Trial",
+]
 __version__ = "0.1.0"

@@ -199,6 +199,20 @@ class Rewind:
         """
         return Trial(self)
 
+    def track(self, obj: Any) -> None:
+        """Also record and restore ``obj`` (anything with ``state_dict``/``load_state_dict``) from now on, e.g. a
+        data sampler or a policy's statistics. Snapshots taken earlier leave it as it is.
+
+        Example::
+
+            rw = Rewind(model, opt)
+            rw.track(sampler)            # undo() now also rewinds the sampler
+        """
+        (checked,) = _check_schedulers([obj], self.optimizer)
+        if any(o is checked for o in self._recorder.objects):
+            return
+        self._recorder.objects.append(checked)
+
     def resync(self) -> None:
         """Re-scan the model and optimizer now (automatic in nearly all cases; see ``verify``)."""
         self._tracker.sync()

@@ -59,7 +59,7 @@ class Recorder:
     ) -> None:
         self.tracker = tracker
         self.optimizer = optimizer
-        self.objects = tuple(objects)
+        self.objects = list(objects)
         self.scaler = scaler
         self.rng = rng
         self.grads = grads
@@ -164,7 +164,7 @@ class Recorder:
                 o.load_state_dict(copy_value(sd))  # a copy: load_state_dict may consume its argument
                 done += 1
         except BaseException:
-            for o, sd in zip(self.objects[:done], before):
+            for o, sd in zip(self.objects[:done], before):  # put back what was already restored
                 o.load_state_dict(sd)
             raise
 

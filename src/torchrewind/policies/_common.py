@@ -1,0 +1,80 @@
+"""Small helpers shared by the policies."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from ..errors import RewindError
+from ..rewind import Rewind
+
+
+def loss_value(loss: object, who: str) -> float:
+    """The Python float of a scalar loss (one device sync), or a clear error."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise RewindError(
+                f"{who}: the loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (e.g. .mean())."
+            )
+        return float(loss.detach().reshape(()).item())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise RewindError(f"{who}: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
+
+
+def grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+def grad_norm(optimizer: torch.optim.Optimizer) -> float:
+    """Global L2 norm of all gradients (inf/nan if any is non-finite). One device sync."""
+    gs = [g.coalesce().values() if g.is_sparse else g for g in grads(optimizer)]
+    if not gs:
+        return 0.0
+    norms = torch._foreach_norm(gs, 2, dtype=torch.float32)  # fp16/bf16 grads would overflow in their dtype
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for n in norms:
+        by_device.setdefault(n.device, []).append(n.double())
+    total = sum(float(torch.stack(v).square().sum().item()) for v in by_device.values())
+    return math.sqrt(total) if math.isfinite(total) else float("nan")
+
+
+def lrs(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
+    return tuple(float(g["lr"]) for g in optimizer.param_groups)
+
+
+def scale_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Multiply every group's lr by ``factor`` (tensor lrs in place, keeping them tensors)."""
+    for g in optimizer.param_groups:
+        lr = g["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr.mul_(factor)
+        else:
+            g["lr"] = lr * factor
+
+
+def set_lrs(optimizer: torch.optim.Optimizer, values: Iterable[float]) -> None:
+    for g, v in zip(optimizer.param_groups, values):
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(v)
+        else:
+            g["lr"] = v
+
+
+def check_rewind(rw: object, who: str, need: int = 1) -> Rewind:
+    if not isinstance(rw, Rewind):
+        raise RewindError(f"{who} needs a torchrewind.Rewind as its first argument, got {type(rw).__name__}.")
+    if rw.capacity < need:
+        raise RewindError(
+            f"{who} needs a history of at least {need} step(s) but the Rewind has capacity={rw.capacity}; "
+            f"build it with Rewind(..., capacity={need}) or more."
+        )
+    return rw
+
+
+def check_factor(name: str, value: float, lo: float, hi: float, who: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (lo < value < hi):
+        raise RewindError(f"{who}: {name} must be a number in ({lo}, {hi}), got {value!r}.")
+    return float(value)

@@ -1,0 +1,395 @@
+"""Guards that keep training alive: skip non-finite steps, and roll back loss spikes.
+
+Both replace the ``optimizer.step()`` line of a plain loop::
+
+    rw = Rewind(model, opt, schedulers=[sched], capacity=8)
+    guard = SpikeGuard(rw)
+    for x, y in guard.wrap(loader):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward()
+        if guard.step(loss):          # False: the step was skipped or history was rolled back
+            sched.step()
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+
+from ..errors import RewindError
+from ..rewind import Rewind
+from ..skipping import SkippableIterator
+from ..trajectory import Event, Trajectory
+from ._common import check_factor, check_rewind, grad_norm, loss_value, lrs, scale_lrs, set_lrs
+
+T = TypeVar("T")
+
+
+class NonFiniteGuard:
+    """Never applies a step whose loss or gradients are NaN/Inf; logs it and carries on. After
+    ``max_consecutive`` such iterations in a row it raises :class:`RewindError` with the recent history.
+
+    With ``check_params=True`` it also checks the parameters after each step and undoes a step that made any of
+    them non-finite (costs one reduction over the parameters per step).
+
+    Example::
+
+        guard = NonFiniteGuard(Rewind(model, opt))
+        loss.backward()
+        guard.step(loss)              # instead of opt.step()
+    """
+
+    def __init__(
+        self,
+        rewind: Rewind,
+        *,
+        check_grads: bool = True,
+        check_params: bool = False,
+        max_consecutive: int = 10,
+        log: Trajectory | None = None,
+    ) -> None:
+        self.rw = check_rewind(rewind, type(self).__name__)
+        if not isinstance(max_consecutive, int) or max_consecutive < 1:
+            raise RewindError(f"{type(self).__name__}: max_consecutive must be an int >= 1, got {max_consecutive!r}.")
+        self.optimizer = self.rw.optimizer
+        self.check_grads = check_grads
+        self.check_params = check_params
+        self.max_consecutive = max_consecutive
+        self.log = log if log is not None else Trajectory()
+        self.iteration = 0
+        self.steps = 0
+        self.consecutive = 0
+
+    # -- pieces shared with SpikeGuard ---------------------------------------------------------------------
+    def _begin(self, loss: Any) -> tuple[int, float, float | None]:
+        it = self.iteration
+        self.iteration += 1
+        v = loss_value(loss, f"{type(self).__name__}.step(loss)")
+        gn = grad_norm(self.optimizer) if self._need_grad_norm() and math.isfinite(v) else None
+        return it, v, gn
+
+    def _need_grad_norm(self) -> bool:
+        return self.check_grads
+
+    def _nonfinite_reason(self, v: float, gn: float | None) -> str:
+        if not math.isfinite(v):
+            return f"non-finite loss ({v})"
+        if gn is not None and not math.isfinite(gn):
+            return "non-finite gradient"
+        return ""
+
+    def _skip(self, it: int, v: float, reason: str, extra: dict | None = None) -> bool:
+        self.consecutive += 1
+        self.log.add(Event(it, self.steps, "skipped", v, None, lrs(self.optimizer), reason, extra=extra or {}))
+        if self.consecutive >= self.max_consecutive:
+            recent = "\n".join(f"  iteration {e.iteration}: {e.kind} ({e.reason})" for e in self.log.events[-5:])
+            raise RewindError(
+                f"{type(self).__name__}: {self.consecutive} consecutive iterations were not applied "
+                f"(max_consecutive={self.max_consecutive}). Training is not recovering: lower the learning rate, "
+                f"check the data, or raise max_consecutive. Recent events:\n{recent}"
+            )
+        return False
+
+    def _apply(self, it: int, v: float, closure: Callable[[], Any] | None, reason: str = "") -> bool:
+        opt = self.optimizer
+        used = lrs(opt)
+        if closure is not None:
+            opt.step(closure)
+        else:
+            opt.step()
+        if self.check_params and not _params_finite(opt):
+            self.rw.undo()
+            return self._skip(it, v, "step made parameters non-finite: undone", {"undone": 1})
+        self.consecutive = 0
+        self.steps += 1
+        self.log.add(Event(it, self.steps, "accepted", v, None, used, reason))
+        return True
+
+    # -- public --------------------------------------------------------------------------------------------
+    def step(self, loss: torch.Tensor | float, closure: Callable[[], Any] | None = None) -> bool:
+        """Apply ``optimizer.step(closure)`` unless the loss or the gradients are non-finite. Returns whether the
+        step was applied."""
+        it, v, gn = self._begin(loss)
+        reason = self._nonfinite_reason(v, gn)
+        if reason:
+            return self._skip(it, v, reason)
+        return self._apply(it, v, closure)
+
+    def wrap(self, iterable: Iterable[T]) -> SkippableIterator[T]:
+        """Wrap a data iterable so the guard can skip batches (see SpikeGuard's ``skip_batches``)."""
+        it = iterable if isinstance(iterable, SkippableIterator) else SkippableIterator(iterable)
+        self._loader = it
+        return it
+
+
+class SpikeDetector:
+    """Robust online detection of upward spikes in a scalar series (a loss, a gradient norm).
+
+    ``method="mad"``: z = (x − median) / (1.4826·MAD) over the last ``window`` accepted values;
+    ``method="ema"``: z = (x − mean) / std with exponentially weighted mean and variance (``alpha``).
+    A value is a spike when, after ``warmup`` values, z > ``threshold`` and x > (1 + ``min_rel``)·centre.
+
+    Example::
+
+        det = SpikeDetector(window=50, threshold=6)
+        if det.is_spike(loss_value): ...
+        else: det.update(loss_value)
+    """
+
+    def __init__(
+        self,
+        window: int = 50,
+        threshold: float = 6.0,
+        warmup: int = 20,
+        min_rel: float = 0.2,
+        method: str = "mad",
+        alpha: float = 0.05,
+    ) -> None:
+        if method not in ("mad", "ema"):
+            raise RewindError(f"SpikeDetector: method must be 'mad' or 'ema', got {method!r}.")
+        if not isinstance(window, int) or window < 3:
+            raise RewindError(f"SpikeDetector: window must be an int >= 3, got {window!r}.")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise RewindError(f"SpikeDetector: warmup must be an int >= 1, got {warmup!r}.")
+        if method == "mad" and warmup > window:
+            raise RewindError(f"SpikeDetector: warmup ({warmup}) cannot exceed window ({window}) with method='mad'.")
+        if not threshold > 0:
+            raise RewindError(f"SpikeDetector: threshold must be > 0, got {threshold!r}.")
+        check_factor("alpha", alpha, 0.0, 1.0, "SpikeDetector")
+        self.window, self.threshold, self.warmup, self.min_rel = window, float(threshold), warmup, float(min_rel)
+        self.method, self.alpha = method, float(alpha)
+        self.values: deque[float] = deque(maxlen=window)
+        self.count = 0
+        self.mean = 0.0
+        self.var = 0.0
+
+    def centre_and_scale(self) -> tuple[float, float]:
+        if self.method == "ema":
+            return self.mean, math.sqrt(self.var)
+        xs = sorted(self.values)
+        med = _median(xs)
+        mad = _median(sorted(abs(x - med) for x in xs))
+        return med, 1.4826 * mad
+
+    def score(self, x: float) -> float:
+        """The z-score of ``x`` (0 during warm-up)."""
+        if self.count < self.warmup:
+            return 0.0
+        centre, scale = self.centre_and_scale()
+        if scale <= 0:
+            scale = 1e-12 * max(abs(centre), 1.0)
+        return (x - centre) / scale
+
+    def is_spike(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return True
+        if self.count < self.warmup:
+            return False
+        centre, _ = self.centre_and_scale()
+        return self.score(x) > self.threshold and x > centre + self.min_rel * abs(centre)
+
+    def update(self, x: float) -> None:
+        if not math.isfinite(x):
+            return
+        self.values.append(x)
+        if self.count == 0:
+            self.mean, self.var = x, 0.0
+        else:
+            d = x - self.mean
+            self.mean += self.alpha * d
+            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
+        self.count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": list(self.values), "count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.values = deque(sd["values"], maxlen=self.window)
+        self.count, self.mean, self.var = sd["count"], sd["mean"], sd["var"]
+
+
+class _Detectors:
+    """The detectors' statistics, tracked by the Rewind so a roll-back also forgets the undone steps' losses."""
+
+    def __init__(self, loss: SpikeDetector, grad: SpikeDetector | None) -> None:
+        self.loss, self.grad = loss, grad
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "grad": self.grad.state_dict() if self.grad else None}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.loss.load_state_dict(sd["loss"])
+        if self.grad is not None and sd["grad"] is not None:
+            self.grad.load_state_dict(sd["grad"])
+
+
+class SpikeGuard(NonFiniteGuard):
+    """Loss-spike recovery: detect a spike, roll back, skip the data, cool the learning rate down, carry on.
+
+    On a spike in the loss (or, with ``grad_norm=True``, in the global gradient norm) the step is not applied and:
+
+    1. the last ``rollback`` steps are undone (default: the whole history, ``rewind.capacity``) — parameters,
+       optimizer state, schedulers, RNG and the detector's own statistics;
+    2. the next ``skip_batches`` batches of the iterator returned by :meth:`wrap` are skipped (the batches of the
+       undone steps are not replayed either, as in PaLM's recipe);
+    3. every lr is multiplied by ``lr_factor`` for ``cooldown`` steps, then brought back linearly over ``ramp``
+       steps (on top of any LR scheduler: the factor is applied to the step only);
+    4. the decision is logged. More than ``max_rollbacks`` roll-backs within ``budget_window`` iterations raise
+       :class:`RewindError`.
+
+    Non-finite losses/gradients skip the step; ``max_consecutive`` of them in a row are treated as a spike.
+
+    Example::
+
+        guard = SpikeGuard(Rewind(model, opt, capacity=8))
+        for x, y in guard.wrap(loader):
+            loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward()
+            guard.step(loss)
+    """
+
+    def __init__(
+        self,
+        rewind: Rewind,
+        *,
+        detector: SpikeDetector | None = None,
+        grad_norm: bool = False,
+        grad_detector: SpikeDetector | None = None,
+        rollback: int | None = None,
+        skip_batches: int = 0,
+        lr_factor: float = 0.5,
+        min_lr_factor: float = 1e-3,
+        cooldown: int = 50,
+        ramp: int = 50,
+        max_rollbacks: int = 5,
+        budget_window: int = 500,
+        max_consecutive: int = 3,
+        check_params: bool = False,
+        log: Trajectory | None = None,
+    ) -> None:
+        k = rewind.capacity if rollback is None and isinstance(rewind, Rewind) else rollback
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise RewindError(f"SpikeGuard: rollback must be an int >= 1 (steps to undo), got {rollback!r}.")
+        super().__init__(rewind, check_grads=True, check_params=check_params, max_consecutive=max_consecutive,
+                         log=log)  # fmt: skip
+        if k > self.rw.capacity:
+            raise RewindError(
+                f"SpikeGuard: rollback={k} needs a history of {k} steps, but the Rewind has capacity="
+                f"{self.rw.capacity}; build it with Rewind(..., capacity={k}) or lower rollback."
+            )
+        self.rollback = k
+        self.lr_factor = check_factor("lr_factor", lr_factor, 0.0, 1.0 + 1e-12, "SpikeGuard")
+        self.min_lr_factor = check_factor("min_lr_factor", min_lr_factor, 0.0, 1.0 + 1e-12, "SpikeGuard")
+        for name, v in (("skip_batches", skip_batches), ("cooldown", cooldown), ("ramp", ramp),
+                        ("budget_window", budget_window)):  # fmt: skip
+            if not isinstance(v, int) or v < 0:
+                raise RewindError(f"SpikeGuard: {name} must be an int >= 0, got {v!r}.")
+        if not isinstance(max_rollbacks, int) or max_rollbacks < 1:
+            raise RewindError(f"SpikeGuard: max_rollbacks must be an int >= 1, got {max_rollbacks!r}.")
+        self.skip_batches, self.cooldown, self.ramp = skip_batches, cooldown, ramp
+        self.max_rollbacks, self.budget_window = max_rollbacks, budget_window
+        self.detector = detector or SpikeDetector()
+        self.use_grad_norm = grad_norm
+        self.grad_detector = (grad_detector or SpikeDetector()) if grad_norm else None
+        self._loader: SkippableIterator | None = None
+        self._factor = 1.0  # lr multiplier set by the last spike
+        self._cool_left = 0
+        self._ramp_left = 0
+        self._rollbacks: deque[int] = deque()
+        self.rollbacks = 0
+        self.rw.track(_Detectors(self.detector, self.grad_detector))
+
+    def _need_grad_norm(self) -> bool:
+        return True
+
+    @property
+    def lr_scale(self) -> float:
+        """The multiplier the next step's learning rates get (1.0 outside a cool-down)."""
+        if self._cool_left > 0:
+            return self._factor
+        if self._ramp_left > 0 and self.ramp > 0:
+            return self._factor + (1.0 - self._factor) * (1.0 - self._ramp_left / self.ramp)
+        return 1.0
+
+    def step(self, loss: torch.Tensor | float, closure: Callable[[], Any] | None = None) -> bool:
+        """Decide for this iteration: apply the step (at the cool-down lr), skip it, or roll back. Returns whether
+        a step was applied."""
+        it, v, gn = self._begin(loss)
+        reason = self._nonfinite_reason(v, gn)
+        if reason:
+            if self.consecutive + 1 >= self.max_consecutive:
+                return self._roll_back(it, v, gn, f"{reason}, {self.consecutive + 1} in a row")
+            return self._skip(it, v, reason, {"grad_norm": gn})
+        z = self.detector.score(v)
+        if self.detector.is_spike(v):
+            return self._roll_back(it, v, gn, f"loss spike (z={z:.1f})")
+        if self.grad_detector is not None and gn is not None and self.grad_detector.is_spike(gn):
+            return self._roll_back(it, v, gn, f"gradient-norm spike (z={self.grad_detector.score(gn):.1f})")
+        self.detector.update(v)
+        if self.grad_detector is not None and gn is not None:
+            self.grad_detector.update(gn)
+        scale = self.lr_scale
+        if scale == 1.0:
+            return self._apply(it, v, closure)
+        # Record before scaling so that an undo brings back the unscaled (scheduler's) learning rates.
+        self.rw.snapshot()
+        base = lrs(self.optimizer)
+        scale_lrs(self.optimizer, scale)
+        try:
+            applied = self._apply(it, v, closure, f"cool-down lr x{scale:.3g}")
+        finally:
+            set_lrs(self.optimizer, base)
+        if applied:
+            if self._cool_left > 0:
+                self._cool_left -= 1
+            elif self._ramp_left > 0:
+                self._ramp_left -= 1
+            if self._cool_left == 0 and self._ramp_left == 0:
+                self._factor = 1.0
+        return applied
+
+    def _roll_back(self, it: int, v: float, gn: float | None, reason: str) -> bool:
+        self._rollbacks.append(it)
+        while self._rollbacks and self._rollbacks[0] <= it - self.budget_window:
+            self._rollbacks.popleft()
+        if len(self._rollbacks) > self.max_rollbacks:
+            recent = "\n".join(f"  iteration {e.iteration}: {e.kind} ({e.reason})" for e in self.log.events[-6:])
+            raise RewindError(
+                f"SpikeGuard: {len(self._rollbacks)} roll-backs within {self.budget_window} iterations "
+                f"(max_rollbacks={self.max_rollbacks}); training keeps spiking. Lower the learning rate, check the "
+                f"data, or raise max_rollbacks. This spike: {reason} at iteration {it}. Recent events:\n{recent}"
+            )
+        n = min(self.rollback, len(self.rw))
+        if n:
+            self.rw.undo(n)
+        skipped = 0
+        if self.skip_batches and self._loader is not None:
+            self._loader.skip(self.skip_batches)
+            skipped = self.skip_batches
+        self._factor = max(self.lr_scale * self.lr_factor, self.min_lr_factor)
+        self._cool_left, self._ramp_left = self.cooldown, self.ramp
+        self.consecutive = 0
+        self.rollbacks += 1
+        self.steps = max(self.steps - n, 0)
+        self.log.add(Event(it, self.steps, "rolled_back", v, None, lrs(self.optimizer), reason, undone=n,
+                           skipped_batches=skipped, extra={"grad_norm": gn, "lr_factor": self._factor}))  # fmt: skip
+        return False
+
+
+def _params_finite(opt: torch.optim.Optimizer) -> bool:
+    ps = [p.detach() for g in opt.param_groups for p in g["params"]]
+    if not ps:
+        return True
+    norms = torch._foreach_norm(ps, float("inf"))  # max |x|: inf/nan only if an element is
+    return bool(torch.stack([n.float().cpu() for n in norms]).isfinite().all())
+
+
+def _median(xs: list[float]) -> float:
+    n = len(xs)
+    if n == 0:
+        return 0.0
+    m = n // 2
+    return xs[m] if n % 2 else 0.5 * (xs[m - 1] + xs[m])
