@@ -190,12 +190,12 @@ class TimelineModel:
         return None, self.cur + n
 
     def plan_goto(self, point: int):
-        return self._plan(point)
-
-    def goto_needs_evicted_target(self, point: int) -> bool:
-        """The trial start point is still stored, but recording the live state for redo would evict it (see
-        test_trial_rollback_when_redo_recording_evicts_start)."""
-        return point in self.points and self.plan_goto(point) is None
+        plan = self._plan(point)
+        if plan is None and point in self.points:
+            # Recording the live state for redo would evict the trial's start point: a rollback restores it
+            # without recording (rollback matters more than redo).
+            return None, point
+        return plan
 
     def move(self, plan, live) -> Ref:
         rec, target = plan
@@ -383,10 +383,6 @@ class Run:
                     self.step()
                 if inner_undo:  # possibly to before the trial's start point
                     self.apply(("undo", 0))
-                if end != "commit" and self.m.goto_needs_evicted_target(start):
-                    # Library bug (test_trial_rollback_when_redo_recording_evicts_start, xfail): don't roll back.
-                    end = "commit"
-                    self.log.append("  (rollback skipped: known bug)")
                 if end != "commit":
                     plan = self.m.plan_goto(start)
                     before = self.live()
@@ -471,9 +467,8 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-BASE = {
-    "opt": "adam", "sched": "chain", "capacity": 2, "redo": True, "auto": True, "grads": False, "verify": False, "seed": 0
-}  # fmt: skip
+BASE = {"opt": "adam", "sched": "chain", "capacity": 2, "seed": 0}
+BASE.update(redo=True, auto=True, grads=False, verify=False)
 
 
 @SETTINGS
@@ -513,17 +508,11 @@ def test_random_sequences_match_model(cfg, seq):
     run_sequence(cfg, seq)
 
 
-# --------------------------------------------------------------------------- known library bugs
+# --------------------------------------------------------------------------- regression
+# Trial.rollback used to record the live state for redo into the ring slot that still held the trial's start point,
+# then "restore" that slot: nothing was rolled back and the timeline became inconsistent.
 
 
-BUG_TRIAL_EVICT = (
-    "BUG: Trial.rollback records the live state for redo into the ring slot that still holds the trial's start "
-    "point (plan_goto does not account for that eviction, unlike undo_depth), then 'restores' that slot: the rollback "
-    "silently restores nothing and leaves the timeline inconsistent (cur < lo, redo_depth > capacity)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=BUG_TRIAL_EVICT)
 @pytest.mark.parametrize("end", ["rollback", "raise"])
 def test_trial_rollback_when_redo_recording_evicts_start(end):
     net, opt, sched = build("sgd", "step", 0)

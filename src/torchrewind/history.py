@@ -97,7 +97,9 @@ class Timeline:
         if self.clean or point > self.cur:
             return None, point
         live = self.cur + 1
-        return (live if self.redo_enabled else None), point
+        # Keep the live state for redo only if writing it does not evict the point we are going back to.
+        keep = self.redo_enabled and live - self.nslots < point
+        return (live if keep else None), point
 
     def moved(self, recorded: int | None, target: int) -> None:
         """Commit a restore planned by plan_undo/plan_redo/plan_goto."""
