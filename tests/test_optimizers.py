@@ -12,6 +12,12 @@ error message as the reason, never dropped silently.
 Every training iteration draws from the global torch RNG before ``optimizer.step()`` (a random loss scale), and
 one custom optimizer draws from it inside ``step()``; so the RNG part of the state is meaningful, and the
 boundary the library records at (just before ``optimizer.step()``) is the one the reference states are taken at.
+
+torch behaviours the suite works around (not torchrewind's): LBFGS supports one param group only; fused SGD with
+momentum raises when a group's parameters get their first gradient at different steps (the late parameters get a
+group of their own there); foreach SGD with nesterov adds the momentum buffer into ``p.grad`` in place, so
+scenarios that step again "with the same gradients" take them from the history (``grads=True``) where a probe run
+shows ``step()`` mutating gradients.
 """
 
 from __future__ import annotations
@@ -326,10 +332,12 @@ S = Spec
 ND = dict(differentiable=False)  # the default, spelled out in every "plain" variant that has the argument
 SPECS: list[Spec] = [
     # SGD
-    S("SGD", "plain", dict(lr=0.1, **ND), dict(lr=half, weight_decay=lambda w: w + 0.05), g2=dict(lr=0.05, weight_decay=0.01)),
+    S("SGD", "plain", dict(lr=0.1, **ND), dict(lr=half, weight_decay=lambda w: w + 0.05),
+      g2=dict(lr=0.05, weight_decay=0.01)),
     S("SGD", "momentum_dampening", dict(lr=0.1, momentum=0.9, dampening=0.3), dict(lr=half, momentum=half),
       g2=dict(lr=0.05, momentum=0.5, dampening=0.0)),
-    S("SGD", "nesterov", dict(lr=0.1, momentum=0.9, nesterov=True), dict(lr=half, momentum=half), g2=dict(momentum=0.6)),
+    S("SGD", "nesterov", dict(lr=0.1, momentum=0.9, nesterov=True), dict(lr=half, momentum=half),
+      g2=dict(momentum=0.6)),
     S("SGD", "maximize_wd", dict(lr=0.05, momentum=0.9, weight_decay=0.1, maximize=True),
       dict(lr=half, weight_decay=half), g2=dict(weight_decay=0.0)),
     # Adam
@@ -339,7 +347,8 @@ SPECS: list[Spec] = [
       g2=dict(weight_decay=0.0)),
     S("Adam", "decoupled_wd", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True),
       dict(lr=half, weight_decay=half), g2=dict(weight_decay=0.3)),
-    S("Adam", "tensor_lr", dict(lr=torch.tensor(0.01)), dict(lr=half, betas=beta1(0.5)), g2=dict(lr=torch.tensor(0.02))),
+    S("Adam", "tensor_lr", dict(lr=torch.tensor(0.01)), dict(lr=half, betas=beta1(0.5)),
+      g2=dict(lr=torch.tensor(0.02))),
     S("Adam", "capturable", dict(lr=0.01, capturable=True), dict(lr=half), g2=dict(lr=0.02)),
     # AdamW
     S("AdamW", "plain", dict(lr=0.01, **ND), dict(lr=half, weight_decay=half), g2=dict(lr=0.02, weight_decay=0.1)),
@@ -353,7 +362,8 @@ SPECS: list[Spec] = [
     S("Adagrad", "maximize", dict(lr=0.1, maximize=True), dict(lr=half, eps=lambda e: e * 10), g2=dict(lr=0.05)),
     # Adadelta
     S("Adadelta", "plain", dict(**ND), dict(lr=half, rho=half), g2=dict(lr=0.5, rho=0.8)),
-    S("Adadelta", "wd_maximize", dict(weight_decay=0.1, maximize=True), dict(lr=half, rho=half), g2=dict(weight_decay=0.0)),
+    S("Adadelta", "wd_maximize", dict(weight_decay=0.1, maximize=True), dict(lr=half, rho=half),
+      g2=dict(weight_decay=0.0)),
     S("Adadelta", "capturable", dict(capturable=True), dict(lr=half), g2=dict(lr=0.5)),
     # Adamax
     S("Adamax", "plain", dict(lr=0.01, **ND), dict(lr=half, betas=beta1(0.5)), g2=dict(lr=0.02)),
@@ -382,8 +392,10 @@ SPECS: list[Spec] = [
       g2=dict(weight_decay=0.0)),
     S("RMSprop", "capturable", dict(lr=0.01, capturable=True), dict(lr=half), g2=dict(lr=0.02)),
     # Rprop
-    S("Rprop", "plain", dict(lr=0.01, **ND), dict(lr=half, etas=lambda e: (e[0], 1.5)), g2=dict(lr=0.02, etas=(0.4, 1.1))),
-    S("Rprop", "maximize", dict(lr=0.01, maximize=True), dict(lr=half, step_sizes=lambda s: (s[0], 0.5)), g2=dict(lr=0.02)),
+    S("Rprop", "plain", dict(lr=0.01, **ND), dict(lr=half, etas=lambda e: (e[0], 1.5)),
+      g2=dict(lr=0.02, etas=(0.4, 1.1))),
+    S("Rprop", "maximize", dict(lr=0.01, maximize=True), dict(lr=half, step_sizes=lambda s: (s[0], 0.5)),
+      g2=dict(lr=0.02)),
     S("Rprop", "capturable", dict(lr=0.01, capturable=True), dict(lr=half), g2=dict(lr=0.02)),
     # ASGD (t0=1 switches the parameter averaging `ax` on within the run)
     S("ASGD", "plain", dict(lr=0.05, **ND), dict(lr=half, lambd=lambda v: v * 10), g2=dict(lr=0.02)),
@@ -395,7 +407,8 @@ SPECS: list[Spec] = [
     S("Adafactor", "wd_maximize", dict(lr=0.01, weight_decay=0.1, maximize=True), dict(lr=half, weight_decay=half),
       g2=dict(weight_decay=0.0)),
     # LBFGS: one param group only (torch restriction); closure; list-valued state, Python ints/floats
-    S("LBFGS", "plain", dict(lr=0.5, max_iter=4, history_size=3), dict(lr=half, max_iter=lambda n: n + 2), closure=True),
+    S("LBFGS", "plain", dict(lr=0.5, max_iter=4, history_size=3), dict(lr=half, max_iter=lambda n: n + 2),
+      closure=True),
     S("LBFGS", "strong_wolfe", dict(lr=1.0, max_iter=4, history_size=3, line_search_fn="strong_wolfe"),
       dict(lr=half, max_iter=lambda n: n - 1), closure=True),  # (shrinking history_size mid-run breaks torch)
     # SparseAdam: sparse gradients, dense-parameter-free model
@@ -427,33 +440,14 @@ CASES = [
     for impl in (("single",) if s.custom else IMPLS)  # user subclasses have one implementation: their own
 ]
 
-SPARSE_BUG = (
-    "BUG: sparse tensors cannot be snapshotted: values.copy_tensor clones them with "
-    "memory_format=torch.preserve_format, which raises for sparse layouts (sparse .grad with grads=True, sparse "
-    "tensors in optimizer state)"
-)
-CHUNK_VIEW_BUG = (
-    "BUG: once a device has Tracker._MAX_CHUNKS arena chunks, new tensors grow the last chunk by reallocating it "
-    "(Arena.reserve + set_), so views taken earlier of tensors living there keep the old storage: attaching a "
-    "Rewind alone changes training"
-)
 ALL_SCENARIOS = (
     "test_undo_restep_equals_plain_run", "test_undo_two_then_replay_with_recorded_grads", "test_undo_n_redo_n",
     "test_undo_edit_hparams_step", "test_retry_with_hparams", "test_undo_first_step", "test_object_identity",
 )  # fmt: skip
-# Library bugs found by this suite: {(spec id, impl or None for all, scenario): reason}. Strict: a fix makes the
-# entry fail (XPASS) so that it gets removed.
-XFAIL: dict[tuple[str, str | None, str], str] = {
-    ("SparseAdam-plain", None, "test_undo_two_then_replay_with_recorded_grads"): SPARSE_BUG,
-    ("SparseAdam-maximize", None, "test_undo_two_then_replay_with_recorded_grads"): SPARSE_BUG,
-    **{("SparseStateOpt-custom", None, sc): SPARSE_BUG for sc in ALL_SCENARIOS},
-    **{
-        ("GrowingViewsOpt-custom", None, sc): CHUNK_VIEW_BUG
-        for sc in ALL_SCENARIOS
-        # (a replay after undo re-creates the views; identity checks do not look at values)
-        if sc not in ("test_undo_two_then_replay_with_recorded_grads", "test_object_identity")
-    },
-}
+# Library bugs found by this suite, now fixed (kept as regular cases): sparse tensors could not be snapshotted
+# (SparseAdam with grads=True, SparseStateOpt), and growing an arena chunk detached views of its tensors
+# (GrowingViewsOpt). Add {(spec id, impl or None for all, scenario): reason} entries here for new strict xfails.
+XFAIL: dict[tuple[str, str | None, str], str] = {}
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -614,16 +608,19 @@ def test_undo_two_then_replay_with_recorded_grads(case: tuple[Spec, str]) -> Non
 @cases
 def test_undo_n_redo_n(case: tuple[Spec, str]) -> None:
     """2. undo(n) equals the state just before step STEPS-n; redo(n) returns to the exact post-step state; single
-    redo() calls walk through every recorded pre-step state."""
+    redo() calls walk through every recorded pre-step state. Hyperparameters are edited between two steps, so the
+    recorded points also differ in param_groups."""
     spec, impl = case
     r = Run(spec, impl, rewind=dict(capacity=STEPS))
     pre = []
     for j in range(STEPS):
+        if j == EDIT_AT:
+            apply_edit(r.opt, spec.edit)  # hyperparameters differ between recorded points (as with a scheduler)
         r.prepare(j)
         pre.append(r.state())
         r.opt_step(j)
     post = r.state()
-    assert_same(post, reference(spec, impl))
+    assert_same(post, reference(spec, impl, edit_at=EDIT_AT))
     for n in range(1, STEPS + 1):
         r.rw.undo(n)
         assert (len(r.rw), r.rw.redo_depth) == (STEPS - n, n)

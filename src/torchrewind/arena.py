@@ -171,6 +171,12 @@ class Arena:
         self.entries.append(e)
         return e
 
+    def has_foreign_views(self) -> bool:
+        """True when something other than our own tensors references this storage (e.g. a view someone made of a
+        tracked tensor): then the storage must never be reallocated, or that view would silently detach."""
+        own = 1 + (self._words is not None) + sum(e.obj() is not None for e in self.entries)
+        return storage_use_count(self.storage) != own
+
     def changed(self) -> bool:
         """O(1): did any tensor stop living here (or a foreign view appear) since :meth:`rebaseline`?"""
         return storage_use_count(self.storage) != self.baseline

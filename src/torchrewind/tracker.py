@@ -199,8 +199,9 @@ class Tracker:
     def _open_arena(self, device: torch.device, nbytes: int) -> Arena:
         """The arena that receives ``nbytes`` of new tensors on ``device``."""
         chunks = [k for k in self.arenas if k[0] == device]
-        if len(chunks) >= self._MAX_CHUNKS:
-            a = self.arenas[max(chunks, key=lambda k: k[1])]
+        last = self.arenas[max(chunks, key=lambda k: k[1])] if chunks else None
+        if last is not None and len(chunks) >= self._MAX_CHUNKS and not last.has_foreign_views():
+            a = last  # grows by reallocating: safe only when no view of its tensors exists anywhere
         else:
             a = self.arenas[(device, len(chunks))] = Arena(device)
         a.reserve(nbytes)

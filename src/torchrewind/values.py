@@ -54,6 +54,8 @@ def copy_tensor(t: torch.Tensor, reuse: Any = None) -> torch.Tensor:
         return reuse
     with torch.no_grad():
         # clone(preserve_format) keeps strides; detach() drops autograd history and Parameter-ness.
+        if t.layout != torch.strided:
+            return t.detach().clone()  # sparse etc.: preserve_format is not supported
         return t.detach().clone(memory_format=torch.preserve_format)
 
 

@@ -1,0 +1,1056 @@
+"""The policy layer: NonFiniteGuard, SpikeGuard (+SpikeDetector, batch skipping), LineSearch, BoldDriver, Trajectory.
+
+The key property (``test_*_replay_*``): after any sequence of policy decisions the training state equals, bit for
+bit, what the same decisions give when replayed by hand with a plain :class:`Rewind` -- ``optimizer.step()``,
+``rw.undo(n)``, ``rw.snapshot()`` and learning-rate edits -- driven only by the policy's :class:`Trajectory` log.
+Each replay run starts from an identically seeded model/optimizer/scheduler/RNG, sees the same batches (faults are
+part of the data: NaN/inf losses, infinite gradients, inputs scaled by 1e3, an absurd learning rate), and compares
+``full_state`` (parameters, optimizer state, param_groups, schedulers, torch RNG) with ``assert_same`` -- never
+allclose. The replays also check what the log claims (losses bitwise, learning rates as the documented rules
+predict them, trial losses evaluated with the first evaluation's dropout mask, the Armijo test).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from statecheck import assert_same, full_state
+
+from torchrewind import (
+    BoldDriver,
+    Event,
+    LineSearch,
+    NonFiniteGuard,
+    Rewind,
+    RewindError,
+    SkippableIterator,
+    SpikeDetector,
+    SpikeGuard,
+    Trajectory,
+)
+from torchrewind.trajectory import KINDS
+from torchrewind.values import values_equal
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These networks are tiny: one intra-op thread is ~40x faster than two contended ones on a 2-core runner.
+    (Every comparison is between two runs in the same process, so the thread count cannot affect exactness.)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# =============================================================================================== the training setup
+
+
+@functools.lru_cache(maxsize=None)
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits (1797 samples, 64 features in [0, 1], 10 classes), in a fixed shuffled order."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X, dtype=torch.float32) / 16.0
+    y = torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
+    return X[perm].contiguous(), y[perm].contiguous()
+
+
+def make_data(n: int, faults: dict[int, str] | None = None, bs: int = 32) -> list[tuple]:
+    """``n`` batches ``(index, x, y, fault)``. Faults belong to the data, so a skipped batch takes its fault along.
+
+    ``poison``: inputs x1e3 (a loss spike); ``nan_loss`` / ``inf_loss``: the loss is NaN / +inf; ``inf_grad``: one
+    gradient entry is +inf after backward (finite loss); ``grad_spike``: every gradient x1e3 (finite loss unchanged);
+    ``lr_boom``: the step is taken with every lr set to +inf (parameters become non-finite), the lrs are put back
+    afterwards."""
+    X, y = _digits()
+    faults = faults or {}
+    out = []
+    for i in range(n):
+        j = (i * bs) % (len(y) - bs)
+        x, t = X[j : j + bs], y[j : j + bs]
+        f = faults.get(i)
+        if f == "poison":
+            x = x * 1e3
+        out.append((i, x, t, f))
+    return out
+
+
+def make_model(seed: int = 0, dropout: float = 0.2) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(64, 32), torch.nn.ReLU()]
+    if dropout:
+        layers.append(torch.nn.Dropout(dropout))
+    layers.append(torch.nn.Linear(32, 10))
+    return torch.nn.Sequential(*layers).train()
+
+
+def make_opt(model: torch.nn.Module, kind: str, lr: float, groups: bool = False) -> torch.optim.Optimizer:
+    """Two param groups with a 1:4 lr ratio when ``groups``."""
+    first, last = model[0], model[len(model) - 1]
+    params = (
+        [{"params": first.parameters()}, {"params": last.parameters(), "lr": lr / 4}]
+        if groups
+        else model.parameters()
+    )
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    if kind == "sgd_plain":
+        return torch.optim.SGD(params, lr=lr)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=1e-4)
+    raise ValueError(kind)
+
+
+def forward_loss(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, fault: str | None) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), t)
+    if fault == "nan_loss":
+        loss = loss + float("nan")
+    elif fault == "inf_loss":
+        loss = loss * float("inf")
+    return loss
+
+
+def inject_grad(model: torch.nn.Module, fault: str | None) -> None:
+    if fault == "inf_grad":
+        model[0].weight.grad[0, 0] = float("inf")
+    elif fault == "grad_spike":
+        for p in model.parameters():
+            p.grad.mul_(1e3)
+
+
+def get_lrs(opt: torch.optim.Optimizer) -> tuple[float, ...]:
+    return tuple(float(g["lr"]) for g in opt.param_groups)
+
+
+def put_lrs(opt: torch.optim.Optimizer, values) -> None:
+    for g, v in zip(opt.param_groups, values):
+        g["lr"] = v
+
+
+def boost(opt: torch.optim.Optimizer, fault: str | None):
+    """For an ``lr_boom`` batch: set every lr to +inf and return the lrs to put back after the step."""
+    if fault != "lr_boom":
+        return None
+    saved = get_lrs(opt)
+    put_lrs(opt, [math.inf for _ in saved])
+    return saved
+
+
+def same_float(a: float | None, b: float | None) -> bool:
+    """Bitwise-level float equality (NaN equals NaN)."""
+    return values_equal(a, b)
+
+
+def kinds(log: Trajectory) -> list[str]:
+    return [e.kind for e in log.events]
+
+
+def state(model, opt, *objects) -> dict:
+    return full_state(model, opt, *objects)
+
+
+def params_finite(model: torch.nn.Module) -> bool:
+    return all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+# =============================================================================================== guard harness
+
+
+class GuardRun:
+    """A model/optimizer/scheduler/Rewind built from a seed; the policy run and the replay each build one."""
+
+    def __init__(self, *, opt="sgd", lr=0.05, capacity=4, sched=True, seed=0, groups=False) -> None:
+        self.model = make_model(seed)
+        self.opt = make_opt(self.model, opt, lr, groups)
+        # ExponentialLR is chainable: it multiplies the group's *current* lr, so any cool-down scaling the guard
+        # left behind would compound into the scheduler's lr and show up in the final state.
+        self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=0.99) if sched else None
+        self.rw = Rewind(self.model, self.opt, schedulers=[self.sched] if sched else [], capacity=capacity)
+
+    def state(self) -> dict:
+        return full_state(self.model, self.opt, *([self.sched] if self.sched else []))
+
+    def train(self, guard, data, after=None) -> list[int]:
+        """The README loop. Returns the indices of the batches seen."""
+        seen = []
+        self.loader = guard.wrap(data)
+        for i, x, t, fault in self.loader:
+            seen.append(i)
+            loss = forward_loss(self.model, x, t, fault)
+            self.opt.zero_grad()
+            loss.backward()
+            inject_grad(self.model, fault)
+            saved = boost(self.opt, fault)
+            before = get_lrs(self.opt)
+            try:
+                ok = guard.step(loss)
+            finally:
+                if saved is not None:
+                    put_lrs(self.opt, saved)
+            if ok and saved is None:
+                # the guard never leaves its cool-down factor in param_groups
+                assert get_lrs(self.opt) == before
+            if ok and self.sched is not None:
+                self.sched.step()
+            if after is not None:
+                after(i, ok)
+        return seen
+
+    def replay(self, log: Trajectory, data) -> int:
+        """Replay the guard's decisions by hand. Returns how many batches were consumed."""
+        pos = 0
+        for e in log.events:
+            i, x, t, fault = data[pos]
+            pos += 1
+            loss = forward_loss(self.model, x, t, fault)
+            self.opt.zero_grad()
+            loss.backward()
+            inject_grad(self.model, fault)
+            assert same_float(loss.item(), e.loss), (e, loss.item())
+            saved = boost(self.opt, fault)
+            if e.kind == "accepted":
+                if e.reason.startswith("cool-down"):
+                    # Recorded before the lrs are scaled (so an undo brings back the scheduler's lrs), stepped at
+                    # the logged (scaled) lrs, lrs put back exactly afterwards.
+                    base = get_lrs(self.opt)
+                    assert e.lrs != base
+                    self.rw.snapshot()
+                    put_lrs(self.opt, e.lrs)
+                    self.opt.step()
+                    put_lrs(self.opt, base)
+                else:
+                    assert e.lrs == get_lrs(self.opt), (e, get_lrs(self.opt))
+                    self.opt.step()
+            elif e.kind == "skipped":
+                # check_params: the step was taken and undone. The count is logged in extra["undone"], not in the
+                # Event's own ``undone`` field (see test_check_params_undo_is_logged_in_event_undone).
+                undone = e.undone or e.extra.get("undone", 0)
+                assert undone in (0, 1)
+                if undone:
+                    self.opt.step()
+                    assert not params_finite(self.model)
+                    self.rw.undo(undone)
+            elif e.kind == "rolled_back":
+                if e.undone:
+                    self.rw.undo(e.undone)
+                pos += e.skipped_batches
+            else:  # pragma: no cover
+                raise AssertionError(f"a guard logged {e.kind!r}")
+            if saved is not None:
+                put_lrs(self.opt, saved)
+            if e.kind == "accepted" and self.sched is not None:
+                self.sched.step()
+        return pos
+
+
+# =============================================================================================== search harness
+
+
+def directional(params: list[torch.Tensor], theta0: list[torch.Tensor]) -> float:
+    """grad . (theta1 - theta0) in float64, one dot per parameter, summed in parameter order."""
+    with torch.no_grad():
+        dots = [torch.dot((p - t0).reshape(-1).double(), p.grad.reshape(-1).double()) for p, t0 in zip(params, theta0)]
+        return float(torch.stack(dots).sum().item()) if dots else 0.0
+
+
+def armijo(c: float):
+    """LineSearch's documented test: f1 <= f0 + c*g.d, or "no increase" when the step is not a descent direction."""
+
+    def accept(f0: float, f1: float, gd: float) -> bool:
+        if not math.isfinite(f1):
+            return False
+        return f1 <= f0 + c * gd if gd < 0 else f1 <= f0
+
+    return accept
+
+
+def bold(tolerance: float):
+    def accept(f0: float, f1: float, gd: float) -> bool:
+        return math.isfinite(f1) and f1 <= f0 + tolerance * abs(f0)
+
+    return accept
+
+
+def group_by_iteration(log: Trajectory) -> list[list[Event]]:
+    out: list[list[Event]] = []
+    for e in log.events:
+        if out and out[-1][0].iteration == e.iteration:
+            out[-1].append(e)
+        else:
+            assert e.iteration == len(out), "iterations are logged in order, none missing"
+            out.append([e])
+    return out
+
+
+class SearchRun:
+    def __init__(self, *, opt="sgd", lr=1.0, seed=0, groups=False, dropout=0.2) -> None:
+        self.model = make_model(seed, dropout)
+        self.opt = make_opt(self.model, opt, lr, groups)
+        self.rw = Rewind(self.model, self.opt)
+
+    def state(self) -> dict:
+        return full_state(self.model, self.opt)
+
+    def train(self, policy, data) -> list[float]:
+        out = []
+        for i, x, t, fault in data:
+            out.append(policy.step(lambda: forward_loss(self.model, x, t, fault)))
+        return out
+
+    def replay(self, log: Trajectory, data, *, accept, shrink, grow, lr_max, max_tries) -> None:
+        """Replay a LineSearch/BoldDriver log by hand: step, evaluate the trial loss on the same batch with the
+        first evaluation's RNG state (then put the RNG back), undo + shrink on rejection, reset the lr on
+        exhaustion, grow (capped) on acceptance. Asserts the log's losses, lrs and decisions on the way."""
+        model, opt, rw = self.model, self.opt, self.rw
+        for evs in group_by_iteration(log):
+            i, x, t, fault = data[evs[0].iteration]
+
+            def loss_fn():
+                return forward_loss(model, x, t, fault)
+
+            opt.zero_grad(set_to_none=True)
+            rng_before = torch.get_rng_state()
+            loss = loss_fn()
+            f0 = loss.item()
+            assert all(same_float(e.loss, f0) for e in evs)
+            if not math.isfinite(f0):
+                assert [e.kind for e in evs] == ["skipped"] and evs[0].lrs == get_lrs(opt)
+                continue
+            loss.backward()
+            del loss
+            rng_after = torch.get_rng_state()
+            start = get_lrs(opt)
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            theta0 = [p.detach().clone() for p in params]
+            for tries, e in enumerate(evs, 1):
+                assert e.extra == {"tries": tries}
+                assert e.lrs == get_lrs(opt), (e, get_lrs(opt))
+                opt.step()
+                gd = directional(params, theta0)
+                torch.set_rng_state(rng_before)  # same dropout mask as the first evaluation
+                with torch.no_grad():
+                    f1 = loss_fn().item()
+                torch.set_rng_state(rng_after)
+                assert same_float(f1, e.loss_after), (e, f1)
+                assert accept(f0, f1, gd) == (e.kind == "accepted"), (e, f0, f1, gd)
+                if e.kind == "accepted":
+                    assert tries == len(evs) and e.undone == 0
+                    factor = grow
+                    if lr_max is not None:
+                        top = max(get_lrs(opt))
+                        factor = min(factor, lr_max / top) if top > 0 else factor
+                    if factor > 1.0:
+                        put_lrs(opt, [lr * factor for lr in get_lrs(opt)])
+                    continue
+                assert e.undone == 1
+                rw.undo()
+                assert get_lrs(opt) == e.lrs  # the Rewind brought back the lrs this trial used
+                if e.kind == "exhausted":
+                    assert tries == len(evs) == max_tries
+                    put_lrs(opt, start)
+                else:
+                    assert e.kind == "rejected" and tries < max_tries
+                    put_lrs(opt, [lr * shrink for lr in get_lrs(opt)])
+
+
+def nonfinite_reason(e: Event) -> bool:
+    return "non-finite" in e.reason
+
+
+# =============================================================================================== replay exactness
+
+
+NF_FAULTS = {2: "nan_loss", 5: "inf_grad", 6: "inf_loss", 9: "lr_boom", 12: "nan_loss", 13: "nan_loss", 17: "lr_boom"}
+
+
+@pytest.mark.parametrize("check_params", [True, False])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_nonfinite_guard_replay_is_exact(opt, check_params):
+    faults = dict(NF_FAULTS) if check_params else {k: v for k, v in NF_FAULTS.items() if v != "lr_boom"}
+    data = make_data(22, faults)
+    run = GuardRun(opt=opt, lr=0.05 if opt == "sgd" else 0.01, capacity=2)
+    guard = NonFiniteGuard(run.rw, check_params=check_params, max_consecutive=3)
+    seen = run.train(guard, data)
+    assert seen == list(range(22))
+    reasons = [e.reason for e in guard.log if e.kind == "skipped"]
+    assert "non-finite loss (nan)" in reasons and "non-finite loss (inf)" in reasons
+    assert "non-finite gradient" in reasons
+    if check_params:
+        assert reasons.count("step made parameters non-finite: undone") == 2
+    assert guard.log.counts()["accepted"] == guard.steps == 22 - len(faults)
+    assert params_finite(run.model)
+
+    rep = GuardRun(opt=opt, lr=0.05 if opt == "sgd" else 0.01, capacity=2)
+    assert rep.replay(guard.log, data) == 22
+    assert_same(run.state(), rep.state())
+
+
+SPIKE_FAULTS = {3: "nan_loss", 5: "inf_grad", 12: "poison", 17: "nan_loss", 21: "lr_boom", 24: "nan_loss",
+                25: "inf_loss", 30: "poison", 33: "grad_spike", 40: "poison"}  # fmt: skip
+
+
+def spike_guard(rw, **kw):
+    opts = dict(detector=SpikeDetector(window=16, threshold=6, warmup=8), rollback=3, skip_batches=2, cooldown=3,
+                ramp=4, max_consecutive=2, check_params=True, max_rollbacks=20)  # fmt: skip
+    opts.update(kw)
+    return SpikeGuard(rw, **opts)
+
+
+@pytest.mark.parametrize(
+    "opt,lr,groups", [("sgd", 0.05, False), ("adam", 0.01, True)], ids=["sgd-momentum", "adam-2groups"]
+)
+def test_spike_guard_replay_is_exact(opt, lr, groups):
+    data = make_data(48, SPIKE_FAULTS)
+    run = GuardRun(opt=opt, lr=lr, capacity=4, groups=groups)
+    guard = spike_guard(run.rw)
+    seen = run.train(guard, data)
+    log = guard.log
+    rolled = [e for e in log if e.kind == "rolled_back"]
+    # every decision kind a guard takes, including the corner cases, happened
+    assert any("loss spike" in e.reason for e in rolled)
+    assert any(nonfinite_reason(e) and "in a row" in e.reason for e in rolled)
+    assert any(e.undone == 3 for e in rolled)
+    assert all(e.skipped_batches == 2 for e in rolled)
+    assert any(e.kind == "skipped" and "parameters non-finite" in e.reason for e in log)  # check_params undid one
+    assert any(e.kind == "skipped" and nonfinite_reason(e) for e in log)
+    assert any(e.kind == "accepted" and e.reason.startswith("cool-down") for e in log)
+    assert any(e.kind == "accepted" and not e.reason for e in log)
+    # batches: the loader skipped exactly skip_batches after each roll-back, and nothing else
+    assert run.loader.skipped == 2 * len(rolled)
+    assert len(seen) == len(log) and len(seen) + run.loader.skipped == 48
+    for e in rolled:
+        k = seen.index(seen[e.iteration])
+        if k + 1 < len(seen):
+            assert seen[k + 1] == seen[k] + 3
+
+    rep = GuardRun(opt=opt, lr=lr, capacity=4, groups=groups)
+    assert rep.replay(log, data) == 48
+    assert_same(run.state(), rep.state())
+
+
+def test_spike_guard_replay_rollback_limited_by_history():
+    """rollback=3 but the history holds fewer steps right after a roll-back: min(rollback, len(rw)) are undone."""
+    data = make_data(48, SPIKE_FAULTS)
+    run = GuardRun(opt="sgd", lr=0.05, capacity=4)
+    lens = []
+    guard = spike_guard(run.rw)
+    orig = guard._roll_back
+
+    def spy(*a):  # record len(rw) at each roll-back decision
+        lens.append(len(run.rw))
+        return orig(*a)
+
+    guard._roll_back = spy
+    run.train(guard, data)
+    rolled = [e for e in guard.log if e.kind == "rolled_back"]
+    assert [e.undone for e in rolled] == [min(3, n) for n in lens]
+    assert any(e.undone < 3 for e in rolled), [e.undone for e in rolled]
+    rep = GuardRun(opt="sgd", lr=0.05, capacity=4)
+    rep.replay(guard.log, data)
+    assert_same(run.state(), rep.state())
+
+
+SEARCH_FAULTS = {4: "nan_loss", 9: "poison", 14: "poison", 18: "inf_loss"}
+
+SEARCHES = {
+    # name: (optimizer, lr, policy class, kwargs, accept, lr_max used by the replay)
+    "linesearch-sgd": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(0.1), 1.0),
+    "linesearch-sgd-nocap": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, lr_max=None), armijo(0.1), None),
+    "linesearch-adam": ("adam", 0.05, LineSearch, dict(max_tries=4, c=0.3, shrink=0.3), armijo(0.3), 0.05),
+    "bolddriver-sgd": ("sgd", 0.5, BoldDriver, dict(max_tries=4), bold(0.0), None),
+    "bolddriver-adam-tol": ("adam", 0.02, BoldDriver, dict(max_tries=3, tolerance=1e-4, grow=1.2), bold(1e-4), None),
+}
+
+
+@pytest.mark.parametrize("name", list(SEARCHES))
+def test_search_replay_is_exact(name):
+    opt, lr, cls, kw, accept, lr_max = SEARCHES[name]
+    data = make_data(24, SEARCH_FAULTS)
+    run = SearchRun(opt=opt, lr=lr, groups=True)
+    pol = cls(run.rw, **kw)
+    returned = run.train(pol, data)
+    log = pol.log
+    c = log.counts()
+    assert c["accepted"] and c["rejected"] and c["exhausted"] and c["skipped"] == 2, c
+    # step() returns the loss before the step
+    assert all(same_float(r, evs[0].loss) for r, evs in zip(returned, group_by_iteration(log)))
+    # per-group lrs are scaled together: the 4:1 ratio holds in every decision
+    for e in log:
+        assert e.lrs[1] / e.lrs[0] == pytest.approx(0.25, rel=1e-12)
+
+    rep = SearchRun(opt=opt, lr=lr, groups=True)
+    rep.replay(log, data, accept=accept, shrink=kw.get("shrink", 0.5), grow=kw.get("grow", cls is LineSearch and 1.1
+               or 1.05), lr_max=lr_max, max_tries=kw["max_tries"])  # fmt: skip
+    assert_same(run.state(), rep.state())
+
+
+# ----------------------------------------------------------------------------------- randomized replays (Hypothesis)
+
+FAULT_KINDS = ["nan_loss", "inf_loss", "inf_grad", "poison", "grad_spike", "lr_boom"]
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    faults=st.dictionaries(st.integers(0, 27), st.sampled_from(FAULT_KINDS), max_size=8),
+    capacity=st.integers(1, 4),
+    rollback_frac=st.floats(0, 1),
+    skip=st.integers(0, 2),
+    cooldown=st.integers(0, 3),
+    ramp=st.integers(0, 3),
+    max_consecutive=st.integers(1, 3),
+    check_params=st.booleans(),
+    opt=st.sampled_from(["sgd", "adam"]),
+)
+def test_spike_guard_random_faults_replay(faults, capacity, rollback_frac, skip, cooldown, ramp, max_consecutive,
+                                          check_params, opt):  # fmt: skip
+    if not check_params:
+        faults = {k: v for k, v in faults.items() if v != "lr_boom"}
+    data = make_data(28, faults)
+    rollback = 1 + int(rollback_frac * (capacity - 1))
+    kw = dict(detector=SpikeDetector(window=8, threshold=5, warmup=4), rollback=rollback, skip_batches=skip,
+              cooldown=cooldown, ramp=ramp, max_consecutive=max_consecutive, check_params=check_params,
+              max_rollbacks=100, lr_factor=0.5)  # fmt: skip
+    lr = 0.05 if opt == "sgd" else 0.01
+    run = GuardRun(opt=opt, lr=lr, capacity=capacity)
+    guard = SpikeGuard(run.rw, **kw)
+    try:
+        run.train(guard, data)
+    except RewindError as e:
+        # only way out: non-finite parameters max_consecutive times in a row (see the report on SpikeGuard)
+        assert "consecutive iterations were not applied" in str(e)
+    assert all(e.undone <= rollback for e in guard.log)
+    rep = GuardRun(opt=opt, lr=lr, capacity=capacity)
+    rep.replay(guard.log, data)
+    assert_same(run.state(), rep.state())
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    faults=st.dictionaries(st.integers(0, 11), st.sampled_from(["nan_loss", "inf_loss", "poison"]), max_size=4),
+    bolddriver=st.booleans(),
+    opt=st.sampled_from(["sgd", "sgd_plain", "adam"]),
+    log_lr=st.floats(-3, 1),
+    shrink=st.sampled_from([0.3, 0.5, 0.9]),
+    grow=st.sampled_from([1.0, 1.1, 2.0]),
+    max_tries=st.integers(1, 4),
+    groups=st.booleans(),
+    cap=st.sampled_from([None, "initial", 2.0]),
+)
+def test_search_random_replay(faults, bolddriver, opt, log_lr, shrink, grow, max_tries, groups, cap):
+    lr = 10.0**log_lr
+    data = make_data(12, faults)
+    if bolddriver:
+        kw = dict(shrink=shrink, grow=grow, max_tries=max_tries, lr_max=None if cap is None else 2.0 * lr)
+        cls, accept, lr_max = BoldDriver, bold(0.0), kw["lr_max"]
+    else:
+        kw = dict(shrink=shrink, grow=grow, max_tries=max_tries, c=0.2,
+                  lr_max={None: None, "initial": "initial", 2.0: 2.0 * lr}[cap])  # fmt: skip
+        cls, accept = LineSearch, armijo(0.2)
+        lr_max = lr if cap == "initial" else kw["lr_max"]
+    run = SearchRun(opt=opt, lr=lr, groups=groups)
+    pol = cls(run.rw, **kw)
+    run.train(pol, data)
+    rep = SearchRun(opt=opt, lr=lr, groups=groups)
+    rep.replay(pol.log, data, accept=accept, shrink=shrink, grow=grow, lr_max=lr_max, max_tries=max_tries)
+    assert_same(run.state(), rep.state())
+
+
+# =============================================================================================== NonFiniteGuard
+
+
+def tiny(capacity: int = 4, lr: float = 0.1, opt: str = "sgd"):
+    """A 3->2 linear model (no RNG use) for controlled unit tests; ``feed`` backprops a real loss."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    o = torch.optim.SGD(m.parameters(), lr=lr) if opt == "sgd" else torch.optim.Adam(m.parameters(), lr=lr)
+    return m, o, Rewind(m, o, capacity=capacity)
+
+
+_X = torch.linspace(-1, 1, 12).reshape(4, 3)
+
+
+def backprop(m, o, fault=None) -> torch.Tensor:
+    o.zero_grad()
+    loss = m(_X).pow(2).mean()
+    if fault == "nan_loss":
+        loss = loss + float("nan")
+    elif fault == "inf_loss":
+        loss = loss * float("inf")
+    loss.backward()
+    if fault == "inf_grad":
+        m.weight.grad[0, 1] = float("inf")
+    elif fault == "nan_grad":
+        m.bias.grad[1] = float("nan")
+    return loss
+
+
+@pytest.mark.parametrize("fault", ["nan_loss", "inf_loss", "inf_grad", "nan_grad"])
+def test_nonfinite_guard_never_applies_nonfinite_step(fault):
+    m, o, rw = tiny()
+    guard = NonFiniteGuard(rw)
+    backprop(m, o)
+    assert guard.step(m(_X).pow(2).mean().detach()) is True  # a normal step first (momentum-free SGD)
+    before = full_state(m, o)
+    loss = backprop(m, o, fault)
+    assert guard.step(loss) is False
+    assert_same(before, full_state(m, o))
+    e = guard.log[-1]
+    assert (e.kind, e.step, e.iteration) == ("skipped", 1, 1)
+    assert e.reason == ("non-finite gradient" if "grad" in fault else f"non-finite loss ({loss.item()})")
+    assert guard.steps == 1 and guard.consecutive == 1
+
+
+def test_nonfinite_guard_accepts_float_loss_and_forwards_closure():
+    m, o, rw = tiny()
+    guard = NonFiniteGuard(rw)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(0.0)
+
+    backprop(m, o)
+    assert guard.step(0.5, closure) is True
+    assert calls == [1]
+    assert guard.log[-1].loss == 0.5 and guard.log[-1].kind == "accepted"
+
+
+def test_nonfinite_guard_raises_after_max_consecutive_with_history():
+    m, o, rw = tiny()
+    guard = NonFiniteGuard(rw, max_consecutive=3)
+    backprop(m, o)
+    guard.step(1.0)
+    # two in a row, then a good step resets the count
+    for _ in range(2):
+        assert guard.step(backprop(m, o, "nan_loss")) is False
+    assert guard.step(backprop(m, o)) is True and guard.consecutive == 0
+    assert guard.step(backprop(m, o, "inf_grad")) is False
+    assert guard.step(backprop(m, o, "nan_loss")) is False
+    before = full_state(m, o)
+    with pytest.raises(RewindError) as info:
+        guard.step(backprop(m, o, "inf_loss"))
+    msg = str(info.value)
+    assert "3 consecutive iterations were not applied" in msg and "max_consecutive=3" in msg
+    for line in ("iteration 4: skipped (non-finite gradient)", "iteration 5: skipped (non-finite loss (nan))",
+                 "iteration 6: skipped (non-finite loss (inf))", "iteration 3: accepted"):  # fmt: skip
+        assert line in msg, msg
+    assert_same(before, full_state(m, o))  # the refused step was not applied either
+
+
+def test_nonfinite_guard_check_params_undoes_a_step_that_blew_up():
+    m, o, rw = tiny(lr=0.1)
+    guard = NonFiniteGuard(rw, check_params=True)
+    backprop(m, o)
+    guard.step(1.0)
+    backprop(m, o)
+    o.param_groups[0]["lr"] = math.inf
+    before = full_state(m, o)
+    assert guard.step(1.0) is False
+    assert_same(before, full_state(m, o))
+    assert params_finite(m)
+    e = guard.log[-1]
+    assert e.kind == "skipped" and e.reason == "step made parameters non-finite: undone" and e.lrs == (math.inf,)
+    assert guard.steps == 1
+
+
+def test_nonfinite_guard_without_check_params_lets_a_blowup_through():
+    """The contrast: check_params is what catches a finite-gradient step that overflows the parameters."""
+    m, o, rw = tiny()
+    guard = NonFiniteGuard(rw)
+    backprop(m, o)
+    o.param_groups[0]["lr"] = math.inf
+    assert guard.step(1.0) is True
+    assert not params_finite(m)
+
+
+def test_nonfinite_guard_check_grads_false_only_checks_the_loss():
+    m, o, rw = tiny()
+    guard = NonFiniteGuard(rw, check_grads=False)
+    assert guard.step(backprop(m, o, "nan_loss")) is False
+    assert guard.step(backprop(m, o, "inf_grad")) is True
+    assert not params_finite(m)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: check_params undo is logged as extra={'undone': 1}; Event.undone stays 0")
+def test_check_params_undo_is_logged_in_event_undone():
+    m, o, rw = tiny()
+    guard = NonFiniteGuard(rw, check_params=True)
+    backprop(m, o)
+    o.param_groups[0]["lr"] = math.inf
+    guard.step(1.0)
+    e = guard.log[-1]
+    assert e.reason == "step made parameters non-finite: undone"
+    assert e.undone == 1  # Event.undone: "steps undone by this decision"
+
+
+# =============================================================================================== SpikeDetector
+
+
+def test_spike_detector_mad_score_and_warmup():
+    det = SpikeDetector(window=5, threshold=3.0, warmup=5, min_rel=0.2)
+    for x in [1.0, 2.0, 3.0, 4.0]:
+        assert det.score(1e9) == 0.0 and det.is_spike(1e9) is False  # warm-up: no finite value is a spike
+        det.update(x)
+    assert det.is_spike(1e9) is False
+    det.update(5.0)
+    # median 3, MAD = median(2, 1, 0, 1, 2) = 1
+    assert det.centre_and_scale() == (3.0, 1.4826)
+    assert det.score(10.0) == 7.0 / 1.4826
+    assert det.is_spike(10.0) and not det.is_spike(3.0 + 3 * 1.4826)  # z == 3 is not above the threshold
+    assert not det.is_spike(-100.0)  # only upward spikes
+    # the window keeps the last 5 values
+    for x in [3.0] * 5:
+        det.update(x)
+    assert list(det.values) == [3.0] * 5 and det.count == 10
+
+
+def test_spike_detector_nonfinite_values():
+    det = SpikeDetector(window=4, warmup=2)
+    assert det.is_spike(math.nan) and det.is_spike(math.inf)  # even during warm-up
+    det.update(math.nan)
+    det.update(math.inf)
+    assert det.count == 0 and not det.values
+
+
+def test_spike_detector_min_rel():
+    det = SpikeDetector(window=10, threshold=3.0, warmup=5, min_rel=0.2)
+    for i in range(10):
+        det.update(1.0 + 0.001 * (i % 3))
+    assert det.score(1.15) > 100  # a huge z-score ...
+    assert not det.is_spike(1.15)  # ... but only 15% above the median
+    assert det.is_spike(1.25)
+    det.min_rel = 0.1
+    assert det.is_spike(1.15)
+
+
+def test_spike_detector_constant_series_uses_tiny_scale():
+    det = SpikeDetector(window=5, threshold=6.0, warmup=3, min_rel=0.0)
+    for _ in range(5):
+        det.update(2.0)
+    assert det.centre_and_scale() == (2.0, 0.0)
+    assert det.is_spike(2.0 + 1e-9) and not det.is_spike(2.0)
+
+
+def test_spike_detector_ema():
+    det = SpikeDetector(method="ema", alpha=0.5, warmup=2, threshold=2.0, min_rel=0.0, window=3)
+    det.update(1.0)
+    assert (det.mean, det.var) == (1.0, 0.0)
+    det.update(2.0)
+    assert (det.mean, det.var) == (1.5, 0.25)  # var = (1-a)(var + a d^2)
+    assert det.score(2.5) == 2.0 and not det.is_spike(2.5) and det.is_spike(2.5001)
+    for x in [2.0, 2.0, 2.0, 2.0, 2.0]:  # ema ignores the window: warm-up may exceed it
+        det.update(x)
+    assert det.mean == pytest.approx(2.0, abs=0.02) and len(det.values) == 3
+    SpikeDetector(method="ema", window=3, warmup=10)  # allowed for ema
+
+
+@pytest.mark.parametrize("method", ["mad", "ema"])
+def test_spike_detector_state_dict_round_trip(method):
+    det = SpikeDetector(method=method, window=6, warmup=3)
+    for i in range(9):
+        det.update(1.0 + 0.1 * (i % 4))
+    sd = det.state_dict()
+    other = SpikeDetector(method=method, window=6, warmup=3)
+    other.load_state_dict(json.loads(json.dumps(sd)))  # plain data, serialisable
+    assert other.state_dict() == sd
+    for x in [0.5, 1.2, 1.5, 3.0, 30.0]:
+        assert other.score(x) == det.score(x) and other.is_spike(x) == det.is_spike(x)
+    det.update(7.0)  # the saved dict is a copy
+    assert sd["values"] != det.state_dict()["values"] and other.state_dict() == json.loads(json.dumps(sd))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(xs=st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=20), x=st.floats(-1e6, 1e6))
+def test_spike_detector_mad_matches_reference(xs, x):
+    import statistics
+
+    det = SpikeDetector(window=7, warmup=1, threshold=6.0, min_rel=0.2)
+    for v in xs:
+        det.update(v)
+    last = xs[-7:]
+    med = statistics.median(last)
+    mad = statistics.median([abs(v - med) for v in last])
+    assert det.centre_and_scale() == (med, 1.4826 * mad)
+    scale = 1.4826 * mad if mad > 0 else 1e-12 * max(abs(med), 1.0)
+    assert det.score(x) == (x - med) / scale
+    assert det.is_spike(x) == ((x - med) / scale > 6.0 and x > med + 0.2 * abs(med))
+
+
+# =============================================================================================== SpikeGuard
+
+
+def quiet(i: int) -> float:
+    """A calm loss series: 1.00, 1.01, 1.02, 1.00, ..."""
+    return 1.0 + 0.01 * (i % 3)
+
+
+def det(**kw) -> SpikeDetector:
+    return SpikeDetector(**{"window": 10, "threshold": 6.0, "warmup": 5, **kw})
+
+
+def test_spike_guard_detects_after_warmup_not_during():
+    m, o, rw = tiny(capacity=8)
+    guard = SpikeGuard(rw, detector=det(warmup=5))
+    for i in range(2):
+        backprop(m, o)
+        assert guard.step(quiet(i))
+    backprop(m, o)
+    assert guard.step(100.0) is True  # during warm-up: accepted, and it counts towards the warm-up
+    assert guard.log[-1].kind == "accepted"
+    for i in range(2):
+        backprop(m, o)
+        guard.step(quiet(i))
+    assert guard.detector.count == 5
+    backprop(m, o)
+    before = full_state(m, o)
+    assert guard.step(1e4) is False
+    e = guard.log[-1]
+    assert e.kind == "rolled_back" and e.reason.startswith("loss spike (z=") and e.loss == 1e4
+    assert e.undone == 5 and guard.steps == 0 and guard.rollbacks == 1
+    assert not values_equal(before["model"], full_state(m, o)["model"])
+
+
+def test_spike_guard_rolls_back_min_of_rollback_and_history():
+    m, o, rw = tiny(capacity=8)
+    states = []
+    guard = SpikeGuard(rw, detector=det(warmup=3))  # rollback defaults to the capacity, 8
+    assert guard.rollback == 8
+    start = full_state(m, o)
+    for i in range(6):
+        backprop(m, o)
+        states.append(full_state(m, o))  # the state each step's record will hold
+        guard.step(quiet(i))
+    backprop(m, o)
+    guard.step(50.0)
+    assert guard.log[-1].undone == 6  # only 6 steps of history
+    assert_same(states[0], full_state(m, o))
+    assert values_equal(start["model"], full_state(m, o)["model"])
+
+    m, o, rw = tiny(capacity=8)
+    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=3)
+    states = []
+    for i in range(6):
+        backprop(m, o)
+        states.append(full_state(m, o))
+        guard.step(quiet(i))
+    backprop(m, o)
+    guard.step(50.0)
+    assert guard.log[-1].undone == 3 and guard.steps == 3
+    assert_same(states[3], full_state(m, o))  # as just before the 4th step
+    # the roll-back consumed the history: right after it, a non-finite run can only undo what is left
+    assert len(rw) == 3
+    guard.max_consecutive = 1
+    guard.step(math.nan)
+    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].undone == 3 and len(rw) == 0
+    backprop(m, o)
+    guard.step(math.nan)
+    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].undone == 0
+    assert_same(states[0], full_state(m, o))
+
+
+def test_spike_guard_detector_statistics_roll_back_with_history():
+    """After undoing n steps the detector holds the accepted losses up to the first undone step's (measured at the
+    parameters that are live again); the losses of the later undone steps and of the spike are forgotten."""
+    m, o, rw = tiny(capacity=4)
+    guard = SpikeGuard(rw, detector=det(warmup=3, window=20), rollback=3, grad_norm=True,
+                       grad_detector=det(warmup=3, window=20))  # fmt: skip
+    accepted, grad_values = [], []
+    for i in range(7):
+        backprop(m, o)
+        accepted.append(quiet(i) + i * 1e-3)
+        grad_values.append(guard.grad_detector.state_dict()["values"])
+        assert guard.step(accepted[-1])
+    gsd = guard.grad_detector.state_dict()
+    backprop(m, o)
+    guard.step(77.0)
+    assert guard.log[-1].undone == 3
+    assert list(guard.detector.values) == accepted[:5] and guard.detector.count == 5
+    assert guard.grad_detector.count == 5 and list(guard.grad_detector.values) == gsd["values"][:5]
+
+
+def test_spike_guard_cooldown_and_linear_ramp():
+    m, o, rw = tiny(lr=0.1)
+    f, cooldown, ramp = 0.5, 3, 4
+    guard = SpikeGuard(rw, detector=det(), lr_factor=f, cooldown=cooldown, ramp=ramp, rollback=1)
+    for i in range(6):
+        backprop(m, o)
+        guard.step(quiet(i))
+    backprop(m, o)
+    assert guard.lr_scale == 1.0
+    guard.step(100.0)
+    assert guard.log[-1].extra["lr_factor"] == f
+    expected = [f] * cooldown + [f + (1 - f) * (1 - r / ramp) for r in range(ramp, 0, -1)] + [1.0, 1.0]
+    got = []
+    for i in range(len(expected)):
+        backprop(m, o)
+        scale = guard.lr_scale
+        got.append(scale)
+        assert guard.step(quiet(i)) is True
+        e = guard.log[-1]
+        assert e.lrs == (0.1 * scale,)  # the step used the scaled lr ...
+        assert o.param_groups[0]["lr"] == 0.1  # ... and param_groups is back to the unscaled one
+        assert e.reason == ("" if scale == 1.0 else f"cool-down lr x{scale:.3g}")
+    assert got == expected
+    assert got[cooldown : cooldown + ramp] == [0.5, 0.625, 0.75, 0.875]
+
+
+def test_spike_guard_factor_compounds_and_is_floored():
+    m, o, rw = tiny()
+    guard = SpikeGuard(rw, detector=det(), lr_factor=0.1, min_lr_factor=0.02, cooldown=5, ramp=5, rollback=1,
+                       max_rollbacks=10)  # fmt: skip
+    for i in range(6):
+        backprop(m, o)
+        guard.step(quiet(i))
+    backprop(m, o)
+    guard.step(100.0)
+    assert guard.lr_scale == 0.1
+    backprop(m, o)
+    guard.step(100.0)  # a second spike during the cool-down: 0.1 * 0.1 = 0.01, floored at 0.02
+    assert guard.log[-1].extra["lr_factor"] == 0.02 and guard.lr_scale == 0.02
+    for i in range(7):  # 5 cool-down steps, then 2 into the ramp
+        backprop(m, o)
+        guard.step(quiet(i))
+    s = guard.lr_scale
+    assert s == 0.02 + 0.98 * (1 - 3 / 5)
+    backprop(m, o)
+    guard.step(100.0)  # a spike during the ramp compounds the current scale
+    assert guard.log[-1].extra["lr_factor"] == s * 0.1
+
+
+def test_spike_guard_keeps_scheduler_lr_exact():
+    """With an LR scheduler and a cool-down in progress, after every iteration param_groups holds exactly the
+    scheduler's lr (LambdaLR: initial lr x lambda(epoch)); each step used that lr x the cool-down scale."""
+
+    def lam(epoch):
+        return 1.0 / (1.0 + 0.05 * epoch)
+
+    data = make_data(30, {10: "poison", 19: "poison"})
+    model = make_model(0)
+    opt = make_opt(model, "sgd", 0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    rw = Rewind(model, opt, schedulers=[sched], capacity=4)
+    guard = SpikeGuard(rw, detector=SpikeDetector(window=8, warmup=6), cooldown=3, ramp=3, rollback=2)
+    scaled = 0
+    for i, x, t, fault in guard.wrap(data):
+        loss = forward_loss(model, x, t, fault)
+        opt.zero_grad()
+        loss.backward()
+        scale = guard.lr_scale
+        before = opt.param_groups[0]["lr"]
+        assert before == 0.05 * lam(sched.last_epoch)
+        if guard.step(loss):
+            assert guard.log[-1].lrs == (before * scale,)
+            scaled += scale != 1.0
+            sched.step()
+        assert opt.param_groups[0]["lr"] == 0.05 * lam(sched.last_epoch)
+    assert guard.rollbacks == 2 and scaled >= 6
+    assert sched.last_epoch == guard.steps
+
+
+def test_spike_guard_skip_batches_skips_exactly_that_many():
+    m, o, rw = tiny(capacity=4)
+    guard = SpikeGuard(rw, detector=det(), skip_batches=3, rollback=2)
+    seen = []
+    spikes = {7, 15}
+    loader = guard.wrap(range(30))
+    assert isinstance(loader, SkippableIterator) and guard.wrap(loader) is loader
+    for i in loader:
+        seen.append(i)
+        backprop(m, o)
+        guard.step(100.0 if i in spikes else quiet(i))
+    assert [e.skipped_batches for e in guard.log if e.kind == "rolled_back"] == [3, 3]
+    assert seen == [*range(0, 8), *range(11, 16), *range(19, 30)]
+    assert loader.skipped == 6 and loader.seen == len(seen)
+
+
+def test_spike_guard_without_wrap_skips_nothing():
+    m, o, rw = tiny()
+    guard = SpikeGuard(rw, detector=det(), skip_batches=3)
+    for i in range(6):
+        backprop(m, o)
+        guard.step(quiet(i))
+    guard.step(100.0)
+    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].skipped_batches == 0
+
+
+def test_spike_guard_consecutive_nonfinite_is_a_spike():
+    m, o, rw = tiny()
+    guard = SpikeGuard(rw, detector=det(), max_consecutive=3, rollback=1)
+    for i in range(3):
+        backprop(m, o)
+        guard.step(quiet(i))
+    for _ in range(3):
+        guard.step(backprop(m, o, "nan_loss"))
+    assert kinds(guard.log)[-3:] == ["skipped", "skipped", "rolled_back"]
+    assert guard.log[-1].reason == "non-finite loss (nan), 3 in a row" and guard.log[-1].undone == 1
+    assert guard.consecutive == 0 and guard.detector.count == 3  # NaNs never reach the statistics
+
+
+def test_spike_guard_max_rollbacks_within_budget_window_raises():
+    m, o, rw = tiny()
+    guard = SpikeGuard(rw, detector=det(), max_rollbacks=2, budget_window=100, rollback=1, cooldown=0, ramp=0)
+    for i in range(6):
+        backprop(m, o)
+        guard.step(quiet(i))
+    for _ in range(2):
+        backprop(m, o)
+        assert guard.step(100.0) is False
+        backprop(m, o)
+        guard.step(1.0)
+    backprop(m, o)
+    before = full_state(m, o)
+    with pytest.raises(RewindError) as info:
+        guard.step(100.0)
+    msg = str(info.value)
+    assert "3 roll-backs within 100 iterations (max_rollbacks=2)" in msg
+    assert "iteration 8: rolled_back (loss spike" in msg and "at iteration 10" in msg
+    assert_same(before, full_state(m, o))
+
+
+def test_spike_guard_budget_window_forgets_old_rollbacks():
+    m, o, rw = tiny()
+    guard = SpikeGuard(rw, detector=det(), max_rollbacks=1, budget_window=6, rollback=1, cooldown=0, ramp=0)
+    for i in range(30):
+        backprop(m, o)
+        guard.step(100.0 if i in (8, 14, 20, 26) else quiet(i))  # 6 iterations apart: never 2 in a window
+    assert guard.rollbacks == 4
+    backprop(m, o)
+    guard.step(quiet(0))
+    backprop(m, o)
+    with pytest.raises(RewindError, match="2 roll-backs within 6 iterations"):
+        guard.step(100.0)  # 5 iterations after the last one
+
+
+def test_spike_guard_gradient_norm_spike():
+    data = make_data(16, {11: "grad_spike"})
+    for grad_norm in (True, False):
+        run = GuardRun(capacity=4, sched=False)
+        guard = SpikeGuard(run.rw, detector=SpikeDetector(window=10, warmup=8), grad_norm=grad_norm,
+                           grad_detector=SpikeDetector(window=10, warmup=8), rollback=2)  # fmt: skip
+        run.train(guard, data)
+        e = guard.log[11]
+        if grad_norm:
+            assert e.kind == "rolled_back" and e.reason.startswith("gradient-norm spike (z=")
+            assert e.undone == 2 and e.extra["grad_norm"] > 100
+        else:
+            assert e.kind == "accepted"  # the loss was normal: only the gradient norm shows it
+            assert guard.log[12].kind == "rolled_back"  # ... and the next loss pays for it
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: SpikeGuard(not_a_rewind) blames rollback, not the first argument")
+def test_spike_guard_first_argument_not_a_rewind():
+    m, o, rw = tiny()
+    with pytest.raises(RewindError, match="needs a torchrewind.Rewind as its first argument"):
+        SpikeGuard(o)
