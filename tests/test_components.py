@@ -502,3 +502,21 @@ def test_no_reallocation_in_steady_state_and_nbytes():
     per = sum(a.used for a in rw._tracker.arenas.values())
     assert rw.nbytes == 4 * per  # capacity + 1 (redo) slots, each one arena copy
     assert "Rewind(" in repr(rw)
+
+
+def test_tensor_with_outside_view_is_not_moved():
+    """A parameter someone holds a view of must keep sharing memory with that view (it is copied in place)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 3)
+    alias = m.weight.detach().view(-1)  # shares storage with the parameter
+    opt = torch.optim.Adam(m.parameters(), lr=0.1)
+    rw = Rewind(m, opt)
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    assert torch.equal(alias, m.weight.detach().view(-1))  # still the same memory after the step
+    before = alias.clone()
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    rw.undo()
+    assert torch.equal(alias, before)
+    assert alias.data_ptr() == m.weight.data_ptr()

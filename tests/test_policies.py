@@ -17,7 +17,6 @@ import functools
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -157,10 +156,6 @@ def kinds(log: Trajectory) -> list[str]:
     return [e.kind for e in log.events]
 
 
-def state(model, opt, *objects) -> dict:
-    return full_state(model, opt, *objects)
-
-
 def params_finite(model: torch.nn.Module) -> bool:
     return all(bool(p.isfinite().all()) for p in model.parameters())
 
@@ -182,7 +177,7 @@ class GuardRun:
     def state(self) -> dict:
         return full_state(self.model, self.opt, *([self.sched] if self.sched else []))
 
-    def train(self, guard, data, after=None) -> list[int]:
+    def train(self, guard, data) -> list[int]:
         """The README loop. Returns the indices of the batches seen."""
         seen = []
         self.loader = guard.wrap(data)
@@ -204,8 +199,6 @@ class GuardRun:
                 assert get_lrs(self.opt) == before
             if ok and self.sched is not None:
                 self.sched.step()
-            if after is not None:
-                after(i, ok)
         return seen
 
     def replay(self, log: Trajectory, data) -> int:
@@ -295,18 +288,22 @@ def group_by_iteration(log: Trajectory) -> list[list[Event]]:
 
 
 class SearchRun:
-    def __init__(self, *, opt="sgd", lr=1.0, seed=0, groups=False, dropout=0.2) -> None:
+    def __init__(self, *, opt="sgd", lr=1.0, seed=0, groups=False, dropout=0.2, sched=False) -> None:
         self.model = make_model(seed, dropout)
         self.opt = make_opt(self.model, opt, lr, groups)
-        self.rw = Rewind(self.model, self.opt)
+        # StepLR is chainable too: it halves whatever lr the search left in param_groups
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=5, gamma=0.5) if sched else None
+        self.rw = Rewind(self.model, self.opt, schedulers=[self.sched] if sched else [])
 
     def state(self) -> dict:
-        return full_state(self.model, self.opt)
+        return full_state(self.model, self.opt, *([self.sched] if self.sched else []))
 
     def train(self, policy, data) -> list[float]:
         out = []
         for i, x, t, fault in data:
             out.append(policy.step(lambda: forward_loss(self.model, x, t, fault)))
+            if self.sched is not None:
+                self.sched.step()
         return out
 
     def replay(self, log: Trajectory, data, *, accept, shrink, grow, lr_max, max_tries) -> None:
@@ -327,6 +324,8 @@ class SearchRun:
             assert all(same_float(e.loss, f0) for e in evs)
             if not math.isfinite(f0):
                 assert [e.kind for e in evs] == ["skipped"] and evs[0].lrs == get_lrs(opt)
+                if self.sched is not None:
+                    self.sched.step()
                 continue
             loss.backward()
             del loss
@@ -363,6 +362,8 @@ class SearchRun:
                 else:
                     assert e.kind == "rejected" and tries < max_tries
                     put_lrs(opt, [lr * shrink for lr in get_lrs(opt)])
+            if self.sched is not None:
+                self.sched.step()
 
 
 def nonfinite_reason(e: Event) -> bool:
@@ -431,7 +432,7 @@ def test_spike_guard_replay_is_exact(opt, lr, groups):
     assert run.loader.skipped == 2 * len(rolled)
     assert len(seen) == len(log) and len(seen) + run.loader.skipped == 48
     for e in rolled:
-        k = seen.index(seen[e.iteration])
+        k = e.iteration  # one iteration per batch seen
         if k + 1 < len(seen):
             assert seen[k + 1] == seen[k] + 3
 
@@ -474,11 +475,12 @@ SEARCHES = {
 }
 
 
+@pytest.mark.parametrize("sched", [False, True], ids=["", "steplr"])
 @pytest.mark.parametrize("name", list(SEARCHES))
-def test_search_replay_is_exact(name):
+def test_search_replay_is_exact(name, sched):
     opt, lr, cls, kw, accept, lr_max = SEARCHES[name]
     data = make_data(24, SEARCH_FAULTS)
-    run = SearchRun(opt=opt, lr=lr, groups=True)
+    run = SearchRun(opt=opt, lr=lr, groups=True, sched=sched)
     pol = cls(run.rw, **kw)
     returned = run.train(pol, data)
     log = pol.log
@@ -490,9 +492,10 @@ def test_search_replay_is_exact(name):
     for e in log:
         assert e.lrs[1] / e.lrs[0] == pytest.approx(0.25, rel=1e-12)
 
-    rep = SearchRun(opt=opt, lr=lr, groups=True)
-    rep.replay(log, data, accept=accept, shrink=kw.get("shrink", 0.5), grow=kw.get("grow", cls is LineSearch and 1.1
-               or 1.05), lr_max=lr_max, max_tries=kw["max_tries"])  # fmt: skip
+    default_grow = 1.1 if cls is LineSearch else 1.05
+    rep = SearchRun(opt=opt, lr=lr, groups=True, sched=sched)
+    rep.replay(log, data, accept=accept, shrink=kw.get("shrink", 0.5), grow=kw.get("grow", default_grow),
+               lr_max=lr_max, max_tries=kw["max_tries"])  # fmt: skip
     assert_same(run.state(), rep.state())
 
 
@@ -501,7 +504,7 @@ def test_search_replay_is_exact(name):
 FAULT_KINDS = ["nan_loss", "inf_loss", "inf_grad", "poison", "grad_spike", "lr_boom"]
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     faults=st.dictionaries(st.integers(0, 27), st.sampled_from(FAULT_KINDS), max_size=8),
     capacity=st.integers(1, 4),
@@ -536,7 +539,7 @@ def test_spike_guard_random_faults_replay(faults, capacity, rollback_frac, skip,
     assert_same(run.state(), rep.state())
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     faults=st.dictionaries(st.integers(0, 11), st.sampled_from(["nan_loss", "inf_loss", "poison"]), max_size=4),
     bolddriver=st.booleans(),
@@ -1054,3 +1057,497 @@ def test_spike_guard_first_argument_not_a_rewind():
     m, o, rw = tiny()
     with pytest.raises(RewindError, match="needs a torchrewind.Rewind as its first argument"):
         SpikeGuard(o)
+
+
+# ======================================================================================== LineSearch / BoldDriver
+
+
+def test_linesearch_shrinks_by_exactly_shrink_and_armijo_holds():
+    data = make_data(6)
+    run = SearchRun(opt="sgd_plain", lr=40.0, dropout=0.0, groups=True)
+    ls = LineSearch(run.rw, c=0.2, shrink=0.3, grow=1.0, max_tries=30)
+    run.train(ls, data)
+    for evs in group_by_iteration(ls.log):
+        assert [e.kind for e in evs] == ["rejected"] * (len(evs) - 1) + ["accepted"]
+        for a, b in zip(evs, evs[1:]):
+            assert b.lrs == tuple(lr * 0.3 for lr in a.lrs)  # bitwise: exactly one multiplication by shrink
+    assert max(len(evs) for evs in group_by_iteration(ls.log)) >= 3  # two shrinks in a row at least once
+    # the accepted steps satisfy Armijo (recomputed from scratch in the replay)
+    rep = SearchRun(opt="sgd_plain", lr=40.0, dropout=0.0, groups=True)
+    rep.replay(ls.log, data, accept=armijo(0.2), shrink=0.3, grow=1.0, lr_max=40.0, max_tries=30)
+    assert_same(run.state(), rep.state())
+
+
+def test_linesearch_grow_is_capped_at_lr_max():
+    data = make_data(20)
+    # default lr_max="initial": a good lr never grows past the initial one
+    run = SearchRun(opt="sgd_plain", lr=0.2)
+    ls = LineSearch(run.rw, grow=1.5)
+    run.train(ls, data)
+    assert ls.log.counts()["accepted"] == 20 and get_lrs(run.opt) == (0.2,)
+    # lr_max=None: grows by grow after every accepted step
+    run = SearchRun(opt="sgd_plain", lr=0.01)
+    ls = LineSearch(run.rw, grow=1.5, lr_max=None)
+    run.train(ls, data[:5])
+    assert ls.log.counts()["accepted"] == 5 and get_lrs(run.opt) == (0.01 * 1.5 * 1.5 * 1.5 * 1.5 * 1.5,)
+    # explicit lr_max, two groups: the largest group lr is capped, the ratio is kept
+    run = SearchRun(opt="sgd_plain", lr=0.01, groups=True)
+    ls = LineSearch(run.rw, grow=2.0, lr_max=0.1)
+    run.train(ls, data)
+    top = [max(e.lrs) for e in ls.log]
+    assert top[:5] == [0.01, 0.02, 0.04, 0.08, 0.1]
+    assert all(t <= 0.1 for t in top)
+    assert all(e.lrs[1] / e.lrs[0] == pytest.approx(0.25, rel=1e-12) for e in ls.log)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the lr_max cap is applied as lr * (lr_max / lr): can overshoot by 1 ulp")
+def test_linesearch_cap_is_exact():
+    run = SearchRun(opt="sgd_plain", lr=0.01, dropout=0.0)
+    ls = LineSearch(run.rw, lr_max=0.1, grow=1.1)
+    run.opt.param_groups[0]["lr"] = 0.093  # e.g. after some shrinking and growing; 0.093 * 1.1 > 0.1
+    run.train(ls, make_data(1))
+    assert ls.log[-1].kind == "accepted"
+    assert run.opt.param_groups[0]["lr"] <= 0.1  # 0.093 * (0.1 / 0.093) == 0.10000000000000002
+
+
+def test_search_stats_count_passes():
+    data = make_data(16, {3: "nan_loss", 8: "poison"})
+    run = SearchRun(opt="sgd", lr=1.0)
+    ls = LineSearch(run.rw, max_tries=3)
+    run.train(ls, data)
+    groups = group_by_iteration(ls.log)
+    skipped = sum(evs[0].kind == "skipped" for evs in groups)
+    trials = sum(len(evs) for evs in groups if evs[0].kind != "skipped")
+    stats = ls.stats
+    assert stats["iterations"] == 16 and ls.iteration == 16
+    assert stats["forwards"] == 16 + trials
+    assert stats["backwards"] == 16 - skipped == 15
+    assert stats["steps"] == stats["accepted"] == ls.steps
+    assert stats["forwards_per_step"] == stats["forwards"] / stats["steps"]
+    assert stats["exhausted"] == 1 and stats["skipped"] == 1
+    assert {k: stats[k] for k in KINDS} == ls.log.counts()
+
+
+def test_linesearch_exhausted_leaves_state_and_lr_as_before():
+    data = make_data(3, {2: "poison"})
+    run = SearchRun(opt="sgd", lr=1.0)
+    ls = LineSearch(run.rw, max_tries=3)
+    run.train(ls, data[:2])
+    i, x, t, fault = data[2]
+    before = run.state()
+    lrs_before = get_lrs(run.opt)
+
+    def loss_fn():
+        return forward_loss(run.model, x, t, fault)
+
+    rng = torch.get_rng_state()
+    loss_fn()
+    after_one_forward = torch.get_rng_state()  # the RNG one dropout draw further
+    torch.set_rng_state(rng)
+    ls.step(loss_fn)
+    assert kinds(ls.log)[-3:] == ["rejected", "rejected", "exhausted"]
+    after = run.state()
+    # everything as before the iteration, the RNG as after the first evaluation (as in a plain loop)
+    assert values_equal(after["rng"], after_one_forward)
+    after["rng"] = before["rng"]
+    assert_same(before, after)
+    assert get_lrs(run.opt) == lrs_before and len(run.rw) == 0
+
+
+def test_linesearch_trial_losses_use_the_same_dropout_mask():
+    """With same_rng the trial loss is the loss of the same dropout mask: a zero step gives exactly f0."""
+    run = SearchRun(opt="sgd_plain", lr=1e-30, dropout=0.5)  # the step changes nothing in float32
+    ls = BoldDriver(run.rw, grow=1.0)
+    run.train(ls, make_data(3))
+    assert all(e.kind == "accepted" and e.loss_after == e.loss for e in ls.log)
+    run = SearchRun(opt="sgd_plain", lr=1e-30, dropout=0.5)
+    ls = BoldDriver(run.rw, grow=1.0, same_rng=False)
+    run.train(ls, make_data(3))
+    assert any(e.loss_after != e.loss for e in ls.log)  # a fresh mask each evaluation
+
+
+@pytest.mark.parametrize("cls", [LineSearch, BoldDriver])
+def test_search_puts_the_rng_back_after_trial_evaluations(cls):
+    """The trials draw with the RNG reset to the first evaluation's state; afterwards the RNG is where the first
+    forward/backward left it, whatever the trials drew (here: extra draws only under no_grad)."""
+    run = SearchRun(opt="sgd", lr=2.0, dropout=0.3)
+    pol = cls(run.rw, max_tries=5)
+    for i, x, t, fault in make_data(8, {5: "poison"}):
+
+        def loss_fn():
+            if not torch.is_grad_enabled():
+                torch.rand(7)
+            return forward_loss(run.model, x, t, fault)
+
+        rng = torch.get_rng_state()
+        loss_fn()
+        expected = torch.get_rng_state()
+        torch.set_rng_state(rng)
+        pol.step(loss_fn)
+        assert values_equal(torch.get_rng_state(), expected)
+    assert pol.log.counts()["rejected"] > 0
+
+
+def test_bolddriver_grows_by_grow_on_acceptance():
+    run = SearchRun(opt="sgd_plain", lr=0.01)
+    bd = BoldDriver(run.rw, grow=1.05)
+    run.train(bd, make_data(10))
+    assert kinds(bd.log) == ["accepted"] * 10
+    for a, b in zip(bd.log, bd.log.events[1:]):
+        assert b.lrs == (a.lrs[0] * 1.05,)
+    assert get_lrs(run.opt) == (bd.log[-1].lrs[0] * 1.05,)
+
+
+def test_bolddriver_recovers_from_a_100x_too_low_lr():
+    data = make_data(120)
+    good = 0.5
+    run = SearchRun(opt="sgd_plain", lr=good / 100)
+    bd = BoldDriver(run.rw)
+    run.train(bd, data)
+    lr_end = get_lrs(run.opt)[0]
+    assert lr_end > good / 3  # 1.05**100 ~ 131x: back in the right range ...
+    assert bd.log.counts()["rejected"] > 0  # ... and it found the ceiling itself
+
+    base = SearchRun(opt="sgd_plain", lr=good / 100)
+    for i, x, t, fault in data:  # plain SGD at the too-low lr
+        base.opt.zero_grad()
+        forward_loss(base.model, x, t, fault).backward()
+        base.opt.step()
+    X, y = _digits()
+    with torch.no_grad():
+        run.model.eval(), base.model.eval()
+        ours, theirs = F.cross_entropy(run.model(X), y).item(), F.cross_entropy(base.model(X), y).item()
+    assert ours < 0.5 * theirs, (ours, theirs)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an exception from loss_fn during a trial leaves the trial step applied")
+def test_search_exception_in_trial_evaluation_restores_state():
+    run = SearchRun(opt="sgd", lr=0.5, dropout=0.0)
+    ls = LineSearch(run.rw)
+    data = make_data(2)
+    run.train(ls, data[:1])
+    i, x, t, fault = data[1]
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("data loader hiccup")
+        return forward_loss(run.model, x, t, fault)
+
+    before = run.state()
+    with pytest.raises(RuntimeError, match="hiccup"):
+        ls.step(loss_fn)
+    assert_same(before, run.state())
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: policies rely on auto=True; with Rewind(auto=False) an undo goes to "
+                   "the last manual snapshot (or fails) instead of before the trial step")  # fmt: skip
+def test_search_on_manual_rewind_is_refused_or_exact():
+    data = make_data(6, {3: "poison"})
+    ref = SearchRun(opt="sgd", lr=1.0)
+    ref_ls = LineSearch(ref.rw, max_tries=3)
+    ref.train(ref_ls, data)
+
+    run = SearchRun(opt="sgd", lr=1.0)
+    run.rw.close()
+    run.rw = Rewind(run.model, run.opt, auto=False)
+    try:
+        ls = LineSearch(run.rw, max_tries=3)
+    except RewindError:
+        return  # refusing is fine
+    run.rw.snapshot()  # a user checkpoint at the start
+    run.train(ls, data)
+    assert_same(ref.state(), run.state())
+
+
+# =============================================================================================== bad input
+
+
+def test_search_loss_fn_bad_return_values():
+    run = SearchRun(opt="sgd", lr=0.1, dropout=0.0)
+    ls = LineSearch(run.rw)
+    run.train(ls, make_data(1))
+    x, t = make_data(1)[0][1:3]
+    before = run.state()
+    n = len(ls.log)
+    cases = [
+        (lambda: F.cross_entropy(run.model(x), t, reduction="none"), "must be a scalar tensor, got shape \\(32,\\)"),
+        (lambda: F.cross_entropy(run.model(x), t).item(), "must return a tensor that requires grad"),
+        (lambda: "2.3", "must be a scalar tensor or a float, got str"),
+        (lambda: None, "got NoneType"),
+        (lambda: F.cross_entropy(run.model(x), t).detach(), "requires grad"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(RewindError, match=msg):
+            ls.step(fn)
+    with pytest.raises(RewindError, match="takes a callable that returns the loss, got Tensor"):
+        ls.step(F.cross_entropy(run.model(x), t))  # the loss itself instead of a function
+    assert_same(before, run.state())
+    assert len(ls.log) == n and ls.steps == 1 and len(run.rw) == 1
+
+
+@pytest.mark.parametrize("guard_cls", [NonFiniteGuard, SpikeGuard])
+def test_guard_step_bad_loss(guard_cls):
+    m, o, rw = tiny()
+    guard = guard_cls(rw)
+    backprop(m, o)
+    before = full_state(m, o)
+    with pytest.raises(RewindError, match=r"must be a scalar tensor, got shape \(2, 2\); reduce it"):
+        guard.step(torch.ones(2, 2, requires_grad=True))
+    with pytest.raises(RewindError, match="must be a scalar tensor or a float, got str"):
+        guard.step("0.5")
+    with pytest.raises(RewindError, match="got bool"):
+        guard.step(True)
+    assert_same(before, full_state(m, o))
+    assert len(guard.log) == 0 and guard.steps == 0 and len(rw) == 0
+    assert guard.step(torch.ones(1, 1))  # a one-element tensor is fine
+
+
+def test_history_needed_beyond_capacity():
+    m, o, rw = tiny(capacity=2)
+    with pytest.raises(RewindError, match=r"rollback=3 needs a history of 3 steps, but the Rewind has capacity=2"):
+        SpikeGuard(rw, rollback=3)
+    assert SpikeGuard(rw, rollback=2).rollback == 2
+
+
+@pytest.mark.parametrize("cls", [NonFiniteGuard, LineSearch, BoldDriver])
+@pytest.mark.parametrize("arg", ["optimizer", "model", None])
+def test_first_argument_not_a_rewind(cls, arg):
+    m, o, rw = tiny()
+    bad = {"optimizer": o, "model": m, None: None}[arg]
+    with pytest.raises(RewindError, match="needs a torchrewind.Rewind as its first argument"):
+        cls(bad)
+
+
+BAD_SETTINGS = [
+    (NonFiniteGuard, dict(max_consecutive=0), "max_consecutive must be an int >= 1"),
+    (NonFiniteGuard, dict(max_consecutive=2.5), "max_consecutive must be an int >= 1"),
+    (SpikeGuard, dict(lr_factor=1.5), "lr_factor must be a number in"),
+    (SpikeGuard, dict(lr_factor=0.0), "lr_factor must be a number in"),
+    (SpikeGuard, dict(lr_factor=-0.5), "lr_factor must be a number in"),
+    (SpikeGuard, dict(min_lr_factor=2.0), "min_lr_factor must be a number in"),
+    (SpikeGuard, dict(skip_batches=-1), "skip_batches must be an int >= 0"),
+    (SpikeGuard, dict(skip_batches=1.5), "skip_batches must be an int >= 0"),
+    (SpikeGuard, dict(cooldown=-1), "cooldown must be an int >= 0"),
+    (SpikeGuard, dict(ramp=-2), "ramp must be an int >= 0"),
+    (SpikeGuard, dict(budget_window=-1), "budget_window must be an int >= 0"),
+    (SpikeGuard, dict(max_rollbacks=0), "max_rollbacks must be an int >= 1"),
+    (SpikeGuard, dict(rollback=0), "rollback must be an int >= 1"),
+    (SpikeGuard, dict(rollback=True), "rollback must be an int >= 1"),
+    (SpikeGuard, dict(rollback=1.0), "rollback must be an int >= 1"),
+    (SpikeGuard, dict(max_consecutive=0), "max_consecutive must be an int >= 1"),
+    (LineSearch, dict(shrink=1.0), "shrink must be a number in"),
+    (LineSearch, dict(shrink=1.5), "shrink must be a number in"),
+    (LineSearch, dict(shrink=0.0), "shrink must be a number in"),
+    (LineSearch, dict(grow=0.9), "grow must be a number >= 1"),
+    (LineSearch, dict(max_tries=0), "max_tries must be an int >= 1"),
+    (LineSearch, dict(max_tries=2.0), "max_tries must be an int >= 1"),
+    (LineSearch, dict(c=0.0), "c must be a number in"),
+    (LineSearch, dict(c=1.0), "c must be a number in"),
+    (BoldDriver, dict(shrink=1.0), "shrink must be a number in"),
+    (BoldDriver, dict(grow=0.5), "grow must be a number >= 1"),
+    (BoldDriver, dict(max_tries=0), "max_tries must be an int >= 1"),
+    (BoldDriver, dict(tolerance=-0.1), "tolerance must be a number >= 0"),
+    (SpikeDetector, dict(window=2), "window must be an int >= 3"),
+    (SpikeDetector, dict(warmup=0), "warmup must be an int >= 1"),
+    (SpikeDetector, dict(window=10, warmup=11), r"warmup \(11\) cannot exceed window \(10\)"),
+    (SpikeDetector, dict(method="median"), "method must be 'mad' or 'ema'"),
+    (SpikeDetector, dict(threshold=0), "threshold must be > 0"),
+    (SpikeDetector, dict(threshold=math.nan), "threshold must be > 0"),
+    (SpikeDetector, dict(alpha=0.0), "alpha must be a number in"),
+    (SpikeDetector, dict(alpha=1.0), "alpha must be a number in"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,msg", BAD_SETTINGS, ids=[f"{c.__name__}-{k}" for c, k, _ in BAD_SETTINGS])
+def test_contradictory_settings(cls, kw, msg):
+    m, o, rw = tiny(capacity=2)
+    backprop(m, o)
+    o.step()
+    before = full_state(m, o)
+    with pytest.raises(RewindError, match=msg):
+        cls(**kw) if cls is SpikeDetector else cls(rw, **kw)
+    assert_same(before, full_state(m, o))
+    assert len(rw) == 1 and rw._recorder.objects == []  # a refused SpikeGuard tracks nothing
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: lr_max is not validated (a string gives ValueError, <= 0 is accepted)")
+@pytest.mark.parametrize("cls", [LineSearch, BoldDriver])
+@pytest.mark.parametrize("lr_max", ["max", -1.0, 0.0])
+def test_bad_lr_max(cls, lr_max):
+    m, o, rw = tiny()
+    with pytest.raises(RewindError, match="lr_max"):
+        cls(rw, lr_max=lr_max)
+
+
+def test_skippable_iterator():
+    it = SkippableIterator(iter(range(10)))
+    assert iter(it) is it
+    assert next(it) == 0
+    it.skip(2)
+    it.skip(1)
+    assert next(it) == 4 and (it.seen, it.skipped) == (2, 3)
+    it.skip(0)
+    assert list(it) == [5, 6, 7, 8, 9]
+    it = SkippableIterator(range(5))
+    it.skip(10)
+    assert list(it) == [] and it.skipped == 5
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(RewindError, match="skip\\(n\\) takes an int >= 0"):
+            it.skip(bad)
+
+
+# =============================================================================================== Trajectory
+
+EVENTS = [
+    Event(0, 1, "accepted", 2.5, 2.25, (0.1, 0.025), "armijo: f1=2.25 vs f0+c*g.d=2.4", extra={"tries": 1}),
+    Event(1, 1, "rejected", 2.0, math.inf, (0.1,), 'quotes " and, commas\nand a newline', undone=1,
+          extra={"tries": 1}),  # fmt: skip
+    Event(2, 1, "skipped", math.nan, None, (0.05,), "non-finite loss (nan)"),
+    Event(3, 0, "rolled_back", -math.inf, None, (1e-3, 3e-300), "loss spike (z=12.0)", undone=1, skipped_batches=2,
+          extra={"grad_norm": 3.5, "lr_factor": 0.5}),  # fmt: skip
+    Event(4, 0, "exhausted", 1.0, 1.5, (), "", undone=1, extra={"tries": 10}),
+    Event(5, 1, "accepted", 0.1 + 0.2, math.nan, (1 / 3,), "ünïcödé ✓", extra={"nested": {"a": [1, 2.5]}}),
+]
+
+
+def _unnum(v):
+    """Undo the JSON/CSV encoding of non-finite floats ("nan", "inf", "-inf" strings)."""
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    return v
+
+
+def parse_csv(text: str) -> list[dict]:
+    def opt_float(s):
+        return None if s == "" else float(s)
+
+    out = []
+    for r in csv.DictReader(io.StringIO(text)):
+        out.append(
+            {
+                "iteration": int(r["iteration"]),
+                "step": int(r["step"]),
+                "kind": r["kind"],
+                "loss": opt_float(r["loss"]),
+                "loss_after": opt_float(r["loss_after"]),
+                "lrs": tuple(float(s) for s in r["lrs"].split()),
+                "reason": r["reason"],
+                "undone": int(r["undone"]),
+                "skipped_batches": int(r["skipped_batches"]),
+                "extra": {k: _unnum(v) for k, v in json.loads(r["extra"]).items()} if r["extra"] else {},
+            }
+        )
+    return out
+
+
+def _no_constants(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def parse_json(text: str) -> list[dict]:
+    rows = json.loads(text, parse_constant=_no_constants)  # strict JSON: no NaN/Infinity tokens
+    for r in rows:
+        r["loss"], r["loss_after"] = _unnum(r["loss"]), _unnum(r["loss_after"])
+        r["lrs"] = tuple(r["lrs"])
+        r["extra"] = {k: _unnum(v) for k, v in r["extra"].items()}
+    return rows
+
+
+def make_log(events) -> Trajectory:
+    log = Trajectory()
+    for e in events:
+        assert log.add(e) is e
+    return log
+
+
+def test_trajectory_csv_round_trip(tmp_path):
+    log = make_log(EVENTS)
+    text = log.to_csv(tmp_path / "run.csv")
+    assert (tmp_path / "run.csv").read_bytes().decode() == text  # csv's \r\n line ends, written as they are
+    assert values_equal(parse_csv(text), log.records())
+    with open(tmp_path / "run.csv", newline="") as f:
+        assert [r["kind"] for r in csv.DictReader(f)] == [e.kind for e in EVENTS]
+
+
+def test_trajectory_json_round_trip(tmp_path):
+    log = make_log(EVENTS)
+    text = log.to_json(tmp_path / "run.json")
+    assert (tmp_path / "run.json").read_text() == text
+    rows = parse_json(text)
+    assert values_equal(rows, log.records())
+    raw = json.loads(text)
+    assert (raw[1]["loss_after"], raw[2]["loss"], raw[3]["loss"], raw[5]["loss_after"]) == ("inf", "nan", "-inf", "nan")
+
+
+def test_trajectory_round_trips_a_real_policy_log(tmp_path):
+    data = make_data(24, SEARCH_FAULTS)
+    run = SearchRun(opt="sgd", lr=1.0)
+    ls = LineSearch(run.rw, max_tries=4)
+    run.train(ls, data)
+    assert values_equal(parse_csv(ls.log.to_csv()), ls.log.records())
+    assert values_equal(parse_json(ls.log.to_json()), ls.log.records())
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: to_json encodes non-finite floats only at the top level; NaN in extra "
+                   "(SpikeGuard's grad_norm) or inf in lrs becomes a bare NaN/Infinity token (invalid JSON)")
+def test_trajectory_json_is_strict_for_a_guard_log():
+    m, o, rw = tiny()
+    guard = SpikeGuard(rw)
+    guard.step(backprop(m, o, "inf_grad"))  # logs extra={"grad_norm": nan}
+    e = guard.log[-1]
+    assert e.kind == "skipped" and math.isnan(e.extra["grad_norm"])
+    assert values_equal(parse_json(guard.log.to_json()), guard.log.records())
+
+
+def test_trajectory_counts_and_container():
+    log = make_log(EVENTS)
+    c = log.counts()
+    assert list(c) == list(KINDS)
+    assert c == {"accepted": 2, "rejected": 1, "rolled_back": 1, "skipped": 1, "exhausted": 1}
+    assert Trajectory().counts() == dict.fromkeys(KINDS, 0)
+    assert len(log) == 6 and log[3] is EVENTS[3] and list(log) == EVENTS
+    assert log.records()[3]["lrs"] == (1e-3, 3e-300) and log.records()[0]["extra"] == {"tries": 1}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.builds(
+            Event,
+            iteration=st.integers(0, 10**6),
+            step=st.integers(0, 10**6),
+            kind=st.sampled_from(KINDS),
+            loss=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+            loss_after=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+            lrs=st.lists(st.floats(min_value=0, allow_infinity=False, allow_nan=False), max_size=3).map(tuple),
+            reason=st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),
+            undone=st.integers(0, 8),
+            skipped_batches=st.integers(0, 8),
+            extra=st.dictionaries(st.sampled_from(["tries", "grad_norm", "lr_factor"]),
+                                  st.integers(0, 9) | st.floats(allow_nan=False, allow_infinity=False)),  # fmt: skip
+        ),
+        max_size=6,
+    )
+)
+def test_trajectory_export_round_trip_property(events):
+    log = make_log(events)
+    assert values_equal(parse_csv(log.to_csv()), log.records())
+    assert values_equal(parse_json(log.to_json()), log.records())
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels found to put in legend")  # the empty log
+def test_trajectory_plot_writes_png(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, log in [("all_kinds", make_log(EVENTS)), ("empty", Trajectory())]:
+        path = tmp_path / f"{name}.png"
+        fig = log.plot(path, title=name)
+        plt.close(fig)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    fig, ax = plt.subplots()
+    assert make_log(EVENTS).plot(ax=ax) is fig  # drawing into a given axes, nothing saved
+    plt.close(fig)
