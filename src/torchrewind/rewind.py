@@ -104,10 +104,16 @@ class Rewind:
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._auto and not self._pending:
-            self.snapshot()
+        if self._auto:
+            self._record_for_step()
         self._pending = False
         self._timeline.step_started()
+
+    def _record_for_step(self) -> None:
+        """Make sure the next step can be undone: record now unless a snapshot was taken since the last step
+        (which stays the step's boundary). Policies call this before their steps, so they work with auto=False."""
+        if not self._pending:
+            self.snapshot()
 
     # ------------------------------------------------------------------ public API
     def snapshot(self) -> None:

@@ -35,8 +35,13 @@ class Event:
 
 
 def _num(v: Any) -> Any:
+    """JSON has no inf/nan: encode them as strings, at any depth."""
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no inf/nan
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _num(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_num(x) for x in v]
     return v
 
 
@@ -76,7 +81,7 @@ class Trajectory:
         return [asdict(e) for e in self.events]
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps([{k: _num(v) for k, v in r.items()} for r in self.records()], indent=1)
+        text = json.dumps(_num(self.records()), indent=1, allow_nan=False)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -88,11 +93,12 @@ class Trajectory:
         w.writeheader()
         for r in self.records():
             r["lrs"] = " ".join(repr(x) for x in r["lrs"])
-            r["extra"] = json.dumps({k: _num(v) for k, v in r["extra"].items()}) if r["extra"] else ""
+            r["extra"] = json.dumps(_num(r["extra"]), allow_nan=False) if r["extra"] else ""
             w.writerow(r)
         text = buf.getvalue()
         if path is not None:
-            Path(path).write_text(text)
+            with open(path, "w", newline="") as f:  # csv already wrote \r\n line ends
+                f.write(text)
         return text
 
     def plot(self, path: str | Path | None = None, *, ax: Any = None, title: str = "") -> Any:
@@ -139,7 +145,7 @@ class Trajectory:
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
             ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
-        else:
+        elif self.events:
             ax.legend(loc="upper right", fontsize=8)
         if title:
             ax.set_title(title)

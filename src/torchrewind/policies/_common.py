@@ -74,6 +74,14 @@ def check_rewind(rw: object, who: str, need: int = 1) -> Rewind:
     return rw
 
 
+def check_lr_max(value: object, who: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
+        raise RewindError(f"{who}: lr_max must be a positive finite number, 'initial' or None, got {value!r}.")
+    return float(value)
+
+
 def check_factor(name: str, value: float, lo: float, hi: float, who: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (lo < value < hi):
         raise RewindError(f"{who}: {name} must be a number in ({lo}, {hi}), got {value!r}.")

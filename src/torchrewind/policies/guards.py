@@ -66,9 +66,9 @@ class NonFiniteGuard:
 
     # -- pieces shared with SpikeGuard ---------------------------------------------------------------------
     def _begin(self, loss: Any) -> tuple[int, float, float | None]:
+        v = loss_value(loss, f"{type(self).__name__}.step(loss)")  # validate before counting the iteration
         it = self.iteration
         self.iteration += 1
-        v = loss_value(loss, f"{type(self).__name__}.step(loss)")
         gn = grad_norm(self.optimizer) if self._need_grad_norm() and math.isfinite(v) else None
         return it, v, gn
 
@@ -82,9 +82,14 @@ class NonFiniteGuard:
             return "non-finite gradient"
         return ""
 
-    def _skip(self, it: int, v: float, reason: str, extra: dict | None = None) -> bool:
+    def _fail(self, it: int, v: float, gn: float | None, reason: str, undone: int = 0) -> bool:
+        """A non-finite loss/gradient/parameter: skip (the step is not applied, or was just undone)."""
+        return self._skip(it, v, reason, {"grad_norm": gn} if gn is not None else None, undone)
+
+    def _skip(self, it: int, v: float, reason: str, extra: dict | None = None, undone: int = 0) -> bool:
         self.consecutive += 1
-        self.log.add(Event(it, self.steps, "skipped", v, None, lrs(self.optimizer), reason, extra=extra or {}))
+        self.log.add(Event(it, self.steps, "skipped", v, None, lrs(self.optimizer), reason, undone=undone,
+                           extra=extra or {}))  # fmt: skip
         if self.consecutive >= self.max_consecutive:
             recent = "\n".join(f"  iteration {e.iteration}: {e.kind} ({e.reason})" for e in self.log.events[-5:])
             raise RewindError(
@@ -97,13 +102,14 @@ class NonFiniteGuard:
     def _apply(self, it: int, v: float, closure: Callable[[], Any] | None, reason: str = "") -> bool:
         opt = self.optimizer
         used = lrs(opt)
+        self.rw._record_for_step()  # the step must be undoable even with Rewind(auto=False)
         if closure is not None:
             opt.step(closure)
         else:
             opt.step()
         if self.check_params and not _params_finite(opt):
             self.rw.undo()
-            return self._skip(it, v, "step made parameters non-finite: undone", {"undone": 1})
+            return self._fail(it, v, None, "step made parameters non-finite: undone", undone=1)
         self.consecutive = 0
         self.steps += 1
         self.log.add(Event(it, self.steps, "accepted", v, None, used, reason))
@@ -116,11 +122,16 @@ class NonFiniteGuard:
         it, v, gn = self._begin(loss)
         reason = self._nonfinite_reason(v, gn)
         if reason:
-            return self._skip(it, v, reason)
+            return self._fail(it, v, gn, reason)
         return self._apply(it, v, closure)
 
     def wrap(self, iterable: Iterable[T]) -> SkippableIterator[T]:
-        """Wrap a data iterable so the guard can skip batches (see SpikeGuard's ``skip_batches``)."""
+        """Wrap a data iterable so the guard can skip batches (SpikeGuard's ``skip_batches``; same loop for every guard).
+
+        Example::
+
+            for x, y in guard.wrap(loader): ...
+        """
         it = iterable if isinstance(iterable, SkippableIterator) else SkippableIterator(iterable)
         self._loader = it
         return it
@@ -233,7 +244,8 @@ class SpikeGuard(NonFiniteGuard):
     On a spike in the loss (or, with ``grad_norm=True``, in the global gradient norm) the step is not applied and:
 
     1. the last ``rollback`` steps are undone (default: the whole history, ``rewind.capacity``) — parameters,
-       optimizer state, schedulers, RNG and the detector's own statistics;
+       optimizer state, schedulers, RNG and the detector's own statistics (which forget the losses measured after
+       the restored point);
     2. the next ``skip_batches`` batches of the iterator returned by :meth:`wrap` are skipped (the batches of the
        undone steps are not replayed either, as in PaLM's recipe);
     3. every lr is multiplied by ``lr_factor`` for ``cooldown`` steps, then brought back linearly over ``ramp``
@@ -270,7 +282,8 @@ class SpikeGuard(NonFiniteGuard):
         check_params: bool = False,
         log: Trajectory | None = None,
     ) -> None:
-        k = rewind.capacity if rollback is None and isinstance(rewind, Rewind) else rollback
+        check_rewind(rewind, "SpikeGuard")
+        k = rewind.capacity if rollback is None else rollback
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise RewindError(f"SpikeGuard: rollback must be an int >= 1 (steps to undo), got {rollback!r}.")
         super().__init__(rewind, check_grads=True, check_params=check_params, max_consecutive=max_consecutive,
@@ -283,10 +296,10 @@ class SpikeGuard(NonFiniteGuard):
         self.rollback = k
         self.lr_factor = check_factor("lr_factor", lr_factor, 0.0, 1.0 + 1e-12, "SpikeGuard")
         self.min_lr_factor = check_factor("min_lr_factor", min_lr_factor, 0.0, 1.0 + 1e-12, "SpikeGuard")
-        for name, v in (("skip_batches", skip_batches), ("cooldown", cooldown), ("ramp", ramp),
-                        ("budget_window", budget_window)):  # fmt: skip
-            if not isinstance(v, int) or v < 0:
-                raise RewindError(f"SpikeGuard: {name} must be an int >= 0, got {v!r}.")
+        for name, v, lo in (("skip_batches", skip_batches, 0), ("cooldown", cooldown, 0), ("ramp", ramp, 0),
+                            ("budget_window", budget_window, 1)):  # fmt: skip
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise RewindError(f"SpikeGuard: {name} must be an int >= {lo}, got {v!r}.")
         if not isinstance(max_rollbacks, int) or max_rollbacks < 1:
             raise RewindError(f"SpikeGuard: max_rollbacks must be an int >= 1, got {max_rollbacks!r}.")
         self.skip_batches, self.cooldown, self.ramp = skip_batches, cooldown, ramp
@@ -305,13 +318,21 @@ class SpikeGuard(NonFiniteGuard):
     def _need_grad_norm(self) -> bool:
         return True
 
+    def _fail(self, it: int, v: float, gn: float | None, reason: str, undone: int = 0) -> bool:
+        # max_consecutive non-finite iterations in a row are treated as a spike: the parameters may be broken.
+        if self.consecutive + 1 >= self.max_consecutive:
+            return self._roll_back(it, v, gn, f"{reason}, {self.consecutive + 1} in a row", already_undone=undone)
+        return super()._fail(it, v, gn, reason, undone)
+
     @property
     def lr_scale(self) -> float:
         """The multiplier the next step's learning rates get (1.0 outside a cool-down)."""
         if self._cool_left > 0:
             return self._factor
-        if self._ramp_left > 0 and self.ramp > 0:
-            return self._factor + (1.0 - self._factor) * (1.0 - self._ramp_left / self.ramp)
+        if self._ramp_left > 0:
+            # ramp steps r = 1..ramp use factor + (1 - factor) * r / ramp: the last ramp step is at full lr
+            done = self.ramp - self._ramp_left + 1
+            return self._factor + (1.0 - self._factor) * done / self.ramp
         return 1.0
 
     def step(self, loss: torch.Tensor | float, closure: Callable[[], Any] | None = None) -> bool:
@@ -320,9 +341,7 @@ class SpikeGuard(NonFiniteGuard):
         it, v, gn = self._begin(loss)
         reason = self._nonfinite_reason(v, gn)
         if reason:
-            if self.consecutive + 1 >= self.max_consecutive:
-                return self._roll_back(it, v, gn, f"{reason}, {self.consecutive + 1} in a row")
-            return self._skip(it, v, reason, {"grad_norm": gn})
+            return self._fail(it, v, gn, reason)
         z = self.detector.score(v)
         if self.detector.is_spike(v):
             return self._roll_back(it, v, gn, f"loss spike (z={z:.1f})")
@@ -351,7 +370,7 @@ class SpikeGuard(NonFiniteGuard):
                 self._factor = 1.0
         return applied
 
-    def _roll_back(self, it: int, v: float, gn: float | None, reason: str) -> bool:
+    def _roll_back(self, it: int, v: float, gn: float | None, reason: str, already_undone: int = 0) -> bool:
         self._rollbacks.append(it)
         while self._rollbacks and self._rollbacks[0] <= it - self.budget_window:
             self._rollbacks.popleft()
@@ -374,7 +393,9 @@ class SpikeGuard(NonFiniteGuard):
         self.consecutive = 0
         self.rollbacks += 1
         self.steps = max(self.steps - n, 0)
-        self.log.add(Event(it, self.steps, "rolled_back", v, None, lrs(self.optimizer), reason, undone=n,
+        # undone counts every undo this decision made: the failed step itself (already_undone) and the roll-back
+        self.log.add(Event(it, self.steps, "rolled_back", v, None, lrs(self.optimizer), reason,
+                           undone=n + already_undone,
                            skipped_batches=skipped, extra={"grad_norm": gn, "lr_factor": self._factor}))  # fmt: skip
         return False
 

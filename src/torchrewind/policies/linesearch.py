@@ -18,7 +18,7 @@ import torch
 from ..errors import RewindError
 from ..rewind import Rewind
 from ..trajectory import Event, Trajectory
-from ._common import check_factor, check_rewind, loss_value, lrs, scale_lrs, set_lrs
+from ._common import check_factor, check_lr_max, check_rewind, loss_value, lrs, scale_lrs, set_lrs
 
 
 class _Backtracking:
@@ -33,11 +33,13 @@ class _Backtracking:
         shrink: float,
         grow: float,
         max_tries: int,
-        lr_max: float | None,
+        lr_max: float | None | str,
         same_rng: bool,
         log: Trajectory | None,
     ) -> None:
         self.rw = check_rewind(rewind, type(self).__name__)
+        if lr_max == "initial":
+            lr_max = max(lrs(self.rw.optimizer))
         self.shrink = check_factor("shrink", shrink, 0.0, 1.0, type(self).__name__)
         if not isinstance(grow, (int, float)) or grow < 1.0:
             raise RewindError(f"{type(self).__name__}: grow must be a number >= 1, got {grow!r}.")
@@ -46,9 +48,7 @@ class _Backtracking:
         self.grow = float(grow)
         self.max_tries = max_tries
         self.optimizer = self.rw.optimizer
-        base = lrs(self.optimizer)
-        self.lr_max = None if lr_max is None else float(lr_max)
-        self._cap = None if lr_max is None else max(base)  # caps are relative to the largest group lr
+        self.lr_max = check_lr_max(lr_max, type(self).__name__)  # cap on the largest group lr
         self.same_rng = same_rng
         self.log = log if log is not None else Trajectory()
         self.iteration = 0
@@ -99,12 +99,18 @@ class _Backtracking:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         theta0 = self._copy_params(params) if self._needs_direction() else None
         for tries in range(1, self.max_tries + 1):
+            self.rw._record_for_step()  # so this works with Rewind(auto=False) too
             opt.step()
-            gd = _directional(params, theta0) if theta0 is not None else 0.0
-            with torch.no_grad():
-                if rng_before is not None:
-                    _set_rng_state(rng_before)  # same dropout masks as the first evaluation
-                f1 = loss_value(loss_fn(), f"{type(self).__name__}: loss_fn()")
+            try:
+                gd = _directional(params, theta0) if theta0 is not None else 0.0
+                with torch.no_grad():
+                    if rng_before is not None:
+                        _set_rng_state(rng_before)  # same dropout masks as the first evaluation
+                    f1 = loss_value(loss_fn(), f"{type(self).__name__}: loss_fn()")
+            except BaseException:
+                self.rw.undo()  # an error while judging the trial: leave the state as before the step
+                raise
+            finally:
                 if rng_after is not None:
                     _set_rng_state(rng_after)
             self.forwards += 1
@@ -141,10 +147,12 @@ class _Backtracking:
         factor = self.grow
         if self.lr_max is not None:
             top = max(lrs(opt))
-            factor = min(factor, self.lr_max / top) if top > 0 else factor
-            if factor <= 1.0:
+            if top >= self.lr_max:
                 return
+            factor = min(factor, self.lr_max / top) if top > 0 else factor
         scale_lrs(opt, factor)
+        if self.lr_max is not None and max(lrs(opt)) > self.lr_max:  # lr * (cap / lr) can overshoot by an ulp
+            set_lrs(opt, [min(lr, self.lr_max) for lr in lrs(opt)])
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -167,6 +175,8 @@ class LineSearch(_Backtracking):
     ``lr_max``, by default the optimizer's initial lr), so it can recover — the SLS "reset" of Vaswani et al. (2019).
     If Δ is not a descent direction (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss did not
     increase". After ``max_tries`` failures the state is left as before the step and the lr as it started.
+    Trial evaluations call ``loss_fn`` again (with the first evaluation's RNG state, so dropout masks match); modules
+    in training mode such as BatchNorm update their running statistics at each call, as for any extra forward.
 
     Example::
 
@@ -187,9 +197,7 @@ class LineSearch(_Backtracking):
         same_rng: bool = True,
         log: Trajectory | None = None,
     ) -> None:
-        if lr_max == "initial":
-            lr_max = max(lrs(rewind.optimizer)) if isinstance(rewind, Rewind) else None
-        super().__init__(rewind, shrink=shrink, grow=grow, max_tries=max_tries, lr_max=lr_max,  # type: ignore[arg-type]
+        super().__init__(rewind, shrink=shrink, grow=grow, max_tries=max_tries, lr_max=lr_max,
                          same_rng=same_rng, log=log)  # fmt: skip
         self.c = check_factor("c", c, 0.0, 1.0, "LineSearch")
 
@@ -222,7 +230,7 @@ class BoldDriver(_Backtracking):
         shrink: float = 0.5,
         tolerance: float = 0.0,
         max_tries: int = 10,
-        lr_max: float | None = None,
+        lr_max: float | None | str = None,
         same_rng: bool = True,
         log: Trajectory | None = None,
     ) -> None:
