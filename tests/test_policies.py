@@ -921,7 +921,12 @@ def test_spike_guard_factor_compounds_and_is_floored():
     guard.step(100.0)
     assert guard.lr_scale == 0.1
     backprop(m, o)
-    guard.step(100.0)  # a second spike during the cool-down: 0.1 * 0.1 = 0.01, floored at 0.02
+    guard.step(100.0)  # a spike right after the first, no step between (a burst of bad batches): no compounding
+    assert guard.log[-1].extra["lr_factor"] == 0.1 and guard.lr_scale == 0.1
+    backprop(m, o)
+    assert guard.step(quiet(0)) is True  # a step at the reduced lr ...
+    backprop(m, o)
+    guard.step(100.0)  # ... then a spike: the lr is still too high, 0.1 * 0.1 = 0.01, floored at 0.02
     assert guard.log[-1].extra["lr_factor"] == 0.02 and guard.lr_scale == 0.02
     for i in range(7):  # 5 cool-down steps, then 2 into the ramp
         backprop(m, o)
@@ -1492,9 +1497,9 @@ def test_trajectory_round_trips_a_real_policy_log(tmp_path):
 def test_trajectory_json_is_strict_for_a_guard_log():
     m, o, rw = tiny()
     guard = SpikeGuard(rw)
-    guard.step(backprop(m, o, "inf_grad"))  # logs extra={"grad_norm": nan}
+    guard.step(backprop(m, o, "inf_grad"))  # logs extra={"grad_norm": inf}
     e = guard.log[-1]
-    assert e.kind == "skipped" and math.isnan(e.extra["grad_norm"])
+    assert e.kind == "skipped" and e.extra["grad_norm"] == math.inf
     assert values_equal(parse_json(guard.log.to_json()), guard.log.records())
 
 

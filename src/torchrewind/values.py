@@ -32,6 +32,7 @@ _IMMUTABLE = (
     torch.memory_format,
     enum.Enum,
 )
+_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})  # exact types, for a cheap set lookup
 
 
 def _is_plain_dense(t: torch.Tensor) -> bool:
@@ -67,6 +68,8 @@ def copy_value(v: Any, reuse: Any = None) -> Any:
     if isinstance(v, torch.Tensor):
         return copy_tensor(v, reuse)
     tv = type(v)
+    if (tv is list or tv is tuple) and all(type(x) in _SCALARS for x in v):
+        return v.copy() if tv is list else v  # fast path for lists of numbers (e.g. a detector's window)
     if tv is list:
         r = reuse if type(reuse) is list and len(reuse) == len(v) else None
         return [copy_value(x, r[i] if r is not None else None) for i, x in enumerate(v)]

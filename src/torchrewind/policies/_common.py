@@ -29,16 +29,19 @@ def grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def grad_norm(optimizer: torch.optim.Optimizer) -> float:
-    """Global L2 norm of all gradients (inf/nan if any is non-finite). One device sync."""
-    gs = [g.coalesce().values() if g.is_sparse else g for g in grads(optimizer)]
+    """Global L2 norm of all gradients (inf or nan if any gradient is non-finite). One sync per device."""
+    gs = grads(optimizer)
     if not gs:
         return 0.0
+    if any(g.is_sparse for g in gs):
+        gs = [g.coalesce().values() if g.is_sparse else g for g in gs]
     norms = torch._foreach_norm(gs, 2, dtype=torch.float32)  # fp16/bf16 grads would overflow in their dtype
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for n in norms:
-        by_device.setdefault(n.device, []).append(n.double())
-    total = sum(float(torch.stack(v).square().sum().item()) for v in by_device.values())
-    return math.sqrt(total) if math.isfinite(total) else float("nan")
+        by_device.setdefault(n.device, []).append(n)
+    # the norm of the per-tensor norms, accumulated in float64: float32 squares of norms near 1e20 would overflow
+    per_device = [torch.linalg.vector_norm(torch.stack(v), dtype=torch.float64) for v in by_device.values()]
+    return math.hypot(*(float(n) for n in per_device))
 
 
 def lrs(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:

@@ -177,14 +177,17 @@ class SpikeDetector:
         self.count = 0
         self.mean = 0.0
         self.var = 0.0
+        self._cached: tuple[float, float] | None = None
 
     def centre_and_scale(self) -> tuple[float, float]:
-        if self.method == "ema":
-            return self.mean, math.sqrt(self.var)
-        xs = sorted(self.values)
-        med = _median(xs)
-        mad = _median(sorted(abs(x - med) for x in xs))
-        return med, 1.4826 * mad
+        if self._cached is None:  # cached until the next update/load: a guard asks several times per step
+            if self.method == "ema":
+                self._cached = self.mean, math.sqrt(self.var)
+            else:
+                xs = sorted(self.values)
+                med = _median(xs)
+                self._cached = med, 1.4826 * _median(sorted(abs(x - med) for x in xs))
+        return self._cached
 
     def score(self, x: float) -> float:
         """The z-score of ``x`` (0 during warm-up)."""
@@ -206,6 +209,7 @@ class SpikeDetector:
     def update(self, x: float) -> None:
         if not math.isfinite(x):
             return
+        self._cached = None
         self.values.append(x)
         if self.count == 0:
             self.mean, self.var = x, 0.0
@@ -221,6 +225,7 @@ class SpikeDetector:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.values = deque(sd["values"], maxlen=self.window)
         self.count, self.mean, self.var = sd["count"], sd["mean"], sd["var"]
+        self._cached = None
 
 
 class _Detectors:
@@ -249,7 +254,9 @@ class SpikeGuard(NonFiniteGuard):
     2. the next ``skip_batches`` batches of the iterator returned by :meth:`wrap` are skipped (the batches of the
        undone steps are not replayed either, as in PaLM's recipe);
     3. every lr is multiplied by ``lr_factor`` for ``cooldown`` steps, then brought back linearly over ``ramp``
-       steps (on top of any LR scheduler: the factor is applied to the step only);
+       steps (on top of any LR scheduler: the factor is applied to the step only). A spike after a step was taken
+       at the reduced lr multiplies the factor again (down to ``min_lr_factor``); spikes back to back, with no step
+       between them (a burst of bad batches), do not;
     4. the decision is logged. More than ``max_rollbacks`` roll-backs within ``budget_window`` iterations raise
        :class:`RewindError`.
 
@@ -274,10 +281,10 @@ class SpikeGuard(NonFiniteGuard):
         skip_batches: int = 0,
         lr_factor: float = 0.5,
         min_lr_factor: float = 1e-3,
-        cooldown: int = 50,
-        ramp: int = 50,
-        max_rollbacks: int = 5,
-        budget_window: int = 500,
+        cooldown: int = 10,
+        ramp: int = 10,
+        max_rollbacks: int = 20,
+        budget_window: int = 200,
         max_consecutive: int = 3,
         check_params: bool = False,
         log: Trajectory | None = None,
@@ -311,6 +318,7 @@ class SpikeGuard(NonFiniteGuard):
         self._factor = 1.0  # lr multiplier set by the last spike
         self._cool_left = 0
         self._ramp_left = 0
+        self._tried = False  # whether a step was applied at the reduced lr since the last roll-back
         self._rollbacks: deque[int] = deque()
         self.rollbacks = 0
         self.rw.track(_Detectors(self.detector, self.grad_detector))
@@ -362,6 +370,7 @@ class SpikeGuard(NonFiniteGuard):
         finally:
             set_lrs(self.optimizer, base)
         if applied:
+            self._tried = True
             if self._cool_left > 0:
                 self._cool_left -= 1
             elif self._ramp_left > 0:
@@ -388,7 +397,11 @@ class SpikeGuard(NonFiniteGuard):
         if self.skip_batches and self._loader is not None:
             self._loader.skip(self.skip_batches)
             skipped = self.skip_batches
-        self._factor = max(self.lr_scale * self.lr_factor, self.min_lr_factor)
+        # Compound the factor only when a step at the reduced lr was taken and training spiked again (the lr is
+        # still too high); back-to-back spikes with no step between them (a burst of bad batches) say nothing new.
+        if self._tried or self.lr_scale == 1.0:
+            self._factor = max(self.lr_scale * self.lr_factor, self.min_lr_factor)
+        self._tried = False
         self._cool_left, self._ramp_left = self.cooldown, self.ramp
         self.consecutive = 0
         self.rollbacks += 1
