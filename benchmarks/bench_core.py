@@ -14,7 +14,8 @@ hits them alike); each timed region is preceded by ``gc.collect()``. Times are r
 The targets are printed as PASS/FAIL and stored in the JSON; nothing here asserts on a timing, and the exit
 status is 0 whatever the numbers.
 
-Targets (judged on the best-of ratio, the one least disturbed by other processes; medians are shown too):
+Targets (judged on the median over rounds of the ratio measured within one round, so a slow drift of the machine or
+one lucky sample does not decide; best / best is shown too):
   * snapshot <= 1.3x bound and restore <= 1.3x bound, on both models, where *bound* is one ``copy_`` of an int64
     tensor as large as the training state (params + Adam exp_avg + exp_avg_sq + step, arena ``used`` bytes);
   * torchrewind round trip (snapshot + restore) >= 10x faster than the deepcopy/load_state_dict recipe on the
@@ -409,17 +410,17 @@ def core_table(rows: list[dict[str, Any]]) -> str:
             b, m = T[key]["best_ms"], T[key]["median_ms"]
             s = f"{fmt_ms(b)} ({fmt_ms(m)})"
             if rk:
-                rb, rm = R["best_ms"][rk], R["median_ms"][rk]
-                s += f" **{rb:.2f}x** ({rm:.2f}x)"
+                pm = r["paired_median_ratio_to_bound"][key]
+                s += f" **{pm:.2f}x** (best/best {R['best_ms'][rk]:.2f}x)"
                 if target is not None:
-                    s += " " + verdict(rb <= target)
+                    s += " " + verdict(pm <= target)
             return s
 
         sp_b = R["best_ms"]["round_trip_speedup_vs_seed"]
         sp_m = R["median_ms"]["round_trip_speedup_vs_seed"]
-        sp = f"**{sp_b:.1f}x** ({sp_m:.1f}x)"
+        sp = f"**{sp_m:.1f}x** (best/best {sp_b:.1f}x)"
         if r["model"] == "many small tensors":
-            sp += " " + verdict(sp_b >= ROUND_TRIP_TARGET)
+            sp += " " + verdict(sp_m >= ROUND_TRIP_TARGET)
         seed = " / ".join(fmt_ms(T[k]["median_ms"]) for k in ("seed_snapshot", "seed_restore", "seed_round_trip"))
         fe = " / ".join(fmt_ms(T[k]["median_ms"]) for k in ("foreach_snapshot", "foreach_restore"))
         lines.append(
@@ -504,25 +505,28 @@ def main(argv: list[str] | None = None) -> int:
     targets = []
     for r in core:
         for key, what in (("snapshot_vs_bound", "snapshot"), ("restore_vs_bound", "restore")):
-            v = r["ratios"]["best_ms"][key]
+            v = r["paired_median_ratio_to_bound"][what]
             targets.append({
                 "target": f"{what} <= {SNAP_TARGET}x bound ({r['model']})",
                 "value": v,
-                "median_value": r["ratios"]["median_ms"][key],
+                "best_over_best": r["ratios"]["best_ms"][key],
                 "pass": v <= SNAP_TARGET,
             })  # fmt: skip
     for r in core:
         if r["model"] == "many small tensors":
-            v = r["ratios"]["best_ms"]["round_trip_speedup_vs_seed"]
+            v = r["ratios"]["median_ms"]["round_trip_speedup_vs_seed"]
             targets.append({
                 "target": f"round trip >= {ROUND_TRIP_TARGET:g}x faster than seed recipe ({r['model']})",
                 "value": v,
-                "median_value": r["ratios"]["median_ms"]["round_trip_speedup_vs_seed"],
+                "best_over_best": r["ratios"]["best_ms"]["round_trip_speedup_vs_seed"],
                 "pass": v >= ROUND_TRIP_TARGET,
             })  # fmt: skip
 
     print()
-    print("## Snapshot / restore (ms: best of %d (median); ratios to the bound: **best** (median))" % repeats)
+    print(
+        "## Snapshot / restore (ms: best of %d (median); ratios to the bound: **median of the per-round ratios** "
+        "(best / best))" % repeats
+    )
     print()
     print(core_table(core))
     print()
@@ -541,10 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(train_table(train))
     print()
-    print("## Targets (judged on best-of ratios; median ratio in brackets)")
+    print("## Targets (judged on the median of per-round ratios; best / best in brackets)")
     print()
     for tg in targets:
-        print(f"- {verdict(tg['pass'])}: {tg['target']}: {tg['value']:.2f}x ({tg['median_value']:.2f}x)")
+        print(f"- {verdict(tg['pass'])}: {tg['target']}: {tg['value']:.2f}x ({tg['best_over_best']:.2f}x)")
     elapsed = perf() - t_start
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()

@@ -633,8 +633,8 @@ def linesearch_section(
     ]
     if not quick:  # non-default settings, for the discussion of the defaults
         configs += [
-            (f"SGD + LineSearch(c=1e-4), lr {LS_SGD_LR:g}", "linesearch", "sgd", LS_SGD_LR, {"c": 1e-4}),
-            (f"Adam + LineSearch(c=1e-4), lr {LS_ADAM_LR:g}", "linesearch", "adam", LS_ADAM_LR, {"c": 1e-4}),
+            (f"SGD + LineSearch(c=0.1, as SLS), lr {LS_SGD_LR:g}", "linesearch", "sgd", LS_SGD_LR, {"c": 0.1}),
+            (f"Adam + LineSearch(c=0.1, as SLS), lr {LS_ADAM_LR:g}", "linesearch", "adam", LS_ADAM_LR, {"c": 0.1}),
             (f"Adam + LineSearch(max_tries=2), lr {LS_ADAM_LR:g}", "linesearch", "adam", LS_ADAM_LR,
              {"max_tries": 2}),
         ]  # fmt: skip

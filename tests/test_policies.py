@@ -467,8 +467,9 @@ SEARCH_FAULTS = {4: "nan_loss", 9: "poison", 14: "poison", 18: "inf_loss"}
 
 SEARCHES = {
     # name: (optimizer, lr, policy class, kwargs, accept, lr_max used by the replay)
-    "linesearch-sgd": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(0.1), 1.0),
-    "linesearch-sgd-nocap": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, lr_max=None), armijo(0.1), None),
+    "linesearch-sgd": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(1e-4), 1.0),
+    "linesearch-sgd-c0.1": ("sgd", 1.0, LineSearch, dict(max_tries=4, c=0.1), armijo(0.1), 1.0),
+    "linesearch-sgd-nocap": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, lr_max=None), armijo(1e-4), None),
     "linesearch-adam": ("adam", 0.05, LineSearch, dict(max_tries=4, c=0.3, shrink=0.3), armijo(0.3), 0.05),
     "bolddriver-sgd": ("sgd", 0.5, BoldDriver, dict(max_tries=4), bold(0.0), None),
     "bolddriver-adam-tol": ("adam", 0.02, BoldDriver, dict(max_tries=3, tolerance=1e-4, grow=1.2), bold(1e-4), None),

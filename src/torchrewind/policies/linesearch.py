@@ -175,7 +175,8 @@ class LineSearch(_Backtracking):
     ``lr_max``, by default the optimizer's initial lr), so it can recover — the SLS "reset" of Vaswani et al. (2019).
     If Δ is not a descent direction (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss did not
     increase". After ``max_tries`` failures the state is left as before the step and the lr as it started.
-    Trial evaluations call ``loss_fn`` again (with the first evaluation's RNG state, so dropout masks match); modules
+    ``c`` defaults to the textbook 1e-4 (Nocedal & Wright): on the digits benchmark it beat SLS's c=0.1 with both
+    SGD and Adam. Trial evaluations call ``loss_fn`` again (with the first evaluation's RNG state, so dropout masks match); modules
     in training mode such as BatchNorm update their running statistics at each call, as for any extra forward.
 
     Example::
@@ -189,7 +190,7 @@ class LineSearch(_Backtracking):
         self,
         rewind: Rewind,
         *,
-        c: float = 0.1,
+        c: float = 1e-4,
         shrink: float = 0.5,
         grow: float = 1.1,
         max_tries: int = 10,
