@@ -126,3 +126,29 @@ def test_mixed_devices_one_arena_each():
     after["rng"] = before["rng"]
     assert_same(before, after)
     assert all(w.device.type == k[0].type for s in rw._slots for k, w in s.words.items())
+
+
+@pytest.mark.parametrize("redo", [True, False])
+def test_overlap_side_stream_matches_blocking(redo):
+    """overlap=True on CUDA: the side-stream copy of the next undo point gives the same history as blocking."""
+    runs = []
+    for overlap in (False, True):
+        m = _model()
+        o = torch.optim.Adam(m.parameters(), lr=1e-2, fused=True)
+        runs.append((m, o, Rewind(m, o, capacity=2, redo=redo, overlap=overlap)))
+    torch.manual_seed(1)
+    cuda_rng = torch.cuda.get_rng_state()
+    states = []
+    for m, o, rw in runs:
+        torch.cuda.set_rng_state(cuda_rng)
+        g = torch.Generator(device="cuda").manual_seed(3)
+        for k in range(4):
+            x = torch.randn(16, 32, device="cuda", generator=g)
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+            if k == 2:
+                rw.undo()
+        rw.undo(2)
+        states.append(full_state(m, o))
+    assert_same(states[0], states[1])

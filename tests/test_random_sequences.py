@@ -248,6 +248,7 @@ class Run:
             redo=cfg["redo"],
             auto=cfg["auto"],
             verify=cfg["verify"],
+            overlap=cfg.get("overlap", False),
         )
         self.m = TimelineModel(cfg["capacity"], cfg["redo"], cfg["auto"], cfg["grads"])
         self.m.live_grads = grads_of(self.net)
@@ -434,6 +435,7 @@ configs = st.fixed_dictionaries(
         "auto": st.booleans(),
         "grads": st.booleans(),
         "verify": st.booleans(),
+        "overlap": st.booleans(),
         "seed": st.integers(0, 2**16),
     }
 )
@@ -468,7 +470,7 @@ def _one_thread():
 
 
 BASE = {"opt": "adam", "sched": "chain", "capacity": 2, "seed": 0}
-BASE.update(redo=True, auto=True, grads=False, verify=False)
+BASE.update(redo=True, auto=True, grads=False, verify=False, overlap=False)
 
 
 @SETTINGS

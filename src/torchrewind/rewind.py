@@ -10,6 +10,7 @@ import torch
 
 from .errors import RewindError
 from .history import Timeline
+from .overlap import BackgroundCopy
 from .rng import RNGState
 from .snapshot import Recorder, Slot
 from .tracker import Tracker, iter_modules
@@ -49,6 +50,12 @@ class Rewind:
         verify: re-scan every tracked tensor at each snapshot instead of the O(1) change check (slower; only
             needed if you replace optimizer-state tensors by hand while keeping references to the old ones).
         generators: extra ``torch.Generator`` objects to restore (e.g. a DataLoader's).
+        overlap: copy parameters and optimizer state for the next undo point in the background, from the end of
+            one ``optimizer.step()`` to the start of the next (a worker thread on CPU, a side stream on CUDA), so
+            the copy overlaps forward and backward; buffers, ``param_groups``, RNG and the rest are still recorded
+            just before the step. Requires that between steps nothing but forward/backward touches parameters or
+            optimizer state in place (no weight clamping or manual edits after ``step()``; do those before it).
+            Costs one extra snapshot buffer (the copy's target until it is complete).
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class Rewind:
         max_bytes: int | None = None,
         verify: bool = False,
         generators: Sequence[torch.Generator] = (),
+        overlap: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise RewindError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
@@ -89,6 +97,7 @@ class Rewind:
         self._auto = auto
         self._grads = grads
         self._timeline = Timeline(capacity, redo)
+        self._overlap = bool(overlap)
         self._slots = [Slot() for _ in range(self._timeline.nslots)]
         self._pending = False  # a snapshot was taken since the last step: the pre-step hook need not take one
         self._tracker = Tracker(modules, optimizer, verify=verify, budget=self._check_budget)
@@ -101,6 +110,10 @@ class Rewind:
             grads,
         )
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
+        self._bg = BackgroundCopy() if overlap else None
+        self._bg_job: tuple[int, int] | None = None  # (point being copied, tracker generation at the start)
+        self._staging = Slot() if overlap else None  # the background copy's target: ring slots stay intact
+        self._post_hook = optimizer.register_step_post_hook(self._post_step) if overlap else None
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -108,6 +121,42 @@ class Rewind:
             self._record_for_step()
         self._pending = False
         self._timeline.step_started()
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # overlap=True: start copying the state the next step will be undone to into the staging slot; the
+        # snapshot is completed (and swapped into the ring) just before the next step, or by an undo.
+        if not self._auto or self._bg_job is not None:
+            return
+        try:
+            self._tracker.ensure()  # e.g. bind the optimizer state the first step created
+        except RewindError:
+            return  # reported by the next snapshot, not by the step that already happened
+        self._recorder.prepare(self._staging)
+        self._bg.start(self._recorder.arena_pairs(self._staging))
+        self._bg_job = (self._timeline.cur + 1, self._tracker.generation)  # the live point: not clean after a step
+
+    def _settle(self) -> None:
+        """Wait for a background copy and drop it (before anything else reads or writes the arenas)."""
+        if self._bg_job is not None:
+            self._bg_job = None
+            self._bg.finish()
+
+    def _complete_background(self, point: int) -> bool:
+        """Finish the background copy as the record of the live state as ``point`` and swap it into the ring.
+        False (copy dropped) if the live state is no longer the one the copy started from."""
+        started, generation = self._bg_job
+        self._settle()
+        if started != point or self._timeline.clean:
+            return False
+        self._tracker.ensure()
+        if self._tracker.generation != generation:
+            return False  # tensors moved since the copy started
+        slot = self._staging
+        self._recorder.refresh_buffers(slot)  # forward changed them after the copy started
+        self._recorder.capture_rest(slot)
+        i = self._timeline.slot(point)
+        self._slots[i], self._staging = slot, self._slots[i]  # the evicted ring buffer becomes the staging one
+        return True
 
     def _record_for_step(self) -> None:
         """Make sure the next step can be undone: record now unless a snapshot was taken since the last step
@@ -127,6 +176,10 @@ class Rewind:
         """
         tl = self._timeline
         point = tl.cur if (tl.clean and tl.cur >= 0) else tl.cur + 1
+        if self._bg_job is not None and self._complete_background(point):
+            tl.record()
+            self._pending = True
+            return
         slot = self._slots[tl.slot(point)]
         self._tracker.ensure()
         self._recorder.prepare(slot)
@@ -224,8 +277,13 @@ class Rewind:
         self._tracker.sync()
 
     def close(self) -> None:
-        """Stop recording (removes the step hook). Tensors stay where they are and keep their values."""
+        """Stop recording (removes the step hooks). Tensors stay where they are and keep their values."""
         self._hook.remove()
+        if self._post_hook is not None:
+            self._post_hook.remove()
+        if self._bg is not None:
+            self._settle()
+            self._bg.close()
 
     def __len__(self) -> int:
         """How many steps can be undone now."""
@@ -243,7 +301,7 @@ class Rewind:
     @property
     def nbytes(self) -> int:
         """Bytes of history held (snapshot buffers), on top of the live training state."""
-        return sum(s.nbytes for s in self._slots)
+        return sum(s.nbytes for s in self._slots) + (self._staging.nbytes if self._staging is not None else 0)
 
     def __repr__(self) -> str:
         return (
@@ -255,12 +313,14 @@ class Rewind:
     def _move(self, recorded: int | None, target: int) -> None:
         """Record the live state as point ``recorded`` (if not None), then restore point ``target``."""
         tl = self._timeline
-        if recorded is not None:
+        copied = self._bg_job is not None and recorded is not None and self._complete_background(recorded)
+        self._settle()
+        if recorded is not None and not copied:
             slot = self._slots[tl.slot(recorded)]
             self._tracker.ensure()
             self._recorder.prepare(slot)
         try:
-            if recorded is not None:
+            if recorded is not None and not copied:
                 self._recorder.capture(slot)
             self._recorder.restore(self._slots[tl.slot(target)])
         except BaseException:
@@ -284,11 +344,12 @@ class Rewind:
             return
         live = sum(a.used for a in self._tracker.arenas.values()) if hasattr(self, "_tracker") else 0
         per_slot = live + sum(extra.values())
-        need = per_slot * self._timeline.nslots
+        nslots = self._timeline.nslots + self._overlap  # overlap: one more buffer for the background copy
+        need = per_slot * nslots
         if need > self.max_bytes:
-            fit = self.max_bytes // per_slot - (self._timeline.nslots - self.capacity) if per_slot else 0
+            fit = self.max_bytes // per_slot - (nslots - self.capacity) if per_slot else 0
             raise RewindError(
-                f"history would need {need:,} bytes ({self._timeline.nslots} snapshots x {per_slot:,} bytes), over "
+                f"history would need {need:,} bytes ({nslots} snapshots x {per_slot:,} bytes), over "
                 f"max_bytes={self.max_bytes:,}. Lower capacity (at most {max(fit, 0)} fits"
                 + (", or pass redo=False to save one snapshot" if self._timeline.nslots > self.capacity else "")
                 + ") or raise max_bytes."

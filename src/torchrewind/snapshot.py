@@ -78,10 +78,28 @@ class Recorder:
                 slot.views[k] = w[:n]
 
     def capture(self, slot: Slot) -> None:
-        tr = self.tracker
-        for k, a in tr.arenas.items():
-            slot.views[k].copy_(a.words(), non_blocking=True)
+        for dst, src in self.arena_pairs(slot):
+            dst.copy_(src, non_blocking=True)
+        self.capture_rest(slot)
+
+    def arena_pairs(self, slot: Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(slot buffer, arena words) for every arena: the bulk of a capture (one copy each). Call prepare first."""
+        pairs = []
+        for k, a in self.tracker.arenas.items():
+            pairs.append((slot.views[k], a.words()))
             slot.used[k] = a.used
+        return pairs
+
+    def refresh_buffers(self, slot: Slot) -> None:
+        """Re-copy the arena bytes of module buffers (which forward may have changed since :meth:`arena_pairs`
+        was copied in the background)."""
+        tr = self.tracker
+        for k, lo, hi in tr.buffer_ranges():
+            slot.views[k][lo:hi].copy_(tr.arenas[k].words()[lo:hi], non_blocking=True)
+
+    def capture_rest(self, slot: Slot) -> None:
+        """Everything but the arenas: loose tensors, Python values, param_groups, user objects, scaler, RNG."""
+        tr = self.tracker
         s = tr.structure
         old_pinned = slot.pinned
         pinned = {key: copy_tensor(p, old_pinned.get(key)) for key, p in tr.pinned_params}

@@ -123,6 +123,8 @@ class Tracker:
         self.pinned_params: list[tuple[Any, torch.Tensor]] = []
         self.structure: Structure | None = None
         self._fingerprint: tuple = ()
+        self.generation = 0  # bumped by every sync(): arenas and positions may have changed
+        self._buffer_ranges: tuple[Structure | None, list] = (None, [])
         self.sync()
 
     # ------------------------------------------------------------------ discovery
@@ -192,6 +194,29 @@ class Tracker:
     def ensure(self) -> None:
         if not self.fast_ok():
             self.sync()
+
+    def buffer_ranges(self) -> list[tuple[tuple, int, int]]:
+        """(arena key, first word, end word) of the module buffers living in arenas, adjacent ones merged."""
+        s = self.structure
+        if self._buffer_ranges[0] is not s:
+            key_of = {id(a): k for k, a in self.arenas.items()}
+            spans = sorted(
+                (
+                    (key_of[id(ref.arena)], ref.offset // 8, (ref.offset + ref.nbytes + 7) // 8)
+                    for c, items in s.containers
+                    for name, kind, ref, key in items
+                    if kind == ARENA and key[0] == "buffer"
+                ),
+                key=lambda x: (str(x[0][0]), x[0][1], x[1]),
+            )
+            merged: list[list] = []
+            for k, lo, hi in spans:
+                if merged and merged[-1][0] == k and lo <= merged[-1][2]:
+                    merged[-1][2] = max(merged[-1][2], hi)
+                else:
+                    merged.append([k, lo, hi])
+            self._buffer_ranges = (s, [tuple(m) for m in merged])
+        return self._buffer_ranges[1]
 
     # ------------------------------------------------------------------ sync
     _MAX_CHUNKS = 4  # past this many chunks on a device, new tensors grow the last chunk instead
@@ -289,6 +314,8 @@ class Tracker:
             self._budget(extra)
         target = {dev: self._open_arena(dev, n) for dev, n in extra.items()}
 
+        if moves or evict:
+            self.generation += 1  # tensors moved (and arenas may have been reallocated)
         with torch.no_grad():
             for old in evict:
                 old.set_(old.detach().clone(memory_format=torch.preserve_format))
