@@ -7,15 +7,18 @@ Example::
     optimizer.step(); rw.undo()        # bit-for-bit back to before the step
 """
 
+from .archive import HostArchive
 from .errors import RewindError
 from .policies import BoldDriver, LineSearch, NonFiniteGuard, SpikeDetector, SpikeGuard
 from .rewind import Rewind, Trial
 from .skipping import SkippableIterator
+from .tiers import Tiers
 from .trajectory import Event, Trajectory
 
 __all__ = [
     "BoldDriver",
     "Event",
+    "HostArchive",
     "LineSearch",
     "NonFiniteGuard",
     "Rewind",
@@ -23,6 +26,7 @@ __all__ = [
     "SkippableIterator",
     "SpikeDetector",
     "SpikeGuard",
+    "Tiers",
     "Trajectory",
     "Trial",
 ]

@@ -13,6 +13,7 @@ from .history import Timeline
 from .overlap import BackgroundCopy
 from .rng import RNGState
 from .snapshot import Recorder, Slot
+from .tiers import Tiers
 from .tracker import Tracker, iter_modules
 
 
@@ -74,9 +75,18 @@ class Rewind:
         verify: bool = False,
         generators: Sequence[torch.Generator] = (),
         overlap: bool = False,
+        tiers: Tiers | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise RewindError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if tiers is not None:
+            if not isinstance(tiers, Tiers):
+                raise RewindError(f"tiers must be a torchrewind.Tiers, got {type(tiers).__name__}.")
+            if capacity != 1 and capacity != tiers.device:
+                raise RewindError(
+                    f"capacity={capacity} and tiers.device={tiers.device} disagree; give the device tier's size once."
+                )
+            capacity = tiers.device
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise RewindError(f"capacity must be an int >= 1 (steps that can be undone), got {capacity!r}.")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
@@ -113,7 +123,11 @@ class Rewind:
         self._bg = BackgroundCopy() if overlap else None
         self._bg_job: tuple[int, int] | None = None  # (point being copied, tracker generation at the start)
         self._staging = Slot() if overlap else None  # the background copy's target: ring slots stay intact
-        self._post_hook = optimizer.register_step_post_hook(self._post_step) if overlap else None
+        self._post_hook = optimizer.register_step_post_hook(self._post_step)
+        self._step = 0  # optimizer steps taken by the live state (restored by undo/redo)
+        self.tiers = tiers or Tiers(device=capacity)
+        self._modules = modules
+        self._scaler = scaler
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -125,7 +139,8 @@ class Rewind:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # overlap=True: start copying the state the next step will be undone to into the staging slot; the
         # snapshot is completed (and swapped into the ring) just before the next step, or by an undo.
-        if not self._auto or self._bg_job is not None:
+        self._step += 1
+        if not self._overlap or not self._auto or self._bg_job is not None:
             return
         try:
             self._tracker.ensure()  # e.g. bind the optimizer state the first step created
@@ -154,6 +169,7 @@ class Rewind:
         slot = self._staging
         self._recorder.refresh_buffers(slot)  # forward changed them after the copy started
         self._recorder.capture_rest(slot)
+        slot.step = self._step
         i = self._timeline.slot(point)
         self._slots[i], self._staging = slot, self._slots[i]  # the evicted ring buffer becomes the staging one
         return True
@@ -179,6 +195,7 @@ class Rewind:
         if self._bg_job is not None and self._complete_background(point):
             tl.record()
             self._pending = True
+            self._to_lower_tiers(self._slots[tl.slot(point)])
             return
         slot = self._slots[tl.slot(point)]
         self._tracker.ensure()
@@ -188,8 +205,10 @@ class Rewind:
         except BaseException:
             self._forget(point)
             raise
+        slot.step = self._step
         tl.record()
         self._pending = True
+        self._to_lower_tiers(slot)
 
     def undo(self, n: int = 1) -> None:
         """Go back ``n`` steps: the state just before the ``n``-th last recorded step, bit for bit.
@@ -276,11 +295,117 @@ class Rewind:
         """Re-scan the model and optimizer now (automatic in nearly all cases; see ``verify``)."""
         self._tracker.sync()
 
+    def rollback_to(self, step: int) -> int:
+        """Restore the newest recorded state at or before optimizer step ``step`` (see :attr:`step`), from
+        whichever tier holds it (device ring, host archive, disk), and return the step it has.
+
+        A restore from the host or disk tier starts a fresh device history there (nothing to undo or redo).
+
+        Example::
+
+            if spiked:
+                got = rw.rollback_to(rw.step - 100)     # e.g. 96: the newest point kept at or before
+        """
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RewindError(f"rollback_to(step) takes an int, got {step!r}.")
+        self._settle()
+        if step >= self._step:
+            return self._step  # the live state already is the newest state at or before step
+        tl, host, disk = self._timeline, self.tiers.host, self.tiers.disk
+        ring = [(self._slots[tl.slot(p)].step, p) for p in range(max(tl.lo, 0), tl.hi + 1)]
+        ring = [(s, p) for s, p in ring if s <= step]
+        rec = host.latest_at_or_before(step) if host is not None else None
+        if disk is not None:
+            disk.wait()
+        on_disk = disk.latest_at_or_before(step) if disk is not None else None
+        best = max([s for s, _ in ring] + ([rec.step] if rec else []) + ([on_disk] if on_disk is not None else []),
+                   default=None)  # fmt: skip
+        if best is None:
+            have = {"device": sorted({self._slots[tl.slot(p)].step for p in range(max(tl.lo, 0), tl.hi + 1)})}
+            if host is not None:
+                have["host"] = host.steps()
+            if disk is not None:
+                have["disk"] = disk.steps()
+            raise RewindError(
+                f"rollback_to({step}): no recorded state at or before step {step}; steps held: {have}. Keep a deeper "
+                "history (Tiers(host=HostArchive(keep=...), disk=DiskCheckpoints(...)))."
+            )
+        if ring and max(ring)[0] == best:
+            self._goto(max(ring)[1])
+        elif rec is not None and rec.step == best:
+            devices = {k: a.device for k, a in self._tracker.arenas.items()}
+            self._recorder.restore(host.materialize(rec, devices))
+            self._restart_history(best)
+        else:
+            self._apply_tree(disk.load(best, self._state_tree()))
+            self._restart_history(best)
+        return best
+
+    def _restart_history(self, step: int) -> None:
+        """After a restore from a lower tier: a fresh device history that starts at the restored state."""
+        self._step = step
+        self._timeline = Timeline(self.capacity, self._timeline.redo_enabled)
+        self._pending = False
+        self.snapshot()
+
+    def _to_lower_tiers(self, slot: Slot) -> None:
+        """A point was recorded in the ring: copy it to the host and disk tiers when they want it."""
+        host, disk = self.tiers.host, self.tiers.disk
+        if host is not None:
+            host.drop_after(slot.step)  # records of an undone branch are no longer reachable
+            if host.due(slot.step) and (not host.records or host.records[-1].step != slot.step):
+                host.add(slot)
+        if disk is not None:
+            disk.discard_after(slot.step)
+            if disk.due(slot.step) and slot.step not in disk.steps():
+                disk.save(slot.step, self._state_tree())
+
+    def _state_tree(self) -> dict[str, Any]:
+        """The live state as plain state_dicts (what the disk tier writes and loads into)."""
+        rng = self._recorder.rng.capture() if self._recorder.rng.active else {}
+        if "numpy" in rng:
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            rng["numpy"] = (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)
+        return {
+            "model": [m.state_dict() for m in self._modules],
+            "optimizer": self.optimizer.state_dict(),
+            "objects": [o.state_dict() for o in self._recorder.objects],
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+            "rng": rng,
+        }
+
+    def _apply_tree(self, tree: dict[str, Any]) -> None:
+        for m, sd in zip(self._modules, tree["model"]):
+            m.load_state_dict(sd)
+        self.optimizer.load_state_dict(tree["optimizer"])
+        for o, sd in zip(self._recorder.objects, tree["objects"]):
+            o.load_state_dict(sd)
+        if self._scaler is not None and tree["scaler"] is not None:
+            self._scaler.load_state_dict(tree["scaler"])
+        rng = dict(tree["rng"])
+        if "numpy" in rng:
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            rng["numpy"] = (kind, keys.numpy(), pos, has_gauss, gauss)
+        if "python" in rng:
+            version, state, gauss = rng["python"]
+            rng["python"] = (version, tuple(state), gauss)
+        self._recorder.rng.restore(rng)
+        self._tracker.sync()  # load_state_dict replaced optimizer-state tensors: bind them again
+
+    @property
+    def nbytes_by_tier(self) -> dict[str, int]:
+        """Bytes of history per tier: ``device`` (the ring), ``host`` (archive), ``disk`` (complete checkpoints)."""
+        host, disk = self.tiers.host, self.tiers.disk
+        return {
+            "device": self.nbytes,
+            "host": host.nbytes if host is not None else 0,
+            "disk": disk.nbytes if disk is not None else 0,
+        }
+
     def close(self) -> None:
         """Stop recording (removes the step hooks). Tensors stay where they are and keep their values."""
         self._hook.remove()
-        if self._post_hook is not None:
-            self._post_hook.remove()
+        self._post_hook.remove()
         if self._bg is not None:
             self._settle()
             self._bg.close()
@@ -292,6 +417,11 @@ class Rewind:
     def __bool__(self) -> bool:
         # A Rewind is always truthy (``if rw:`` means "is there a Rewind"), even with nothing to undo yet.
         return True
+
+    @property
+    def step(self) -> int:
+        """How many optimizer steps the live state has taken since the Rewind was built (undo lowers it)."""
+        return self._step
 
     @property
     def redo_depth(self) -> int:
@@ -322,12 +452,15 @@ class Rewind:
         try:
             if recorded is not None and not copied:
                 self._recorder.capture(slot)
-            self._recorder.restore(self._slots[tl.slot(target)])
+                slot.step = self._step
+            restored = self._slots[tl.slot(target)]
+            self._recorder.restore(restored)
         except BaseException:
             if recorded is not None:
                 self._forget(recorded)
             raise
         tl.moved(recorded, target)
+        self._step = restored.step
         self._pending = False
 
     def _forget(self, point: int) -> None:

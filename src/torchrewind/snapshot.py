@@ -21,7 +21,7 @@ class Slot:
     """Storage for one recorded state. ``words[k]`` mirrors arena ``k`` (a (device, chunk) key) byte for byte."""
 
     __slots__ = ("words", "used", "views", "structure", "pinned", "misc", "groups", "objects", "scaler", "rng",
-                 "grads")  # fmt: skip
+                 "grads", "step")  # fmt: skip
 
     def __init__(self) -> None:
         self.words: dict[tuple, torch.Tensor] = {}
@@ -35,6 +35,7 @@ class Slot:
         self.scaler: dict[str, Any] | None = None
         self.rng: dict[str, Any] = {}
         self.grads: list | None = None
+        self.step = 0  # optimizer steps the recorded state had taken (Rewind.step)
 
     @property
     def nbytes(self) -> int:

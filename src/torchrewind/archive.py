@@ -1,0 +1,183 @@
+"""The host-RAM tier: older undo points kept in CPU memory, as lossless compressed deltas or plain copies.
+
+The device ring (:class:`~torchrewind.history.Timeline` + slots) keeps the last few points at memcpy speed; the
+archive keeps a deeper history of every ``every``-th recorded point for :meth:`Rewind.rollback_to`.
+
+Storage is *reverse-delta*: the newest record holds its bytes raw; when a newer one arrives, the previous newest is
+re-encoded as the XOR difference against it (:mod:`torchrewind.codec`), except every ``keyframe``-th record, which
+is compressed on its own. Decoding a record walks down from the nearest keyframe (or the newest record), so a
+restore decodes at most ``keyframe`` records, and dropping the oldest record never breaks a chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import RewindError
+from .snapshot import Slot
+from .values import copy_value
+
+
+@dataclass
+class _Record:
+    step: int
+    seq: int  # running number: keyframes are the records with seq % keyframe == 0
+    used: dict[tuple, int]
+    raw: dict[tuple, torch.Tensor] | None  # CPU int64 words (newest record, or compress=False)
+    enc: dict[tuple, Any] = field(default_factory=dict)  # codec.Encoded per arena key (older records)
+    rest: Slot = field(default_factory=Slot)  # everything but the arena words, copied
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(t.numel() * 8 for t in self.raw.values()) if self.raw is not None else 0
+        n += sum(e.nbytes for e in self.enc.values())
+        n += sum(t.numel() * t.element_size() for t in self.rest.pinned.values())
+        if self.rest.grads:
+            n += sum(g.numel() * g.element_size() for g in self.rest.grads if g is not None)
+        return n
+
+
+def _check_int(name: str, v: Any, lo: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise RewindError(f"HostArchive: {name} must be an int >= {lo}, got {v!r}.")
+    return v
+
+
+class HostArchive:
+    """Keep every ``every``-th undo point of the last ``keep`` in host RAM (compressed with ``compress=True``).
+
+    Example::
+
+        rw = Rewind(model, opt, capacity=2, archive=HostArchive(keep=64, every=4))
+        ...
+        rw.rollback_to(step=120)        # newest point at or before step 120 in any tier
+    """
+
+    def __init__(
+        self,
+        keep: int = 32,
+        *,
+        every: int = 1,
+        compress: bool = True,
+        keyframe: int = 8,
+        max_bytes: int | None = None,
+        itemsize: int = 4,
+    ) -> None:
+        self.keep = _check_int("keep", keep, 1)
+        self.every = _check_int("every", every, 1)
+        self.keyframe = _check_int("keyframe", keyframe, 1)
+        if max_bytes is not None:
+            _check_int("max_bytes", max_bytes, 0)
+        self.max_bytes = max_bytes
+        self.compress = bool(compress)
+        self.itemsize = itemsize
+        if self.compress:
+            from . import codec  # noqa: F401  (fail now, with the codec's install hint, not at the first step)
+        self.records: list[_Record] = []
+        self._seq = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.records)
+
+    def steps(self) -> list[int]:
+        return [r.step for r in self.records]
+
+    def latest_at_or_before(self, step: int) -> _Record | None:
+        best = None
+        for r in self.records:
+            if r.step <= step:
+                best = r
+        return best
+
+    # ------------------------------------------------------------------ writing
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def drop_after(self, step: int) -> None:
+        """Forget records newer than ``step`` (a branch that was undone and replaced)."""
+        while self.records and self.records[-1].step > step:
+            gone = self.records.pop()
+            if self.records and self.records[-1].raw is None and gone.raw is not None:
+                self.records[-1].raw = self._decode(len(self.records) - 1, newer=gone.raw)
+                self.records[-1].enc = {}
+
+    def add(self, slot: Slot) -> None:
+        """Archive the recorded point in ``slot`` (call right after it was captured)."""
+        self.drop_after(slot.step - 1)
+        raw = {k: v.to("cpu", copy=True) for k, v in slot.views.items() if k in slot.used}
+        rec = _Record(slot.step, self._seq, dict(slot.used), raw, rest=_copy_rest(slot))
+        self._seq += 1
+        if self.compress and self.records:
+            prev = self.records[-1]
+            if prev.raw is not None:
+                from .codec import encode
+
+                key_frame = prev.seq % self.keyframe == 0
+                prev.enc = {
+                    k: encode(w, None if key_frame else raw.get(k), itemsize=self.itemsize)
+                    for k, w in prev.raw.items()
+                }
+                prev.raw = None
+        self.records.append(rec)
+        while len(self.records) > self.keep or (
+            self.max_bytes is not None and len(self.records) > 1 and self.nbytes > self.max_bytes
+        ):
+            self.records.pop(0)
+
+    # ------------------------------------------------------------------ reading
+    def _decode(self, i: int, newer: dict[tuple, torch.Tensor] | None = None) -> dict[tuple, torch.Tensor]:
+        """Raw words of record ``i`` (``newer``: raw words of record i+1, if the caller has them)."""
+        rec = self.records[i]
+        if rec.raw is not None:
+            return rec.raw
+        from .codec import decode
+
+        if rec.seq % self.keyframe == 0:
+            return {k: decode(e) for k, e in rec.enc.items()}
+        if newer is None:
+            newer = self._decode(i + 1)
+        return {k: decode(e, newer.get(k)) for k, e in rec.enc.items()}
+
+    def materialize(self, rec: _Record, devices: dict[tuple, torch.device]) -> Slot:
+        """A slot holding ``rec``'s state, its words on the arenas' devices, ready for ``Recorder.restore``."""
+        i = self.records.index(rec)
+        # walk down from the nearest record that decodes on its own (keyframe or raw): at most `keyframe` decodes
+        j = i
+        while j + 1 < len(self.records) and self.records[j].raw is None and self.records[j].seq % self.keyframe:
+            j += 1
+        words = self._decode(j)
+        for k in range(j - 1, i - 1, -1):
+            words = self._decode(k, newer=words)
+        slot = copy_rest_into(Slot(), rec.rest)
+        for k, w in words.items():
+            dev = devices.get(k)
+            if dev is None:
+                raise RewindError("internal error: archived arena no longer exists")
+            slot.words[k] = slot.views[k] = w.to(dev)
+        slot.used = dict(rec.used)
+        slot.step = rec.step
+        return slot
+
+
+def _copy_rest(src: Slot) -> Slot:
+    """Everything of a slot but its arena words, copied (the ring reuses its slots' buffers in place)."""
+    return copy_rest_into(Slot(), src, to_cpu=True)
+
+
+def copy_rest_into(dst: Slot, src: Slot, to_cpu: bool = False) -> Slot:
+    dev = "cpu" if to_cpu else None
+    dst.structure = src.structure
+    dst.pinned = {k: t.detach().to(dev or t.device, copy=True) for k, t in src.pinned.items()}
+    dst.misc = copy_value(src.misc)
+    dst.groups = [(g, plist, ptuple, copy_value(hp)) for g, plist, ptuple, hp in src.groups]
+    dst.objects = copy_value(src.objects)
+    dst.scaler = copy_value(src.scaler)
+    dst.rng = copy_value(src.rng)
+    dst.grads = None if src.grads is None else [None if g is None else g.detach().clone() for g in src.grads]
+    dst.step = src.step
+    return dst

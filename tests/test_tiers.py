@@ -1,0 +1,136 @@
+"""Storage tiers: the step counter, the host archive (plain and compressed) and rollback_to across tiers.
+
+Every restore is checked bitwise against the state recorded (by a step pre-hook of our own, registered after the
+Rewind's) just before that optimizer step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from statecheck import assert_same, full_state
+
+from torchrewind import HostArchive, Rewind, RewindError, Tiers
+
+def has_codec() -> bool:
+    try:
+        from torchrewind import codec  # noqa: F401
+
+        codec.encode(torch.zeros(8, dtype=torch.int64))
+        return True
+    except Exception:
+        return False
+
+
+COMPRESS = [False, pytest.param(True, marks=pytest.mark.skipif(not has_codec(), reason="needs torchrewind[delta]"))]
+
+
+class Run:
+    """A small model with BatchNorm and Dropout, Adam and a StepLR; remembers the state before every step."""
+
+    def __init__(self, tiers: Tiers, overlap: bool = False, grads: bool = False) -> None:
+        torch.manual_seed(0)
+        self.m = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+            torch.nn.Linear(16, 3),
+        )  # fmt: skip
+        self.o = torch.optim.Adam(self.m.parameters(), lr=1e-2)
+        self.s = torch.optim.lr_scheduler.StepLR(self.o, 3, 0.5)
+        self.rw = Rewind(self.m, self.o, schedulers=[self.s], tiers=tiers, overlap=overlap, grads=grads)
+        self.before: dict[int, dict] = {}
+        self.o.register_step_pre_hook(lambda *a: self.before.__setitem__(self.rw.step, self.state()))
+        self.k = 0
+
+    def state(self) -> dict:
+        return full_state(self.m, self.o, self.s)
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            g = torch.Generator().manual_seed(self.k)
+            self.k += 1
+            x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+            self.o.zero_grad()
+            F.mse_loss(self.m(x), y).backward()
+            self.o.step()
+            self.s.step()
+
+
+def test_step_counter_follows_undo_redo_retry():
+    r = Run(Tiers(device=3))
+    assert r.rw.step == 0
+    r.steps(4)
+    assert r.rw.step == 4
+    r.rw.undo(2)
+    assert r.rw.step == 2
+    r.rw.redo()
+    assert r.rw.step == 3
+    r.rw.retry(lr=lambda lr: lr / 2)
+    assert r.rw.step == 3  # undo to 2, then one step again
+
+
+@pytest.mark.parametrize("compress", COMPRESS)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rollback_to_every_tier_is_exact(compress, overlap):
+    r = Run(Tiers(device=2, host=HostArchive(keep=100, every=1, compress=compress, keyframe=4)), overlap=overlap)
+    r.steps(20)
+    for target in (19, 18, 17, 11, 5, 0):  # 19/18: device ring; the rest from the archive
+        assert r.rw.rollback_to(target) == target
+        assert_same(r.state(), r.before[target])
+        r.rw.rollback_to(target)  # idempotent
+    r.steps(3)  # training goes on from the restored state, recording again
+    assert r.rw.step == 3 and len(r.rw) == 2
+
+
+@pytest.mark.parametrize("compress", COMPRESS)
+def test_rollback_picks_newest_at_or_before_and_says_which(compress):
+    r = Run(Tiers(device=1, host=HostArchive(keep=100, every=5, compress=compress)))
+    r.steps(23)
+    assert r.rw.tiers.host.steps() == [0, 5, 10, 15, 20]
+    assert r.rw.rollback_to(13) == 10
+    assert_same(r.state(), r.before[10])
+    assert r.rw.rollback_to(100) == 10  # the live state is newer than nothing: stays
+
+
+@pytest.mark.parametrize("compress", COMPRESS)
+def test_archive_forgets_an_undone_branch(compress):
+    r = Run(Tiers(device=3, host=HostArchive(keep=100, compress=compress)))
+    r.steps(6)
+    r.rw.undo(3)  # back to step 3; records 4 and 5 belong to the branch being abandoned
+    r.o.param_groups[0]["lr"] = 0.001  # a different branch from step 3 on
+    r.steps(3)
+    assert r.rw.tiers.host.steps() == [0, 1, 2, 3, 4, 5]
+    new4 = r.before[4]  # the pre-step hook overwrote step 4's state with the new branch's
+    assert r.rw.rollback_to(4) == 4
+    assert_same(r.state(), new4)
+
+
+@pytest.mark.parametrize("compress", COMPRESS)
+def test_keep_and_max_bytes_evict_the_oldest(compress):
+    r = Run(Tiers(device=1, host=HostArchive(keep=4, compress=compress)))
+    r.steps(10)
+    assert r.rw.tiers.host.steps() == [6, 7, 8, 9]
+    with pytest.raises(RewindError, match=r"no recorded state at or before step 3.*'host': \[6, 7, 8, 9\]"):
+        r.rw.rollback_to(3)
+    assert_same(r.state(), r.state())
+    one = r.rw.tiers.host.records[-1].nbytes
+    r2 = Run(Tiers(device=1, host=HostArchive(keep=100, compress=False, max_bytes=3 * one)))
+    r2.steps(10)
+    assert len(r2.rw.tiers.host.steps()) == 3 and r2.rw.nbytes_by_tier["host"] <= 3 * one
+
+
+def test_bad_tier_settings():
+    with pytest.raises(RewindError, match="keep must be an int >= 1"):
+        HostArchive(keep=0)
+    with pytest.raises(RewindError, match="every must be an int >= 1"):
+        HostArchive(every=0)
+    with pytest.raises(RewindError, match="device must be an int >= 1"):
+        Tiers(device=0)
+    with pytest.raises(RewindError, match="host must be a HostArchive"):
+        Tiers(host=5)
+    m = torch.nn.Linear(2, 2)
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    with pytest.raises(RewindError, match="disagree"):
+        Rewind(m, o, capacity=3, tiers=Tiers(device=2))
+    rw = Rewind(m, o, tiers=Tiers(device=2))
+    with pytest.raises(RewindError, match="takes an int"):
+        rw.rollback_to(1.5)
