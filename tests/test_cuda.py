@@ -152,3 +152,26 @@ def test_overlap_side_stream_matches_blocking(redo):
         rw.undo(2)
         states.append(full_state(m, o))
     assert_same(states[0], states[1])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_host_storage_pinned_slots_are_exact(overlap):
+    """storage="host": the ring of a CUDA model lives in pinned CPU memory; undo/redo and the host archive exact."""
+    from torchrewind import HostArchive, Tiers
+
+    m = _model()
+    o = torch.optim.Adam(m.parameters(), lr=1e-2)
+    rw = Rewind(m, o, storage="host", overlap=overlap, tiers=Tiers(device=2, host=HostArchive(keep=8, compress=False)))
+    before = {}
+    o.register_step_pre_hook(lambda *a: before.__setitem__(rw.step, full_state(m, o)))
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for _ in range(6):
+        x = torch.randn(16, 32, device="cuda", generator=g)
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    assert all(v.device.type == "cpu" and v.is_pinned() for s in rw._slots for v in s.views.values())
+    rw.undo()
+    assert_same(full_state(m, o), before[5])
+    assert rw.rollback_to(2) == 2
+    assert_same(full_state(m, o), before[2])

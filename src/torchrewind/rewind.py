@@ -51,6 +51,8 @@ class Rewind:
         verify: re-scan every tracked tensor at each snapshot instead of the O(1) change check (slower; only
             needed if you replace optimizer-state tensors by hand while keeping references to the old ones).
         generators: extra ``torch.Generator`` objects to restore (e.g. a DataLoader's).
+        storage: ``"device"`` keeps the ring's snapshots next to the state; ``"host"`` keeps those of CUDA tensors in
+            pinned CPU memory (asynchronous device-to-host copies; frees GPU memory, restores cross PCIe).
         overlap: copy parameters and optimizer state for the next undo point in the background, from the end of
             one ``optimizer.step()`` to the start of the next (a worker thread on CPU, a side stream on CUDA), so
             the copy overlaps forward and backward; buffers, ``param_groups``, RNG and the rest are still recorded
@@ -76,9 +78,12 @@ class Rewind:
         generators: Sequence[torch.Generator] = (),
         overlap: bool = False,
         tiers: Tiers | None = None,
+        storage: str = "device",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise RewindError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if storage not in ("device", "host"):
+            raise RewindError(f"storage must be 'device' or 'host' (pinned CPU memory), got {storage!r}.")
         if tiers is not None:
             if not isinstance(tiers, Tiers):
                 raise RewindError(f"tiers must be a torchrewind.Tiers, got {type(tiers).__name__}.")
@@ -119,6 +124,7 @@ class Rewind:
             RNGState(torch_rng=bool(rng), python=rng == "all", numpy=rng == "all", generators=generators),
             grads,
         )
+        self._recorder.host_slots = storage == "host"
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._bg = BackgroundCopy() if overlap else None
         self._bg_job: tuple[int, int] | None = None  # (point being copied, tracker generation at the start)
@@ -354,6 +360,7 @@ class Rewind:
         if host is not None:
             host.drop_after(slot.step)  # records of an undone branch are no longer reachable
             if host.due(slot.step) and (not host.records or host.records[-1].step != slot.step):
+                self._recorder.wait_for_host(slot)
                 host.add(slot)
         if disk is not None:
             disk.discard_after(slot.step)

@@ -64,6 +64,13 @@ class Recorder:
         self.scaler = scaler
         self.rng = rng
         self.grads = grads
+        self.host_slots = False  # Rewind(storage="host"): slots of CUDA arenas live in pinned host memory
+
+    def wait_for_host(self, slot: Slot) -> None:
+        """Make a pinned slot's bytes readable by the CPU (its D2H copies are asynchronous)."""
+        for k, v in slot.views.items():
+            if v.device.type == "cpu" and k[0].type == "cuda":
+                torch.cuda.synchronize(k[0])
 
     # ------------------------------------------------------------------ capture
     def prepare(self, slot: Slot) -> None:
@@ -72,7 +79,11 @@ class Recorder:
             n = a.used // 8
             w = slot.words.get(k)
             if w is None or w.numel() < n:
-                w = slot.words[k] = torch.empty(n, dtype=torch.int64, device=a.device)
+                if self.host_slots and a.device.type == "cuda":  # pinned: async D2H/H2D copies, device memory free
+                    w = torch.empty(n, dtype=torch.int64, pin_memory=True)
+                else:
+                    w = torch.empty(n, dtype=torch.int64, device=a.device)
+                slot.words[k] = w
                 slot.views.pop(k, None)
             v = slot.views.get(k)
             if v is None or v.numel() != n:
