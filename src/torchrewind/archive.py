@@ -11,6 +11,7 @@ restore decodes at most ``keyframe`` records, and dropping the oldest record nev
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,10 @@ class HostArchive:
             from . import codec  # noqa: F401  (fail now, with the codec's install hint, not at the first step)
         self.records: list[_Record] = []
         self._seq = 0
+        # Compression runs in one worker thread (the codec releases the GIL), off the training loop's path.
+        self._worker: ThreadPoolExecutor | None = None
+        self._jobs: list[tuple[_Record, Future]] = []
+        self._free: dict[tuple, list[torch.Tensor]] = {}  # raw buffers of records already compressed, for reuse
 
     # ------------------------------------------------------------------ queries
     @property
@@ -98,36 +103,61 @@ class HostArchive:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
+    def wait(self) -> None:
+        """Finish pending compressions."""
+        jobs, self._jobs = self._jobs, []
+        for rec, fut in jobs:
+            enc = fut.result()
+            for k, t in rec.raw.items():
+                self._free.setdefault((k, t.numel()), []).append(t)
+            rec.enc, rec.raw = enc, None
+
+    def _buffer(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        free = self._free.get((key, like.numel()))
+        return free.pop() if free else torch.empty(like.numel(), dtype=like.dtype, pin_memory=like.is_cuda)
+
+    def close(self) -> None:
+        self.wait()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
+
     def drop_after(self, step: int) -> None:
         """Forget records newer than ``step`` (a branch that was undone and replaced)."""
+        if self.records and self.records[-1].step > step:
+            self.wait()
         while self.records and self.records[-1].step > step:
             gone = self.records.pop()
             if self.records and self.records[-1].raw is None and gone.raw is not None:
                 self.records[-1].raw = self._decode(len(self.records) - 1, newer=gone.raw)
                 self.records[-1].enc = {}
+            self._recycle(gone)
 
     def add(self, slot: Slot) -> None:
         """Archive the recorded point in ``slot`` (call right after it was captured)."""
         self.drop_after(slot.step - 1)
-        raw = {k: v.to("cpu", copy=True) for k, v in slot.views.items() if k in slot.used}
+        if len(self._jobs) > 1:
+            self.wait()  # compression falls behind: wait rather than pile up raw copies
+        raw = {k: self._buffer(k, v).copy_(v) for k, v in slot.views.items() if k in slot.used}
         rec = _Record(slot.step, self._seq, dict(slot.used), raw, rest=_copy_rest(slot))
         self._seq += 1
-        if self.compress and self.records:
+        if self.compress and self.records and self.records[-1].raw is not None:
             prev = self.records[-1]
-            if prev.raw is not None:
-                from .codec import encode
-
-                key_frame = prev.seq % self.keyframe == 0
-                prev.enc = {
-                    k: encode(w, None if key_frame else raw.get(k), itemsize=self.itemsize)
-                    for k, w in prev.raw.items()
-                }
-                prev.raw = None
+            ref = None if prev.seq % self.keyframe == 0 else raw
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchrewind-archive")
+            self._jobs.append((prev, self._worker.submit(_encode_all, prev.raw, ref, self.itemsize)))
         self.records.append(rec)
         while len(self.records) > self.keep or (
             self.max_bytes is not None and len(self.records) > 1 and self.nbytes > self.max_bytes
         ):
-            self.records.pop(0)
+            self._recycle(self.records.pop(0))
+
+    def _recycle(self, rec: _Record) -> None:
+        if rec.raw is not None and all(r is not rec for r, _ in self._jobs):
+            for k, t in rec.raw.items():
+                self._free.setdefault((k, t.numel()), []).append(t)
+            rec.raw = None
 
     # ------------------------------------------------------------------ reading
     def _decode(self, i: int, newer: dict[tuple, torch.Tensor] | None = None) -> dict[tuple, torch.Tensor]:
@@ -145,6 +175,7 @@ class HostArchive:
 
     def materialize(self, rec: _Record, devices: dict[tuple, torch.device]) -> Slot:
         """A slot holding ``rec``'s state, its words on the arenas' devices, ready for ``Recorder.restore``."""
+        self.wait()
         i = self.records.index(rec)
         # walk down from the nearest record that decodes on its own (keyframe or raw): at most `keyframe` decodes
         j = i
@@ -162,6 +193,12 @@ class HostArchive:
         slot.used = dict(rec.used)
         slot.step = rec.step
         return slot
+
+
+def _encode_all(raw: dict[tuple, torch.Tensor], ref: dict[tuple, torch.Tensor] | None, itemsize: int) -> dict:
+    from .codec import encode
+
+    return {k: encode(w, None if ref is None else ref.get(k), itemsize=itemsize) for k, w in raw.items()}
 
 
 def _copy_rest(src: Slot) -> Slot:

@@ -413,6 +413,10 @@ class Rewind:
         """Stop recording (removes the step hooks). Tensors stay where they are and keep their values."""
         self._hook.remove()
         self._post_hook.remove()
+        if self.tiers.host is not None:
+            self.tiers.host.close()
+        if self.tiers.disk is not None:
+            self.tiers.disk.wait()
         if self._bg is not None:
             self._settle()
             self._bg.close()
