@@ -39,16 +39,18 @@ def _is_plain_dense(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a.copy_(b)`` writes every element of ``a`` and keeps b's exact memory layout."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
+
+
 def copy_tensor(t: torch.Tensor, reuse: Any = None) -> torch.Tensor:
     """Copy ``t`` bit for bit, into ``reuse`` when it has the same shape, dtype, device and strides."""
     if (
         isinstance(reuse, torch.Tensor)
         and _is_plain_dense(t)
         and type(reuse) is torch.Tensor
-        and reuse.shape == t.shape
-        and reuse.dtype == t.dtype
-        and reuse.device == t.device
-        and reuse.stride() == t.stride()
+        and _same_layout(reuse, t)
     ):
         with torch.no_grad():
             reuse.copy_(t)
@@ -99,10 +101,7 @@ def restore_value(live: Any, saved: Any) -> Any:
         and isinstance(live, torch.Tensor)
         and _is_plain_dense(live)
         and type(saved) is torch.Tensor
-        and live.shape == saved.shape
-        and live.dtype == saved.dtype
-        and live.device == saved.device
-        and live.stride() == saved.stride()
+        and _same_layout(live, saved)
     ):
         with torch.no_grad():
             live.copy_(saved)
