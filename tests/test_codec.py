@@ -1,0 +1,113 @@
+"""The delta codec is bitwise lossless for any bytes, with or without a reference of any length."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+pytest.importorskip("zstandard")
+pytest.importorskip("numpy")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from torchrewind import RewindError  # noqa: E402
+from torchrewind.codec import decode, encode  # noqa: E402
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def roundtrip(data: torch.Tensor, ref: torch.Tensor | None, itemsize: int = 4) -> None:
+    enc = encode(data, ref, itemsize=itemsize)
+    out = decode(enc, ref)
+    assert out.dtype == data.dtype and out.shape == data.shape
+    assert torch.equal(as_bytes(out), as_bytes(data))  # raw bits, never allclose
+    buf = torch.empty_like(data)
+    assert decode(enc, ref, out=buf) is buf and torch.equal(as_bytes(buf), as_bytes(data))
+
+
+def adversarial_floats(dtype: torch.dtype) -> torch.Tensor:
+    """NaNs with payloads (quiet and signalling), both infinities, -0.0, denormals, extremes, random values."""
+    if dtype == torch.float32:
+        bits = [0x7FC00001, 0x7F800001, 0xFFC12345, 0x7F800000, 0xFF800000, 0x80000000, 0x00000001, 0x807FFFFF,
+                0x7F7FFFFF, 0x00800000]  # fmt: skip
+        special = torch.tensor([struct.unpack("<i", struct.pack("<I", b))[0] for b in bits], dtype=torch.int32)
+        special = special.view(torch.float32)
+    else:
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 3e38], dtype=torch.float64)
+        special = special.to(dtype)
+    return torch.cat([special, torch.randn(997).to(dtype)])
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
+          torch.uint8]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ref_kind", ["none", "same", "shorter", "longer"])
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_roundtrip_every_dtype_and_reference(dtype, ref_kind, itemsize):
+    g = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        data = adversarial_floats(dtype)
+    else:
+        info = torch.iinfo(dtype)
+        data = torch.randint(info.min, info.max, (1003,), dtype=dtype, generator=g)
+    ref = {
+        "none": None,
+        "same": data.clone().view(torch.uint8)[torch.randperm(data.numel() * data.element_size(), generator=g)],
+        "shorter": torch.randint(0, 255, (37,), dtype=torch.uint8, generator=g),
+        "longer": torch.randint(0, 255, (data.numel() * data.element_size() + 101,), dtype=torch.uint8, generator=g),
+    }[ref_kind]
+    roundtrip(data, ref, itemsize)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 7, 8, 9, 63, 64, 65])
+def test_odd_and_empty_lengths(n):
+    data = torch.arange(n, dtype=torch.uint8)
+    roundtrip(data, None)
+    roundtrip(data, torch.full((n // 2,), 0xA5, dtype=torch.uint8))
+    roundtrip(data, torch.full((n + 5,), 0x5A, dtype=torch.uint8))
+
+
+def test_training_like_delta_compresses():
+    torch.manual_seed(0)
+    a = torch.randn(100_000)
+    b = a + 1e-3 * torch.randn(100_000)  # a small step: sign and exponent bytes unchanged
+    enc = encode(b, a)
+    assert enc.nbytes < 0.8 * b.numel() * 4
+    roundtrip(b, a)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    data=st.binary(max_size=300),
+    ref=st.one_of(st.none(), st.binary(max_size=300)),
+    itemsize=st.sampled_from([1, 2, 4, 8]),
+)
+def test_random_bytes(data, ref, itemsize):
+    d = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    r = None
+    if ref is not None:
+        r = torch.frombuffer(bytearray(ref), dtype=torch.uint8) if ref else torch.empty(0, dtype=torch.uint8)
+    roundtrip(d, r, itemsize)
+
+
+def test_bad_input():
+    x = torch.zeros(16)
+    with pytest.raises(RewindError, match="1-D contiguous CPU tensor"):
+        encode(torch.zeros(4, 4))
+    with pytest.raises(RewindError, match="1-D contiguous CPU tensor"):
+        encode(torch.zeros(32)[::2])
+    with pytest.raises(RewindError, match="itemsize must be"):
+        encode(x, itemsize=3)
+    enc = encode(x, torch.ones(16))
+    with pytest.raises(RewindError, match="pass the same ref"):
+        decode(enc)
+    with pytest.raises(RewindError, match="shorter than the reference"):
+        decode(enc, torch.ones(3))
+    with pytest.raises(RewindError, match="out holds"):
+        decode(enc, torch.ones(16), out=torch.empty(15))
