@@ -8,6 +8,7 @@ Example::
 """
 
 from .archive import HostArchive
+from .disk import DiskCheckpoints
 from .errors import RewindError
 from .policies import BoldDriver, LineSearch, NonFiniteGuard, SpikeDetector, SpikeGuard
 from .rewind import Rewind, Trial
@@ -17,6 +18,7 @@ from .trajectory import Event, Trajectory
 
 __all__ = [
     "BoldDriver",
+    "DiskCheckpoints",
     "Event",
     "HostArchive",
     "LineSearch",

@@ -343,7 +343,7 @@ class Rewind:
             self._recorder.restore(host.materialize(rec, devices))
             self._restart_history(best)
         else:
-            self._apply_tree(disk.load(best, self._state_tree()))
+            self._apply_tree(disk.load(best))
             self._restart_history(best)
         return best
 
@@ -379,12 +379,19 @@ class Rewind:
             "objects": [o.state_dict() for o in self._recorder.objects],
             "scaler": self._scaler.state_dict() if self._scaler is not None else None,
             "rng": rng,
+            "group_keys": [list(g) for g in self.optimizer.param_groups],
         }
 
     def _apply_tree(self, tree: dict[str, Any]) -> None:
         for m, sd in zip(self._modules, tree["model"]):
             m.load_state_dict(sd)
         self.optimizer.load_state_dict(tree["optimizer"])
+        for g, saved in zip(self.optimizer.param_groups, tree["group_keys"]):
+            order = [k for k in saved if k in g] + [k for k in g if k not in saved]
+            if list(g) != order:  # load_state_dict moves "params" last: put the keys back in their recorded order
+                items = [(k, g[k]) for k in order]
+                g.clear()
+                g.update(items)
         for o, sd in zip(self._recorder.objects, tree["objects"]):
             o.load_state_dict(sd)
         if self._scaler is not None and tree["scaler"] is not None:
