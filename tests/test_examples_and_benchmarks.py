@@ -59,3 +59,15 @@ def test_bench_policies_quick(tmp_path):
     res = json.loads(path.read_text())
     assert {"faults", "linesearch", "overhead", "verdicts"} <= res.keys()
     assert len(res["settings"]["seeds"]) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["bench_overlap.py", "bench_delta.py", "bench_disk.py"])
+def test_tier_benchmarks_quick(tmp_path, script):
+    path = tmp_path / "out.json"
+    out = run(f"benchmarks/{script}", "--quick", "--json", str(path))
+    assert out.startswith("# torchrewind") and "|---|" in out
+    res = json.loads(path.read_text())
+    assert res
+    if script == "bench_disk.py":
+        assert res["exact"] is True
