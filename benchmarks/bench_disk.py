@@ -3,7 +3,7 @@
 
 Usage::
 
-    python benchmarks/bench_disk.py            # ~100M params (1.2 GB of state), ~1-2 min
+    python benchmarks/bench_disk.py            # ~100M params (1.2 GB of state), a few minutes, ~8 GB RAM
     python benchmarks/bench_disk.py --quick    # ~10M params
     python benchmarks/bench_disk.py --json out.json
 

@@ -98,6 +98,39 @@ def test_refuses_to_unpickle_foreign_metadata(tmp_path):
         ck.load(1)
 
 
+def _proto4_global_call(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle calling module.name(arg): STACK_GLOBAL resolves dotted names attribute by attribute."""
+
+    def unicode(x: str) -> bytes:
+        b = x.encode()
+        return b"\x8c" + bytes([len(b)]) + b  # SHORT_BINUNICODE
+
+    return b"\x80\x04" + unicode(module) + unicode(name) + b"\x93" + unicode(arg) + b"\x85R."
+
+
+@pytest.mark.parametrize("module,name", [
+    ("torch.distributed.checkpoint.metadata", "os.mkdir"),  # a dotted name through an allowed module's imports
+    ("torch", "load"),
+    ("builtins", "eval"),
+])  # fmt: skip
+def test_refuses_dotted_and_foreign_globals(tmp_path, module, name):
+    import hashlib
+    import json
+
+    ck = DiskCheckpoints(tmp_path, async_save=False)
+    ck.save(1, {"x": torch.zeros(2)})
+    d = tmp_path / "step_000000001"
+    marker = tmp_path / "pwned"
+    raw = _proto4_global_call(module, name, str(marker))
+    (d / ".metadata").write_bytes(raw)
+    man = json.loads((d / "manifest.json").read_text())
+    man["files"][".metadata"] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(RewindError, match="refusing"):
+        ck.load(1)
+    assert not marker.exists()
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(RewindError, match="every must be an int >= 1"):
         DiskCheckpoints(tmp_path, every=0)
@@ -111,7 +144,8 @@ def test_bad_input(tmp_path):
     assert ck.steps() == []  # nothing half-written
 
 
-def test_rewind_rollback_from_disk_is_exact(tmp_path):
+@pytest.mark.parametrize("state", ["kept", "cleared"], ids=["in-place", "load_state_dict"])
+def test_rewind_rollback_from_disk_is_exact(tmp_path, state):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     o = torch.optim.AdamW(m.parameters(), lr=1e-2)
@@ -124,6 +158,8 @@ def test_rewind_rollback_from_disk_is_exact(tmp_path):
         m(torch.randn(8, 6)).square().mean().backward()
         o.step()
         s.step()
+    if state == "cleared":  # no state tensors to copy into: the load_state_dict path, then re-binding
+        o.state.clear()
     assert rw.rollback_to(17) == 15
     assert_same(full_state(m, o, s), before[15])
     o.zero_grad()

@@ -29,6 +29,7 @@ import re
 import shutil
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch
 from .errors import RewindError
 
 _DIR = re.compile(r"^step_(\d+)$")
-_TMP = re.compile(r"^step_(\d+)\.tmp-\d+$")
+_TMP = re.compile(r"^step_(\d+)\.(tmp|trash)-\d+$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,6 +47,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Take a checkpoint out of the listing now (rename: atomic) and delete its files in the background:
+    unlinking a GB-sized file takes a noticeable fraction of a second on some file systems."""
+    trash = path.with_name(f"{path.name}.trash-{os.getpid()}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        return
+    threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True).start()
 
 
 def _sha256(path: Path) -> str:
@@ -57,13 +69,18 @@ def _sha256(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the tree <-> JSON
-def _split(tree: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
-    """JSON skeleton of ``tree``; tensors go to ``tensors`` (detached CPU copies: the staging of an async save)."""
+def _split(tree: Any, tensors: dict[str, torch.Tensor], path: str, staging: dict[str, torch.Tensor]) -> Any:
+    """JSON skeleton of ``tree``; tensors go to ``tensors`` as host copies (the staging of an async save), reusing
+    the previous save's buffers in ``staging`` (fresh GB-sized allocations cost more than the copy itself)."""
     if isinstance(tree, torch.Tensor):
         if tree.layout != torch.strided:
             raise RewindError(f"DiskCheckpoints: {path} is a {tree.layout} tensor; only dense tensors can be saved.")
         key = f"t{len(tensors)}"
-        tensors[key] = tree.detach().to("cpu", copy=True).contiguous()
+        buf = staging.get(key)
+        if buf is None or buf.shape != tree.shape or buf.dtype != tree.dtype:
+            buf = staging[key] = torch.empty(tree.shape, dtype=tree.dtype)
+        buf.copy_(tree.detach())
+        tensors[key] = buf
         return {"__tensor__": key}
     if tree is None or isinstance(tree, (bool, int, str)):
         return tree
@@ -72,14 +89,14 @@ def _split(tree: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(tree, torch.dtype):
         return {"__dtype__": str(tree).removeprefix("torch.")}
     if isinstance(tree, (list, tuple)):
-        items = [_split(v, tensors, f"{path}[{i}]") for i, v in enumerate(tree)]
+        items = [_split(v, tensors, f"{path}[{i}]", staging) for i, v in enumerate(tree)]
         return items if isinstance(tree, list) else {"__tuple__": items}
     if isinstance(tree, dict):
         out = []
         for k, v in tree.items():
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise RewindError(f"DiskCheckpoints: {path} has a key {k!r}; only str and int keys can be saved.")
-            out.append([k, _split(v, tensors, f"{path}[{k!r}]")])
+            out.append([k, _split(v, tensors, f"{path}[{k!r}]", staging)])
         return {"__dict__": out}
     raise RewindError(
         f"DiskCheckpoints: {path} is a {type(tree).__name__}, which cannot be saved safely (only tensors, numbers, "
@@ -104,32 +121,42 @@ def _join(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ safe metadata
+# Exactly the globals a DCP .metadata pickle contains. Names must match exactly: with protocol >= 4 pickle resolves
+# dotted names attribute by attribute, so allowing "any name of module M" would admit "os.system" via M's imports.
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "StorageMeta", "MetadataIndex", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Admits only what DCP's ``.metadata`` legitimately contains."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch.distributed.checkpoint.metadata" or (
-            module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo"
+        if name in _ALLOWED.get(module, ()) or (
+            module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
         ):
-            return super().find_class(module, name)
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        if module == "torch.serialization" and name == "_get_layout":
-            return super().find_class(module, name)
-        if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"):
-            return super().find_class(module, name)
-        if module == "collections" and name == "OrderedDict":
             return super().find_class(module, name)
         raise RewindError(f"DiskCheckpoints: checkpoint metadata refers to {module}.{name}; refusing to load it.")
 
 
-def _check_metadata(path: Path) -> None:
-    _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+def _read_metadata(path: Path) -> Any:
+    return _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
 
 
 # ------------------------------------------------------------------------------------------------ the tier
 class DiskCheckpoints:
     """Every ``every``-th step's state on disk; keeps the last ``keep_last`` plus every ``keep_every``-th.
+
+    A save copies the tensors into host staging buffers (kept and reused: one host copy of the state) and, with
+    ``async_save``, writes them in a background thread while training goes on.
 
     Example::
 
@@ -159,6 +186,7 @@ class DiskCheckpoints:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._staging: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ queries
     def due(self, step: int) -> bool:
@@ -173,7 +201,13 @@ class DiskCheckpoints:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.stat().st_size for s in self.steps() for f in self._path(s).iterdir())
+        total = 0
+        for s in self.steps():
+            try:  # retention in a background save may delete a checkpoint while we look
+                total += sum(f.stat().st_size for f in self._path(s).iterdir())
+            except FileNotFoundError:
+                pass
+        return total
 
     def _path(self, step: int) -> Path:
         return self.dir / f"step_{step:09d}"
@@ -184,9 +218,9 @@ class DiskCheckpoints:
         go on); with ``async_save`` the files are written by a background thread (:meth:`wait` for it)."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise RewindError(f"DiskCheckpoints.save: step must be an int >= 0, got {step!r}.")
+        self.wait()  # the previous save is complete: its staging buffers can be reused
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = _split(tree, tensors, "tree")  # validates everything before touching the disk
-        self.wait()
+        skeleton = _split(tree, tensors, "tree", self._staging)  # validates everything before touching the disk
         if self.async_save:
             self._thread = threading.Thread(target=self._write_guarded, args=(step, skeleton, tensors), daemon=True)
             self._thread.start()
@@ -231,7 +265,7 @@ class DiskCheckpoints:
             _fsync_dir(tmp)
             final = self._path(step)
             if final.exists():
-                shutil.rmtree(final)
+                _remove(final)  # renamed away first: a crash now leaves the new one in .tmp, the old in .trash
             os.rename(tmp, final)  # the completion marker
             _fsync_dir(self.dir)
             self._retain(step)
@@ -243,7 +277,7 @@ class DiskCheckpoints:
             keep |= {s for s in steps if s % self.keep_every == 0}
         for s in steps:
             if s not in keep:
-                shutil.rmtree(self._path(s), ignore_errors=True)
+                _remove(self._path(s))
 
     def discard_after(self, step: int) -> None:
         """Delete checkpoints newer than ``step`` (a branch that was undone and replaced)."""
@@ -252,7 +286,7 @@ class DiskCheckpoints:
             self.wait()
             for s in self.steps():
                 if s > step:
-                    shutil.rmtree(self._path(s), ignore_errors=True)
+                    _remove(self._path(s))
 
     # ------------------------------------------------------------------ reading
     def load(self, step: int) -> Any:
@@ -265,20 +299,45 @@ class DiskCheckpoints:
             manifest = json.loads((path / "manifest.json").read_text())
         except (OSError, ValueError) as e:
             raise RewindError(f"DiskCheckpoints: {path}/manifest.json is unreadable ({e}).") from None
-        for name, info in manifest["files"].items():
-            f = path / name
+        def check(name: str) -> None:
+            f, info = path / name, manifest["files"][name]
             if not f.exists() or f.stat().st_size != info["size"] or _sha256(f) != info["sha256"]:
                 raise RewindError(f"DiskCheckpoints: {f} is missing or corrupt (checksum mismatch); not loading it.")
-        _check_metadata(path / ".metadata")
+
+        # The small files that steer the load (the pickled DCP metadata, the skeleton) are verified first; the
+        # tensor data (read by DCP through torch.load(weights_only=True)) is hashed in a thread while it loads,
+        # and nothing is returned before every checksum matched.
+        data = [n for n in manifest["files"] if n not in (".metadata", "skeleton.json")]
+        for name in (".metadata", "skeleton.json"):
+            check(name)
+        meta = _read_metadata(path / ".metadata")
+        names = set(manifest["files"])
+        for info in meta.storage_data.values():  # data files named by the metadata must be ones we wrote
+            if getattr(info, "relative_path", None) not in names:
+                raise RewindError(f"DiskCheckpoints: {path}/.metadata points outside the checkpoint; not loading it.")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashed = pool.submit(lambda: [check(n) for n in data])
+            try:
+                tree = self._read(path, meta)
+            except Exception:
+                hashed.result()  # a corrupt file explains the failure: say so
+                raise
+            hashed.result()
+        return tree
+
+    def _read(self, path: Path, meta: Any) -> Any:
         import torch.distributed.checkpoint as dcp
 
-        reader = dcp.FileSystemReader(path)
-        meta = reader.read_metadata()
+        class Reader(dcp.FileSystemReader):
+            def read_metadata(self) -> Any:  # the metadata we already parsed safely: DCP would pickle.load it
+                return meta
+
         tensors = {}
         for fqn, md in meta.state_dict_metadata.items():
-            key = fqn.split(".", 1)[1]  # "tensors.t17" -> "t17"
-            tensors[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+            if not hasattr(md, "size") or not fqn.startswith("tensors."):
+                raise RewindError(f"DiskCheckpoints: unexpected entry {fqn!r} in {path}/.metadata; not loading it.")
+            tensors[fqn.split(".", 1)[1]] = torch.empty(tuple(md.size), dtype=md.properties.dtype)  # "tensors.t17"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.load({"tensors": tensors}, checkpoint_id=path, no_dist=True)
+            dcp.load({"tensors": tensors}, storage_reader=Reader(path), no_dist=True)
         return _join(json.loads((path / "skeleton.json").read_text()), tensors)

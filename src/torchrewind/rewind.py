@@ -385,7 +385,8 @@ class Rewind:
     def _apply_tree(self, tree: dict[str, Any]) -> None:
         for m, sd in zip(self._modules, tree["model"]):
             m.load_state_dict(sd)
-        self.optimizer.load_state_dict(tree["optimizer"])
+        if not self._load_optimizer_in_place(tree["optimizer"]):
+            self.optimizer.load_state_dict(tree["optimizer"])
         for g, saved in zip(self.optimizer.param_groups, tree["group_keys"]):
             order = [k for k in saved if k in g] + [k for k in g if k not in saved]
             if list(g) != order:  # load_state_dict moves "params" last: put the keys back in their recorded order
@@ -404,7 +405,50 @@ class Rewind:
             version, state, gauss = rng["python"]
             rng["python"] = (version, tuple(state), gauss)
         self._recorder.rng.restore(rng)
-        self._tracker.sync()  # load_state_dict replaced optimizer-state tensors: bind them again
+        self._tracker.ensure()  # bind whatever load_state_dict replaced
+
+    def _load_optimizer_in_place(self, sd: dict[str, Any]) -> bool:
+        """Write a state_dict of this optimizer into its existing state tensors (they stay in the arena: no
+        re-binding, no copies of the replaced ones). False, changing nothing, if the layout differs."""
+        opt = self.optimizer
+        groups = opt.param_groups
+        if len(groups) != len(sd["param_groups"]) or any(
+            len(g["params"]) != len(sg["params"]) for g, sg in zip(groups, sd["param_groups"])
+        ):
+            return False
+        by_id = {i: p for g, sg in zip(groups, sd["param_groups"]) for i, p in zip(sg["params"], g["params"])}
+        want = {by_id[i]: st for i, st in sd["state"].items()}
+        for p, saved in want.items():
+            live = opt.state.get(p, {})
+            for k, v in saved.items():
+                t = live.get(k)
+                if isinstance(v, torch.Tensor) and not (
+                    isinstance(t, torch.Tensor) and t.shape == v.shape and t.dtype == v.dtype
+                ):
+                    return False  # needs a new tensor (on the right device): load_state_dict's job
+        with torch.no_grad():
+            for p in [p for p in opt.state if p not in want]:
+                del opt.state[p]
+            for p, saved in want.items():
+                live = opt.state[p]
+                for k in [k for k in live if k not in saved]:
+                    del live[k]
+                for k, v in saved.items():
+                    if isinstance(v, torch.Tensor):
+                        live[k].copy_(v)
+                    else:
+                        live[k] = v
+            for g, sg in zip(groups, sd["param_groups"]):
+                for k in [k for k in g if k != "params" and k not in sg]:
+                    del g[k]
+                for k, v in sg.items():
+                    if k == "params":
+                        continue
+                    if isinstance(g.get(k), torch.Tensor) and isinstance(v, torch.Tensor):
+                        g[k].copy_(v)
+                    else:
+                        g[k] = v
+        return True
 
     @property
     def nbytes_by_tier(self) -> dict[str, int]:
