@@ -36,9 +36,14 @@ def adversarial_floats(dtype: torch.dtype) -> torch.Tensor:
                 0x7F7FFFFF, 0x00800000]  # fmt: skip
         special = torch.tensor([struct.unpack("<i", struct.pack("<I", b))[0] for b in bits], dtype=torch.int32)
         special = special.view(torch.float32)
-    else:
-        special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 3e38], dtype=torch.float64)
-        special = special.to(dtype)
+    else:  # payload NaNs (quiet and signalling), +-inf, -0.0, smallest denormal, built from int bit patterns
+        bits = {
+            torch.float64: (torch.int64, [0x7FF0000000000001, 0xFFF8DEADBEEF0001 - (1 << 64), 0x7FF0000000000000,
+                                          -(1 << 63), 1, 0x000FFFFFFFFFFFFF]),
+            torch.float16: (torch.int16, [0x7C01, 0xFE37 - (1 << 16), 0x7C00, -(1 << 15), 1, 0x03FF]),
+            torch.bfloat16: (torch.int16, [0x7F81, 0xFFC1 - (1 << 16), 0x7F80, -(1 << 15), 1, 0x007F]),
+        }[dtype]  # fmt: skip
+        special = torch.tensor(bits[1], dtype=bits[0]).view(dtype)
     return torch.cat([special, torch.randn(997).to(dtype)])
 
 
@@ -111,3 +116,13 @@ def test_bad_input():
         decode(enc, torch.ones(3))
     with pytest.raises(RewindError, match="out holds"):
         decode(enc, torch.ones(16), out=torch.empty(15))
+
+
+def test_bad_device_level_and_missing_library(monkeypatch):
+    with pytest.raises(RewindError, match="1-D contiguous CPU tensor"):
+        encode(torch.zeros(8), torch.zeros(8, device="meta"))  # any non-CPU device, as a CUDA ref would be
+    with pytest.raises(RewindError, match="level must be"):
+        encode(torch.zeros(8), level=99)
+    monkeypatch.setitem(__import__("sys").modules, "zstandard", None)
+    with pytest.raises(RewindError, match=r"pip install 'torchrewind\[delta\]'"):
+        encode(torch.zeros(8))
