@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -57,6 +58,26 @@ def test_retention_keep_last_and_keep_every(tmp_path):
     assert ck.latest_at_or_before(75) == 60 and ck.latest_at_or_before(-1) is None
     ck.discard_after(60)
     assert ck.steps() == [0, 30, 60]
+
+
+def test_discarding_an_older_branch_does_not_wait_for_a_save_in_flight(tmp_path, monkeypatch):
+    ck = DiskCheckpoints(tmp_path, every=1)
+    ck.save(1, {"x": torch.zeros(1)})
+    ck.wait()
+    gate = threading.Event()
+    real = ck._write
+
+    def slow_write(*a):
+        gate.wait(10)
+        real(*a)
+
+    monkeypatch.setattr(ck, "_write", slow_write)
+    ck.save(5, {"x": torch.ones(1)})
+    ck.discard_after(5)  # nothing newer than 5 anywhere: returns at once, the save still in flight
+    assert ck._thread is not None and ck._thread.is_alive()
+    gate.set()
+    ck.discard_after(3)  # the save in flight (step 5) belongs to the discarded branch: waited for, then deleted
+    assert ck.steps() == [1]
 
 
 def test_corruption_and_leftovers(tmp_path):

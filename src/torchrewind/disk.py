@@ -187,6 +187,9 @@ class DiskCheckpoints:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._staging: dict[str, torch.Tensor] = {}
+        self._pending: int | None = None  # step of the save in flight
+        # newest complete step: lets discard_after, called at every recorded step, skip listing the directory
+        self._newest: int | None = max(self.steps(), default=None)
 
     # ------------------------------------------------------------------ queries
     def due(self, step: int) -> bool:
@@ -222,6 +225,7 @@ class DiskCheckpoints:
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _split(tree, tensors, "tree", self._staging)  # validates everything before touching the disk
         if self.async_save:
+            self._pending = step
             self._thread = threading.Thread(target=self._write_guarded, args=(step, skeleton, tensors), daemon=True)
             self._thread.start()
         else:
@@ -232,6 +236,7 @@ class DiskCheckpoints:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            self._pending = None
         if self._error is not None:
             err, self._error = self._error, None
             raise RewindError(f"DiskCheckpoints: a background save failed: {err}") from err
@@ -268,6 +273,7 @@ class DiskCheckpoints:
                 _remove(final)  # renamed away first: a crash now leaves the new one in .tmp, the old in .trash
             os.rename(tmp, final)  # the completion marker
             _fsync_dir(self.dir)
+            self._newest = step if self._newest is None else max(self._newest, step)
             self._retain(step)
 
     def _retain(self, newest: int) -> None:
@@ -281,12 +287,15 @@ class DiskCheckpoints:
 
     def discard_after(self, step: int) -> None:
         """Delete checkpoints newer than ``step`` (a branch that was undone and replaced)."""
-        newer = [s for s in self.steps() if s > step]
-        if newer or self._thread is not None:
-            self.wait()
+        if self._pending is not None and self._pending > step:
+            self.wait()  # a save of the discarded branch is in flight: let it finish, then delete it
+        if self._newest is None or self._newest <= step:
+            return  # the common case, once per recorded step: no directory listing, no waiting for a save
+        with self._lock:
             for s in self.steps():
                 if s > step:
                     _remove(self._path(s))
+            self._newest = max(self.steps(), default=None)
 
     # ------------------------------------------------------------------ reading
     def load(self, step: int) -> Any:

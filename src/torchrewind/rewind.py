@@ -318,8 +318,8 @@ class Rewind:
         if step >= self._step:
             return self._step  # the live state already is the newest state at or before step
         tl, host, disk = self._timeline, self.tiers.host, self.tiers.disk
-        ring = [(self._slots[tl.slot(p)].step, p) for p in range(max(tl.lo, 0), tl.hi + 1)]
-        ring = [(s, p) for s, p in ring if s <= step]
+        held = [(self._slots[tl.slot(p)].step, p) for p in range(max(tl.lo, 0), tl.hi + 1)]
+        ring = [(s, p) for s, p in held if s <= step]
         rec = host.latest_at_or_before(step) if host is not None else None
         if disk is not None:
             disk.wait()
@@ -327,7 +327,7 @@ class Rewind:
         best = max([s for s, _ in ring] + ([rec.step] if rec else []) + ([on_disk] if on_disk is not None else []),
                    default=None)  # fmt: skip
         if best is None:
-            have = {"device": sorted({self._slots[tl.slot(p)].step for p in range(max(tl.lo, 0), tl.hi + 1)})}
+            have = {"device": sorted({s for s, _ in held})}
             if host is not None:
                 have["host"] = host.steps()
             if disk is not None:
