@@ -7,13 +7,15 @@ from typing import Any
 
 import torch
 
+from torchrewind.distributed import local
 from torchrewind.values import values_equal
 
 
 def clone_value(v: Any) -> Any:
-    """Deep copy with tensors cloned (bitwise), for recording a reference state."""
+    """Deep copy with tensors cloned (bitwise), for recording a reference state. DTensors (FSDP2) become a clone of
+    this rank's local shard."""
     if isinstance(v, torch.Tensor):
-        return v.detach().clone()
+        return local(v).detach().clone()
     if isinstance(v, dict):
         return {k: clone_value(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

@@ -251,6 +251,31 @@ def test_identity_hooks_and_pointers_survive():
     assert len(calls) == n + 1  # the tensor hook registered before re-homing still fires
 
 
+def test_rehoming_keeps_grad_accumulator_hooks():
+    """DDP registers its all-reduce on each parameter's AccumulateGrad node; re-homing (at construction and when the
+    arena grows for the optimizer state) must keep that node, or gradients silently stop being all-reduced."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    params = list(model.parameters())
+    nodes = [p.view_as(p).grad_fn.next_functions[0][0] for p in params]  # what DDP's reducer hooks into
+    fired: list[int] = []
+    for i, n in enumerate(nodes):
+        n.register_hook(lambda *_, i=i: fired.append(i))
+    post: list[int] = []
+    params[0].register_post_accumulate_grad_hook(lambda p: post.append(1))
+    rw = Rewind(model, opt, capacity=2)
+    for b in batches(3):
+        backward(model, opt, b)
+        opt.step()  # the first step creates Adam's state: the arena grows and tensors are re-homed again
+    rw.undo()
+    fired.clear()
+    backward(model, opt, batches(1)[0])
+    assert sorted(fired) == list(range(len(params)))
+    assert len(post) == 4
+    assert [p.view_as(p).grad_fn.next_functions[0][0] for p in params] == nodes
+
+
 def test_lazy_state_undone_and_recreated_in_place():
     torch.manual_seed(0)
     model = Net()

@@ -8,8 +8,10 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from torchrewind import Rewind  # noqa: E402
-from torchrewind import demo  # noqa: E402
+from torchrewind import (
+    Rewind,  # noqa: E402
+    demo,  # noqa: E402
+)
 from torchrewind.__main__ import main  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 import torch
+from statecheck import assert_same, full_state
 from torch import nn
 
-from statecheck import assert_same, full_state
 from torchrewind import Rewind
 from torchrewind.values import values_equal  # the bitwise comparator statecheck uses (sparse-aware)
 

@@ -441,6 +441,91 @@ def test_spike_guard_replay_is_exact(opt, lr, groups):
     assert_same(run.state(), rep.state())
 
 
+def _guarded_train(run: GuardRun, guard, data, *, framework: bool, wrap: bool = False) -> None:
+    """``framework``: the loop of a framework that calls optimizer.step() itself, with the guard's
+    before_step/after_step hooks; else guard.step(loss). ``wrap=False``: no wrapped iterator (skip_batches then
+    means: the next batches' steps are not applied)."""
+    for i, x, t, fault in guard.wrap(data) if wrap else data:
+        loss = forward_loss(run.model, x, t, fault)
+        run.opt.zero_grad()
+        loss.backward()
+        inject_grad(run.model, fault)
+        saved = boost(run.opt, fault)
+        try:
+            if framework:
+                guard.before_step()
+                run.opt.step()  # the framework's step
+                ok = guard.after_step(loss)
+            else:
+                ok = guard.step(loss)
+        finally:
+            if saved is not None:
+                put_lrs(run.opt, saved)
+        if ok and run.sched is not None:
+            run.sched.step()
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["wrapped-loader", "framework-loader"])
+@pytest.mark.parametrize("guard_kind", ["spike", "nonfinite"])
+def test_after_step_takes_the_same_decisions_and_state_as_step(guard_kind, wrap):
+    """before_step(); <framework's optimizer.step()>; after_step(loss) == step(loss), bit for bit: the decisions, the
+    logged losses and lrs, and the final parameters, optimizer state and scheduler."""
+    data = make_data(48, SPIKE_FAULTS)
+
+    def build(capacity):
+        run = GuardRun(opt="adam", lr=0.01, capacity=capacity, groups=True)
+        if guard_kind == "spike":
+            return run, spike_guard(run.rw)
+        return run, NonFiniteGuard(run.rw, check_params=True, max_consecutive=5)
+
+    ref, g_ref = build(4)
+    if wrap:
+        ref.train(g_ref, data)
+    else:
+        _guarded_train(ref, g_ref, data, framework=False)
+    fw, g_fw = build(5)  # the framework's step takes one history slot before the decision: capacity rollback + 1
+    _guarded_train(fw, g_fw, data, framework=True, wrap=wrap)
+    assert kinds(g_fw.log) == kinds(g_ref.log)
+    assert "rolled_back" in kinds(g_ref.log) or guard_kind == "nonfinite"
+    assert "skipped" in kinds(g_ref.log)
+    for a, b in zip(g_fw.log, g_ref.log):
+        assert (a.iteration, a.step, a.reason, a.lrs, a.skipped_batches) == (b.iteration, b.step, b.reason, b.lrs,
+                                                                            b.skipped_batches)  # fmt: skip
+        assert same_float(a.loss, b.loss)
+        # after_step also undid the framework's step whenever the decision was not to apply it
+        assert a.undone == b.undone + (a.kind != "accepted" and "parameters non-finite" not in a.reason)
+    assert any(e.reason.startswith("cool-down") for e in g_ref.log) or guard_kind == "nonfinite"
+    assert_same(ref.state(), fw.state())
+
+
+def test_after_step_inside_step_closure_and_without_a_step():
+    """before_step() inside optimizer.step(closure) (Lightning's order: the pre-step hook recorded before the
+    closure ran) undoes to the state before the closure; a step the framework did not take is logged, not undone."""
+    m, o, rw = tiny(capacity=3)
+    guard = NonFiniteGuard(rw)
+    backprop(m, o)
+    guard.before_step()
+    o.step()
+    assert guard.after_step(m(_X).pow(2).mean().detach()) is True
+    before = full_state(m, o)
+
+    def closure():
+        loss = backprop(m, o, "nan_grad")
+        guard.before_step()  # inside the step: must not record a second point
+        closure.loss = loss
+        return loss
+
+    o.step(closure)
+    assert guard.after_step(closure.loss) is False and guard.log[-1].undone == 1
+    assert_same(before, full_state(m, o))
+    backprop(m, o)
+    guard.before_step()  # e.g. GradScaler found inf and skipped optimizer.step()
+    assert guard.after_step(1.0) is False and "not called" in guard.log[-1].reason
+    assert_same(before, full_state(m, o))
+    with pytest.raises(RewindError, match="before_step"):
+        guard.after_step(1.0)
+
+
 def test_spike_guard_replay_rollback_limited_by_history():
     """rollback=3 but the history holds fewer steps right after a roll-back: min(rollback, len(rw)) are undone."""
     data = make_data(48, SPIKE_FAULTS)
@@ -865,8 +950,9 @@ def test_spike_guard_rolls_back_min_of_rollback_and_history():
 
 
 def test_spike_guard_detector_statistics_roll_back_with_history():
-    """After undoing n steps the detector holds the accepted losses up to the first undone step's (measured at the
-    parameters that are live again); the losses of the later undone steps and of the spike are forgotten."""
+    """After undoing n steps the detector holds the accepted losses of the steps that still stand: the losses of the
+    undone steps (the first one measured at the parameters that are live again) and of the spike are forgotten, so
+    the history is the same whether the guard or a framework's step (before_step/after_step) recorded it."""
     m, o, rw = tiny(capacity=4)
     guard = SpikeGuard(rw, detector=det(warmup=3, window=20), rollback=3, grad_norm=True,
                        grad_detector=det(warmup=3, window=20))  # fmt: skip
@@ -880,8 +966,8 @@ def test_spike_guard_detector_statistics_roll_back_with_history():
     backprop(m, o)
     guard.step(77.0)
     assert guard.log[-1].undone == 3
-    assert list(guard.detector.values) == accepted[:5] and guard.detector.count == 5
-    assert guard.grad_detector.count == 5 and list(guard.grad_detector.values) == gsd["values"][:5]
+    assert list(guard.detector.values) == accepted[:4] and guard.detector.count == 4
+    assert guard.grad_detector.count == 4 and list(guard.grad_detector.values) == gsd["values"][:4]
 
 
 def test_spike_guard_cooldown_and_linear_ramp():
@@ -985,14 +1071,23 @@ def test_spike_guard_skip_batches_skips_exactly_that_many():
     assert loader.skipped == 6 and loader.seen == len(seen)
 
 
-def test_spike_guard_without_wrap_skips_nothing():
+def test_spike_guard_without_wrap_does_not_apply_the_next_batches():
+    # no wrapped iterator (a framework's loop): the next skip_batches steps are not applied instead
     m, o, rw = tiny()
     guard = SpikeGuard(rw, detector=det(), skip_batches=3)
     for i in range(6):
         backprop(m, o)
         guard.step(quiet(i))
     guard.step(100.0)
-    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].skipped_batches == 0
+    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].skipped_batches == 3
+    before = [p.detach().clone() for p in m.parameters()]
+    for i in range(3):
+        backprop(m, o)
+        assert guard.step(quiet(i)) is False
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    assert [e.reason for e in guard.log[-3:]] == ["batch skipped after a roll-back"] * 3
+    backprop(m, o)
+    assert guard.step(quiet(3)) is True
 
 
 def test_spike_guard_consecutive_nonfinite_is_a_spike():
@@ -1005,7 +1100,8 @@ def test_spike_guard_consecutive_nonfinite_is_a_spike():
         guard.step(backprop(m, o, "nan_loss"))
     assert kinds(guard.log)[-3:] == ["skipped", "skipped", "rolled_back"]
     assert guard.log[-1].reason == "non-finite loss (nan), 3 in a row" and guard.log[-1].undone == 1
-    assert guard.consecutive == 0 and guard.detector.count == 3  # NaNs never reach the statistics
+    # NaNs never reach the statistics; the undone step's loss is forgotten with it
+    assert guard.consecutive == 0 and guard.detector.count == 2
 
 
 def test_spike_guard_max_rollbacks_within_budget_window_raises():

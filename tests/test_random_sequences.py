@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
 from statecheck import assert_same, full_state
+
 from torchrewind import Rewind, RewindError
 from torchrewind.values import values_equal
 

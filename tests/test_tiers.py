@@ -12,6 +12,7 @@ from statecheck import assert_same, full_state
 
 from torchrewind import HostArchive, Rewind, RewindError, Tiers
 
+
 def has_codec() -> bool:
     try:
         from torchrewind import codec  # noqa: F401
@@ -28,7 +29,7 @@ COMPRESS = [False, pytest.param(True, marks=pytest.mark.skipif(not has_codec(), 
 class Run:
     """A small model with BatchNorm and Dropout, Adam and a StepLR; remembers the state before every step."""
 
-    def __init__(self, tiers: Tiers, overlap: bool = False, grads: bool = False) -> None:
+    def __init__(self, tiers: Tiers, overlap: bool = False, grads: bool = False, **kw) -> None:
         torch.manual_seed(0)
         self.m = torch.nn.Sequential(
             torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
@@ -36,7 +37,7 @@ class Run:
         )  # fmt: skip
         self.o = torch.optim.Adam(self.m.parameters(), lr=1e-2)
         self.s = torch.optim.lr_scheduler.StepLR(self.o, 3, 0.5)
-        self.rw = Rewind(self.m, self.o, schedulers=[self.s], tiers=tiers, overlap=overlap, grads=grads)
+        self.rw = Rewind(self.m, self.o, schedulers=[self.s], tiers=tiers, overlap=overlap, grads=grads, **kw)
         self.before: dict[int, dict] = {}
         self.o.register_step_pre_hook(lambda *a: self.before.__setitem__(self.rw.step, self.state()))
         self.k = 0
@@ -116,6 +117,38 @@ def test_keep_and_max_bytes_evict_the_oldest(compress):
     r2 = Run(Tiers(device=1, host=HostArchive(keep=100, compress=False, max_bytes=3 * one)))
     r2.steps(10)
     assert len(r2.rw.tiers.host.steps()) == 3 and r2.rw.nbytes_by_tier["host"] <= 3 * one
+
+
+@pytest.mark.parametrize("compress", COMPRESS)
+def test_max_bytes_evicts_device_points_to_the_host_tier(compress):
+    """With a host tier, a device history over max_bytes keeps fewer device points (with a warning) instead of
+    failing: at construction, and when Adam's state appears at the first step. Older points stay reachable."""
+    probe = Run(Tiers(device=1))
+    probe.steps(3)
+    probe.rw.undo()  # fills the redo slot too
+    per_point = probe.rw.nbytes // 2  # capacity 1 + the redo slot, with Adam's state
+    params_only = sum(p.numel() * 4 for p in probe.m.parameters())
+    budget = 4 * per_point  # 3 undo points + the redo slot fit once Adam's state exists
+    with pytest.warns(RuntimeWarning, match=r"device tier keeps 3 undo point\(s\) instead of 8"):
+        r = Run(Tiers(device=8, host=HostArchive(keep=50, compress=compress)), max_bytes=budget)
+        r.steps(12)
+    assert r.rw.capacity == 3 and r.rw.nbytes_by_tier["device"] <= budget
+    assert params_only * 9 < budget  # (at construction, 8 points of parameters alone still fitted)
+    end = r.state()
+    r.rw.undo(3)
+    assert_same(r.state(), r.before[9])
+    with pytest.raises(RewindError, match="only 0 available"):
+        r.rw.undo(1)
+    r.rw.redo(3)
+    assert_same(r.state(), end)
+    assert r.rw.rollback_to(2) == 2  # from the host tier
+    assert_same(r.state(), r.before[2])
+    tight = sum(p.numel() * 4 for p in probe.m.parameters()) * 3
+    with pytest.warns(RuntimeWarning, match="instead of 8"):
+        small = Run(Tiers(device=8, host=HostArchive(keep=5)), max_bytes=tight)  # already at construction
+    assert small.rw.capacity < 8
+    with pytest.raises(RewindError, match="Lower capacity"):
+        Run(Tiers(device=8), max_bytes=tight)  # no host tier to evict to: refused, as before
 
 
 def test_bad_tier_settings():

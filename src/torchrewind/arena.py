@@ -100,8 +100,19 @@ class Entry:
         with torch.no_grad():
             here = self.view()
             here.copy_(t)
-            t.set_(self.arena.storage, self.offset // t.element_size(), self.shape, self.stride)
+            rehome(t, self.arena.storage, self.offset // t.element_size(), self.shape, self.stride)
             del here
+
+
+def rehome(t: torch.Tensor, storage: torch.UntypedStorage, offset: int, shape: Any, stride: Any) -> None:
+    """Make ``t`` (the same Python object) live at ``storage`` from element ``offset``.
+
+    Through ``.data`` rather than ``Tensor.set_``: ``set_`` on a leaf that requires grad drops its AccumulateGrad
+    node, and with it every hook registered there, e.g. DDP's reducer hooks (gradients would silently stop being
+    all-reduced). ``.data`` keeps the node, like ``set_data`` does for FSDP's flat parameters."""
+    home = torch.empty(0, dtype=t.dtype, device=storage.device)
+    home.set_(storage, offset, shape, stride)
+    t.data = home
 
 
 def _span(t: torch.Tensor) -> int:
@@ -158,7 +169,7 @@ class Arena:
             for e in self.entries:
                 obj = e.obj()
                 if obj is not None:
-                    obj.set_(new, e.offset // obj.element_size(), e.shape, e.stride)
+                    rehome(obj, new, e.offset // obj.element_size(), e.shape, e.stride)
         self.storage = new
         self.data_ptr = new.data_ptr()
         self._words = None

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .distributed import local, rank_and_world
 from .errors import RewindError
 
 _DIR = re.compile(r"^step_(\d+)$")
@@ -73,6 +74,7 @@ def _split(tree: Any, tensors: dict[str, torch.Tensor], path: str, staging: dict
     """JSON skeleton of ``tree``; tensors go to ``tensors`` as host copies (the staging of an async save), reusing
     the previous save's buffers in ``staging`` (fresh GB-sized allocations cost more than the copy itself)."""
     if isinstance(tree, torch.Tensor):
+        tree = local(tree)  # FSDP2: this rank's shard (each rank writes its own checkpoint)
         if tree.layout != torch.strided:
             raise RewindError(f"DiskCheckpoints: {path} is a {tree.layout} tensor; only dense tensors can be saved.")
         key = f"t{len(tensors)}"
@@ -179,8 +181,7 @@ class DiskCheckpoints:
                 raise RewindError(f"DiskCheckpoints: {name} must be an int >= 1, got {v!r}.")
         if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
             raise RewindError(f"DiskCheckpoints: keep_every must be an int >= 1 or None, got {keep_every!r}.")
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.root = Path(directory)
         self.every, self.keep_last, self.keep_every = every, keep_last, keep_every
         self.async_save = async_save
         self._thread: threading.Thread | None = None
@@ -188,8 +189,21 @@ class DiskCheckpoints:
         self._lock = threading.Lock()
         self._staging: dict[str, torch.Tensor] = {}
         self._pending: int | None = None  # step of the save in flight
+        self.dir = self.root
+        self._newest: int | None = None
+        self.bind_rank()
+
+    def bind_rank(self) -> None:
+        """Under torch.distributed with several ranks, each rank keeps its checkpoints in ``<directory>/rank<r>/``
+        (its own shards under FSDP2, its replica under DDP: no cross-rank collision, works on node-local disks).
+        Called at construction and again by :class:`~torchrewind.Rewind` (the process group may start later)."""
+        if self._thread is not None:
+            return  # a save is in flight: its directory stays
+        rank, world = rank_and_world()
+        self.dir = self.root / f"rank{rank}" if world > 1 else self.root
+        self.dir.mkdir(parents=True, exist_ok=True)
         # newest complete step: lets discard_after, called at every recorded step, skip listing the directory
-        self._newest: int | None = max(self.steps(), default=None)
+        self._newest = max(self.steps(), default=None)
 
     # ------------------------------------------------------------------ queries
     def due(self, step: int) -> bool:

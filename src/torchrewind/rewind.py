@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from .distributed import all_min, like, local, resolve_group
 from .errors import RewindError
 from .history import Timeline
 from .overlap import BackgroundCopy
@@ -47,7 +50,10 @@ class Rewind:
             a freshly stepped state, and one extra history slot of memory.
         auto: record automatically before every ``optimizer.step()``. With ``auto=False`` call :meth:`snapshot`
             yourself (steps are still noticed, so undo/redo bookkeeping stays right).
-        max_bytes: refuse (with :class:`RewindError`) any history larger than this many bytes.
+        max_bytes: a budget for the device history (ring snapshots) in bytes. Without a host tier, a larger
+            history is refused with :class:`RewindError`; with one (``tiers=Tiers(host=HostArchive(...))``) the
+            device tier keeps fewer undo points instead (a ``RuntimeWarning`` says how many) and older points stay
+            reachable in the host tier through :meth:`rollback_to`.
         verify: re-scan every tracked tensor at each snapshot instead of the O(1) change check (slower; only
             needed if you replace optimizer-state tensors by hand while keeping references to the old ones).
         generators: extra ``torch.Generator`` objects to restore (e.g. a DataLoader's).
@@ -59,6 +65,13 @@ class Rewind:
             just before the step. Requires that between steps nothing but forward/backward touches parameters or
             optimizer state in place (no weight clamping or manual edits after ``step()``; do those before it).
             Costs one extra snapshot buffer (the copy's target until it is complete).
+        group: the process group over which policies agree (losses averaged, gradient norms and "bad" flags
+            reduced, so all ranks undo together): ``"auto"`` uses the default group when torch.distributed is
+            initialized, ``None`` lets each rank decide alone. Snapshots are always of this rank's own tensors.
+        shard: with replicated state (DDP), keep only this rank's 1/world of every snapshot's parameter, buffer and
+            optimizer-state bytes: history memory drops by the group's size, and undo/redo/rollback rebuild the
+            state with one broadcast per rank. Every rank of ``group`` must then undo/redo together (the policies
+            do). Not for FSDP2, whose state is already sharded; not with ``overlap``.
     """
 
     def __init__(
@@ -79,9 +92,27 @@ class Rewind:
         overlap: bool = False,
         tiers: Tiers | None = None,
         storage: str = "device",
+        group: Any = "auto",
+        shard: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise RewindError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        group = resolve_group(group)
+        if shard not in (True, False):
+            raise RewindError(f"shard must be True or False, got {shard!r}.")
+        if shard:
+            if group is None:
+                raise RewindError(
+                    "shard=True splits snapshots across the ranks of a process group, but there is none: initialize "
+                    "torch.distributed with more than one rank (or pass group=), or use shard=False."
+                )
+            if overlap:
+                raise RewindError("shard=True cannot be combined with overlap=True; choose one.")
+            if any(type(p).__name__ == "DTensor" for g in optimizer.param_groups for p in g["params"]):
+                raise RewindError(
+                    "shard=True is for replicated state (DDP); these parameters are DTensors (FSDP2), whose "
+                    "snapshots are already per-rank shards. Use shard=False."
+                )
         if storage not in ("device", "host"):
             raise RewindError(f"storage must be 'device' or 'host' (pinned CPU memory), got {storage!r}.")
         if tiers is not None:
@@ -112,9 +143,12 @@ class Rewind:
         self._auto = auto
         self._grads = grads
         self._timeline = Timeline(capacity, redo)
+        self.tiers = tiers or Tiers(device=capacity)
+        self._shrink_to: int | None = None  # max_bytes exceeded with a host tier: device points to keep
         self._overlap = bool(overlap)
         self._slots = [Slot() for _ in range(self._timeline.nslots)]
         self._pending = False  # a snapshot was taken since the last step: the pre-step hook need not take one
+        self._shard = (dist.get_rank(group), dist.get_world_size(group), group) if shard else None
         self._tracker = Tracker(modules, optimizer, verify=verify, budget=self._check_budget)
         self._recorder = Recorder(
             self._tracker,
@@ -125,27 +159,33 @@ class Rewind:
             grads,
         )
         self._recorder.host_slots = storage == "host"
+        self._recorder.shard = self._shard
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._bg = BackgroundCopy() if overlap else None
         self._bg_job: tuple[int, int] | None = None  # (point being copied, tracker generation at the start)
         self._staging = Slot() if overlap else None  # the background copy's target: ring slots stay intact
         self._post_hook = optimizer.register_step_post_hook(self._post_step)
         self._step = 0  # optimizer steps taken by the live state (restored by undo/redo)
-        self.tiers = tiers or Tiers(device=capacity)
+        self._in_step = False  # between this optimizer's pre- and post-step hooks
+        if self.tiers.disk is not None:
+            self.tiers.disk.bind_rank()  # one directory per rank once torch.distributed is up
         self._modules = modules
         self._scaler = scaler
+        self.group = group  # policies reduce what they decide on over this process group
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._auto:
             self._record_for_step()
         self._pending = False
+        self._in_step = True  # lets a framework callback that runs inside step(closure) know it is recorded
         self._timeline.step_started()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # overlap=True: start copying the state the next step will be undone to into the staging slot; the
         # snapshot is completed (and swapped into the ring) just before the next step, or by an undo.
         self._step += 1
+        self._in_step = False
         if not self._overlap or not self._auto or self._bg_job is not None:
             return
         try:
@@ -202,6 +242,8 @@ class Rewind:
             tl.record()
             self._pending = True
             self._to_lower_tiers(self._slots[tl.slot(point)])
+            if self._shrink_to is not None:
+                self._shrink_device_tier()
             return
         slot = self._slots[tl.slot(point)]
         self._tracker.ensure()
@@ -215,6 +257,8 @@ class Rewind:
         tl.record()
         self._pending = True
         self._to_lower_tiers(slot)
+        if self._shrink_to is not None:
+            self._shrink_device_tier()  # max_bytes was exceeded while recording (e.g. the optimizer state appeared)
 
     def undo(self, n: int = 1) -> None:
         """Go back ``n`` steps: the state just before the ``n``-th last recorded step, bit for bit.
@@ -319,13 +363,25 @@ class Rewind:
             return self._step  # the live state already is the newest state at or before step
         tl, host, disk = self._timeline, self.tiers.host, self.tiers.disk
         held = [(self._slots[tl.slot(p)].step, p) for p in range(max(tl.lo, 0), tl.hi + 1)]
-        ring = [(s, p) for s, p in held if s <= step]
-        rec = host.latest_at_or_before(step) if host is not None else None
         if disk is not None:
             disk.wait()
-        on_disk = disk.latest_at_or_before(step) if disk is not None else None
-        best = max([s for s, _ in ring] + ([rec.step] if rec else []) + ([on_disk] if on_disk is not None else []),
-                   default=None)  # fmt: skip
+
+        def newest(limit: int) -> tuple[list, Any, int | None, int | None]:
+            ring = [(s, p) for s, p in held if s <= limit]
+            rec = host.latest_at_or_before(limit) if host is not None else None
+            on_disk = disk.latest_at_or_before(limit) if disk is not None else None
+            got = [s for s, _ in ring] + ([rec.step] if rec else []) + ([on_disk] if on_disk is not None else [])
+            return ring, rec, on_disk, max(got, default=None)
+
+        ring, rec, on_disk, best = newest(step)
+        if self.group is not None:
+            # Every rank must land on the same step (a save can have completed on one rank and not on another):
+            # take the minimum of the ranks' newest steps and retry at or before it until all ranks hold the same.
+            while True:
+                lo, neg_hi = all_min(self.group, [-1 if best is None else best, -(-1 if best is None else best)])
+                if lo == -neg_hi:
+                    break
+                ring, rec, on_disk, best = newest(int(lo)) if lo >= 0 else ([], None, None, None)
         if best is None:
             have = {"device": sorted({s for s, _ in held})}
             if host is not None:
@@ -384,7 +440,8 @@ class Rewind:
 
     def _apply_tree(self, tree: dict[str, Any]) -> None:
         for m, sd in zip(self._modules, tree["model"]):
-            m.load_state_dict(sd)
+            live = m.state_dict()  # FSDP2: DTensors; the checkpoint holds this rank's shards as plain tensors
+            m.load_state_dict({k: like(live[k], v) if k in live else v for k, v in sd.items()})
         if not self._load_optimizer_in_place(tree["optimizer"]):
             self.optimizer.load_state_dict(tree["optimizer"])
         for g, saved in zip(self.optimizer.param_groups, tree["group_keys"]):
@@ -422,6 +479,7 @@ class Rewind:
             live = opt.state.get(p, {})
             for k, v in saved.items():
                 t = live.get(k)
+                t = local(t) if isinstance(t, torch.Tensor) else t  # FSDP2: compare with this rank's shard
                 if isinstance(v, torch.Tensor) and not (
                     isinstance(t, torch.Tensor) and t.shape == v.shape and t.dtype == v.dtype
                 ):
@@ -435,7 +493,7 @@ class Rewind:
                     del live[k]
                 for k, v in saved.items():
                     if isinstance(v, torch.Tensor):
-                        live[k].copy_(v)
+                        local(live[k]).copy_(v)
                     else:
                         live[k] = v
             for g, sg in zip(groups, sd["param_groups"]):
@@ -524,6 +582,7 @@ class Rewind:
         tl.moved(recorded, target)
         self._step = restored.step
         self._pending = False
+        self._in_step = False
 
     def _forget(self, point: int) -> None:
         """A write into ``point``'s slot failed half-way: the point previously in that slot is gone."""
@@ -539,16 +598,47 @@ class Rewind:
             return
         live = sum(a.used for a in self._tracker.arenas.values()) if hasattr(self, "_tracker") else 0
         per_slot = live + sum(extra.values())
+        if self._shard is not None:
+            per_slot = -(-per_slot // self._shard[1])  # each rank keeps 1/world of the arena bytes
         nslots = self._timeline.nslots + self._overlap  # overlap: one more buffer for the background copy
         need = per_slot * nslots
         if need > self.max_bytes:
             fit = self.max_bytes // per_slot - (nslots - self.capacity) if per_slot else 0
+            if self.tiers.host is not None and fit >= 1:
+                # evict to the next tier instead of failing: fewer device points; older ones stay in the host tier
+                warnings.warn(
+                    f"torchrewind: the history would need {need:,} bytes, over max_bytes={self.max_bytes:,}: the "
+                    f"device tier keeps {fit} undo point(s) instead of {self.capacity}; older points are reachable "
+                    "in the host tier with rollback_to().",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._shrink_to = fit
+                if self._timeline.hi < 0:
+                    self._shrink_device_tier()  # nothing recorded yet: at once
+                return  # else after the record in progress (snapshot() calls _shrink_device_tier)
             raise RewindError(
                 f"history would need {need:,} bytes ({nslots} snapshots x {per_slot:,} bytes), over "
                 f"max_bytes={self.max_bytes:,}. Lower capacity (at most {max(fit, 0)} fits"
                 + (", or pass redo=False to save one snapshot" if self._timeline.nslots > self.capacity else "")
                 + ") or raise max_bytes."
             )
+
+
+    def _shrink_device_tier(self) -> None:
+        """Apply a pending max_bytes eviction: keep only the live point (if recorded) in a smaller ring. Point numbers
+        stay; the dropped points' slots are freed (their states are in the host tier if it archived them)."""
+        fit, self._shrink_to = self._shrink_to, None
+        if fit is None or fit >= self.capacity:
+            return
+        old, old_slots = self._timeline, self._slots
+        tl = Timeline(fit, old.redo_enabled)
+        slots = [Slot() for _ in range(tl.nslots)]
+        if old.cur >= 0 and old.clean:
+            tl.lo = tl.hi = tl.cur = old.cur
+            tl.clean = True
+            slots[tl.slot(old.cur)] = old_slots[old.slot(old.cur)]
+        self._timeline, self._slots, self.capacity = tl, slots, fit
 
 
 class Trial:
@@ -602,6 +692,8 @@ def _check_schedulers(schedulers: Any, optimizer: torch.optim.Optimizer) -> list
                 "can be restored."
             )
         opt = getattr(s, "optimizer", None)
+        while opt is not optimizer and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+            opt = opt.optimizer  # a wrapper around the optimizer (accelerate's AcceleratedOptimizer, ...)
         if isinstance(opt, torch.optim.Optimizer) and opt is not optimizer:
             raise RewindError(
                 f"schedulers[{i}] ({type(s).__name__}) drives a different optimizer than the one given to Rewind."

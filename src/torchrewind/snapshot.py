@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .distributed import broadcast_from, local
 from .errors import RewindError
 from .rng import RNGState
 from .tracker import Structure, Tracker
@@ -65,6 +66,18 @@ class Recorder:
         self.rng = rng
         self.grads = grads
         self.host_slots = False  # Rewind(storage="host"): slots of CUDA arenas live in pinned host memory
+        # Rewind(shard=True): (rank, world, group). Each slot keeps only this rank's 1/world of every arena's words
+        # (replicated state, e.g. DDP); a restore copies its part back and broadcasts every rank's part.
+        self.shard: tuple[int, int, Any] | None = None
+
+    def _part(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """The word range [lo, hi) of an ``n``-word arena that ``rank`` (default: this one) keeps."""
+        if self.shard is None:
+            return 0, n
+        me, world, _ = self.shard
+        chunk = -(-n // world)
+        lo = min((me if rank is None else rank) * chunk, n)
+        return lo, min(lo + chunk, n)
 
     def wait_for_host(self, slot: Slot) -> None:
         """Make a pinned slot's bytes readable by the CPU (its D2H copies are asynchronous)."""
@@ -76,7 +89,8 @@ class Recorder:
     def prepare(self, slot: Slot) -> None:
         """Size the slot's buffers for the current arenas (allocating only when an arena grew)."""
         for k, a in self.tracker.arenas.items():
-            n = a.used // 8
+            lo, hi = self._part(a.used // 8)
+            n = hi - lo
             w = slot.words.get(k)
             if w is None or w.numel() < n:
                 if self.host_slots and a.device.type == "cuda":  # pinned: async D2H/H2D copies, device memory free
@@ -98,7 +112,11 @@ class Recorder:
         """(slot buffer, arena words) for every arena: the bulk of a capture (one copy each). Call prepare first."""
         pairs = []
         for k, a in self.tracker.arenas.items():
-            pairs.append((slot.views[k], a.words()))
+            words = a.words()
+            if self.shard is not None:
+                lo, hi = self._part(a.used // 8)
+                words = words[lo:hi]
+            pairs.append((slot.views[k], words))
             slot.used[k] = a.used
         return pairs
 
@@ -114,9 +132,10 @@ class Recorder:
         tr = self.tracker
         s = tr.structure
         old_pinned = slot.pinned
-        pinned = {key: copy_tensor(p, old_pinned.get(key)) for key, p in tr.pinned_params}
+        # DTensors (FSDP2 shards) are copied through their local tensors: no DTensor dispatch, buffers reused
+        pinned = {key: copy_tensor(local(p), old_pinned.get(key)) for key, p in tr.pinned_params}
         for c, name, t, key in s.pinned_items:
-            pinned[key] = copy_tensor(t, old_pinned.get(key))
+            pinned[key] = copy_tensor(local(t), old_pinned.get(key))
         slot.pinned = pinned
         old_misc = slot.misc
         slot.misc = {key: copy_value(c[name], old_misc.get(key)) for c, name, key in s.misc_items}
@@ -159,19 +178,22 @@ class Recorder:
             live = tr.arenas[k].words()
             saved = slot.views[k]
             if used != live.numel() * 8:  # snapshot taken before this arena grew: its bytes are a prefix
-                live, saved = live[: used // 8], saved[: used // 8]
-            live.copy_(saved, non_blocking=True)
+                live = live[: used // 8]
+            lo, hi = self._part(used // 8)
+            live[lo:hi].copy_(saved[: hi - lo], non_blocking=True)
             del live
+        if self.shard is not None:
+            self._gather_parts(slot)
         with torch.no_grad():
             for key, p in tr.pinned_params:
                 saved = slot.pinned.get(key)
                 if saved is not None:
-                    p.copy_(saved)
+                    local(p).copy_(saved)
         tr.reconcile(slot.structure)
         s = tr.structure
         with torch.no_grad():
             for c, name, t, key in s.pinned_items:
-                t.copy_(slot.pinned[key])
+                local(t).copy_(slot.pinned[key])
         misc = slot.misc
         for c, name, key in s.misc_items:
             c[name] = restore_value(c.get(name), misc[key])
@@ -185,6 +207,18 @@ class Recorder:
                 p.grad = None if g is None else restore_value(p.grad, g)
         for a in tr.arenas.values():
             a.rebaseline()  # reconcile may have created views
+
+    def _gather_parts(self, slot: Slot) -> None:
+        """Shard mode: every rank wrote its own part of each arena; broadcast each rank's part to all others."""
+        _, world, group = self.shard
+        for k, used in slot.used.items():
+            n = used // 8
+            for r in range(world):
+                lo, hi = self._part(n, r)
+                if hi > lo:
+                    part = self.tracker.arenas[k].words()[lo:hi]
+                    broadcast_from(part, r, group)
+                    del part  # no view may outlive the restore: the arena's use count is its change detector
 
     def _restore_objects(self, saved: list) -> None:
         before = [copy_value(o.state_dict()) for o in self.objects] if self.objects else []

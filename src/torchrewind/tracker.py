@@ -318,7 +318,7 @@ class Tracker:
             self.generation += 1  # tensors moved (and arenas may have been reallocated)
         with torch.no_grad():
             for old in evict:
-                old.set_(old.detach().clone(memory_format=torch.preserve_format))
+                old.data = old.detach().clone(memory_format=torch.preserve_format)  # not set_: keeps grad hooks
             for e, key, t in moves:
                 if e is None:
                     e = target[t.device].add(key, t)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
+from ..distributed import all_sum, local, replicas, world_size
 from ..errors import RewindError
 from ..rewind import Rewind
 
@@ -28,20 +30,45 @@ def grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
 
-def grad_norm(optimizer: torch.optim.Optimizer) -> float:
-    """Global L2 norm of all gradients (inf or nan if any gradient is non-finite). One sync per device."""
+def grad_sq(optimizer: torch.optim.Optimizer, group: Any = None) -> float:
+    """This rank's share of the global squared L2 norm of all gradients: summed over ``group`` it is the global
+    squared norm (DTensor shards count once per replica set, plain tensors are taken as replicated across the
+    group). inf or nan if any gradient is. One sync per device."""
     gs = grads(optimizer)
     if not gs:
         return 0.0
-    if any(g.is_sparse for g in gs):
-        gs = [g.coalesce().values() if g.is_sparse else g for g in gs]
-    norms = torch._foreach_norm(gs, 2, dtype=torch.float32)  # fp16/bf16 grads would overflow in their dtype
+    locs = [local(g) for g in gs]
+    locs = [g.coalesce().values() if g.is_sparse else g for g in locs]
+    norms = torch._foreach_norm(locs, 2, dtype=torch.float32)  # fp16/bf16 grads would overflow in their dtype
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for n in norms:
+    weights: dict[torch.device, list[float]] = {}
+    for g, n in zip(gs, norms):
         by_device.setdefault(n.device, []).append(n)
-    # the norm of the per-tensor norms, accumulated in float64: float32 squares of norms near 1e20 would overflow
-    per_device = [torch.linalg.vector_norm(torch.stack(v), dtype=torch.float64) for v in by_device.values()]
-    return math.hypot(*(float(n) for n in per_device))
+        weights.setdefault(n.device, []).append(1.0 / replicas(g, group) if group is not None else 1.0)
+    total = 0.0
+    for dev, v in by_device.items():
+        # squares in float64: float32 squares of norms near 1e20 would overflow
+        sq = torch.stack(v).double().square()
+        w = weights[dev]
+        if any(x != 1.0 for x in w):
+            sq = sq * torch.tensor(w, dtype=torch.float64, device=dev)
+        total += float(sq.sum())
+    return total
+
+
+def grad_norm(optimizer: torch.optim.Optimizer, group: Any = None) -> float:
+    """Global L2 norm of all gradients over ``group`` (inf or nan if any gradient is non-finite)."""
+    return math.sqrt(all_sum(group, [grad_sq(optimizer, group)])[0])
+
+
+def agreed_loss(rw: Rewind, loss: object, who: str, extra: tuple[float, ...] = ()) -> tuple[float, ...]:
+    """The loss averaged over the Rewind's process group, and ``extra`` summed, in one collective (the local values
+    without a group): every rank then takes the same decision."""
+    v = loss_value(loss, who)
+    group = rw.group
+    if group is None:
+        return (v, *extra)
+    return tuple(all_sum(group, [v / world_size(group), *extra]))
 
 
 def lrs(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:

@@ -20,11 +20,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..distributed import all_sum, local
 from ..errors import RewindError
 from ..rewind import Rewind
 from ..skipping import SkippableIterator
 from ..trajectory import Event, Trajectory
-from ._common import check_factor, check_rewind, grad_norm, loss_value, lrs, scale_lrs, set_lrs
+from ._common import agreed_loss, check_factor, check_rewind, grad_sq, loss_value, lrs, scale_lrs, set_lrs
 
 T = TypeVar("T")
 
@@ -63,13 +64,27 @@ class NonFiniteGuard:
         self.iteration = 0
         self.steps = 0
         self.consecutive = 0
+        self._loader: SkippableIterator | None = None
+        self._skip_left = 0  # batches still to skip after a roll-back when no iterator was wrapped
+        self._framework = False  # inside after_step(): the step was already taken by the framework
+        self._mark: int | None = None  # rw.step at before_step()
+        self._used_lrs: tuple[float, ...] | None = None
+        self._restore_lrs: tuple[float, ...] | None = None
+        self._applied_scale = 1.0
+        self._post_hook: Any = None
 
     # -- pieces shared with SpikeGuard ---------------------------------------------------------------------
     def _begin(self, loss: Any) -> tuple[int, float, float | None]:
-        v = loss_value(loss, f"{type(self).__name__}.step(loss)")  # validate before counting the iteration
+        # validated before counting the iteration; averaged over ranks (with the gradient norm, one collective)
+        who = f"{type(self).__name__}.step(loss)"
+        if self._need_grad_norm():
+            v, sq = agreed_loss(self.rw, loss, who, (grad_sq(self.optimizer, self.rw.group),))
+            gn: float | None = math.sqrt(sq) if math.isfinite(v) else None
+        else:
+            (v,) = agreed_loss(self.rw, loss, who)
+            gn = None
         it = self.iteration
         self.iteration += 1
-        gn = grad_norm(self.optimizer) if self._need_grad_norm() and math.isfinite(v) else None
         return it, v, gn
 
     def _need_grad_norm(self) -> bool:
@@ -84,6 +99,7 @@ class NonFiniteGuard:
 
     def _fail(self, it: int, v: float, gn: float | None, reason: str, undone: int = 0) -> bool:
         """A non-finite loss/gradient/parameter: skip (the step is not applied, or was just undone)."""
+        undone += self._discard()
         return self._skip(it, v, reason, {"grad_norm": gn} if gn is not None else None, undone)
 
     def _skip(self, it: int, v: float, reason: str, extra: dict | None = None, undone: int = 0) -> bool:
@@ -101,25 +117,129 @@ class NonFiniteGuard:
 
     def _apply(self, it: int, v: float, closure: Callable[[], Any] | None, reason: str = "") -> bool:
         opt = self.optimizer
-        used = lrs(opt)
-        self.rw._record_for_step()  # the step must be undoable even with Rewind(auto=False)
-        if closure is not None:
-            opt.step(closure)
-        else:
-            opt.step()
-        if self.check_params and not _params_finite(opt):
+        used = self._used_lrs if self._framework else lrs(opt)
+        if not self._framework:  # after_step(): the framework already took the step
+            self.rw._record_for_step()  # the step must be undoable even with Rewind(auto=False)
+            if closure is not None:
+                opt.step(closure)
+            else:
+                opt.step()
+        if self.check_params and not _params_finite(opt, self.rw):
             self.rw.undo()
+            self._framework = False
             return self._fail(it, v, None, "step made parameters non-finite: undone", undone=1)
         self.consecutive = 0
         self.steps += 1
         self.log.add(Event(it, self.steps, "accepted", v, None, used, reason))
         return True
 
+    def _discard(self) -> int:
+        """In after_step(): undo the step the framework took (the decision is not to apply it). Returns the count."""
+        if not self._framework:
+            return 0
+        self._framework = False
+        self.rw.undo()
+        return 1
+
+    def _skip_queued(self, it: int, v: float) -> bool:
+        """A batch skipped after a roll-back when no iterator was wrapped: its step is not applied (or undone)."""
+        self._skip_left -= 1
+        undone = self._discard()
+        self.log.add(Event(it, self.steps, "skipped", v, None, lrs(self.optimizer), "batch skipped after a roll-back",
+                           undone=undone))  # fmt: skip
+        return False
+
+    # -- framework hooks (Lightning, HF Trainer, any loop that calls optimizer.step() itself) --------------
+    def _lr_scale_for_step(self) -> float:
+        return 1.0
+
+    def before_step(self) -> None:
+        """For a loop that calls ``optimizer.step()`` itself: call after backward, before that step (inside or
+        outside ``step(closure)``). Makes the step undoable and applies the guard's learning-rate factor to that one
+        step. Pair it with :meth:`after_step`.
+
+        Example::
+
+            loss.backward(); guard.before_step()
+            optimizer.step()                  # taken by the framework
+            guard.after_step(loss)            # same decision as guard.step(loss); undoes the step if needed
+        """
+        rw = self.rw
+        if not rw._in_step:  # inside step(closure) the pre-step hook already recorded, before the closure ran
+            rw._record_for_step()
+        self._mark = rw._step
+        scale = self._lr_scale_for_step()
+        if scale != 1.0:
+            base = lrs(self.optimizer)
+            scale_lrs(self.optimizer, scale)
+            self._restore_lrs = base
+            if self._post_hook is None:  # put the scheduler's lrs back right after the step, before anything else
+                self._post_hook = self.optimizer.register_step_post_hook(self._unscale)
+        self._used_lrs = lrs(self.optimizer)  # what the step is taken with, for the log
+        self._applied_scale = scale
+
+    def cancel(self) -> None:
+        """Forget a :meth:`before_step` whose iteration will not be judged (e.g. the framework skipped the batch)."""
+        self._mark = None
+        self._unscale()
+
+    def close(self) -> None:
+        """Remove the optimizer hook :meth:`before_step` installed (the guard's log and statistics stay)."""
+        self.cancel()
+        if self._post_hook is not None:
+            self._post_hook.remove()
+            self._post_hook = None
+
+    def _unscale(self, *_: Any) -> None:
+        if self._restore_lrs is not None:
+            set_lrs(self.optimizer, self._restore_lrs)
+            self._restore_lrs = None
+
+    def after_step(self, loss: torch.Tensor | float) -> bool:
+        """Decide, after a framework's ``optimizer.step()``, for that step: ``loss`` is the iteration's loss
+        (computed before the step) and the gradients must still be in ``.grad``. Takes the same decision as
+        :meth:`step` and leaves the same state, bit for bit, given the same undo point: a step that should not
+        have been applied is undone (to where the step was recorded: if that was before forward, e.g. Lightning's
+        pre-step hook, a skipped batch's RNG draws and BatchNorm statistics are undone too).
+        Returns whether the step stands. Needs :meth:`before_step` before the step.
+
+        Example::
+
+            guard.before_step(); optimizer.step()
+            if not guard.after_step(loss): print("step undone")
+        """
+        if self._mark is None:
+            raise RewindError(
+                f"{type(self).__name__}.after_step(loss) needs before_step() to be called after backward and before "
+                "optimizer.step() in the same iteration (use step(loss) if the guard should take the step itself)."
+            )
+        stepped = self.rw._step > self._mark
+        self._mark = None
+        self._unscale()  # the step raised or never ran: do not leave the scaled lrs behind
+        if not stepped:  # e.g. GradScaler skipped optimizer.step() because of inf/NaN gradients
+            # the point before_step() recorded belongs to no step: the next step records afresh (forward since
+            # then changed buffers, RNG, the scaler)
+            self.rw._pending = False
+            v = loss_value(loss, f"{type(self).__name__}.after_step(loss)")
+            it = self.iteration
+            self.iteration += 1
+            self.log.add(Event(it, self.steps, "skipped", v, None, lrs(self.optimizer),
+                               "optimizer.step() was not called (e.g. GradScaler found inf/NaN)"))  # fmt: skip
+            return False
+        self._framework = True
+        try:
+            return self.step(loss)
+        finally:
+            self._framework = False
+            self._used_lrs = None
+
     # -- public --------------------------------------------------------------------------------------------
     def step(self, loss: torch.Tensor | float, closure: Callable[[], Any] | None = None) -> bool:
         """Apply ``optimizer.step(closure)`` unless the loss or the gradients are non-finite. Returns whether the
         step was applied."""
         it, v, gn = self._begin(loss)
+        if self._skip_left:
+            return self._skip_queued(it, v)
         reason = self._nonfinite_reason(v, gn)
         if reason:
             return self._fail(it, v, gn, reason)
@@ -314,7 +434,6 @@ class SpikeGuard(NonFiniteGuard):
         self.detector = detector or SpikeDetector()
         self.use_grad_norm = grad_norm
         self.grad_detector = (grad_detector or SpikeDetector()) if grad_norm else None
-        self._loader: SkippableIterator | None = None
         self._factor = 1.0  # lr multiplier set by the last spike
         self._cool_left = 0
         self._ramp_left = 0
@@ -328,6 +447,7 @@ class SpikeGuard(NonFiniteGuard):
 
     def _fail(self, it: int, v: float, gn: float | None, reason: str, undone: int = 0) -> bool:
         # max_consecutive non-finite iterations in a row are treated as a spike: the parameters may be broken.
+        undone += self._discard()
         if self.consecutive + 1 >= self.max_consecutive:
             return self._roll_back(it, v, gn, f"{reason}, {self.consecutive + 1} in a row", already_undone=undone)
         return super()._fail(it, v, gn, reason, undone)
@@ -347,6 +467,8 @@ class SpikeGuard(NonFiniteGuard):
         """Decide for this iteration: apply the step (at the cool-down lr), skip it, or roll back. Returns whether
         a step was applied."""
         it, v, gn = self._begin(loss)
+        if self._skip_left:
+            return self._skip_queued(it, v)
         reason = self._nonfinite_reason(v, gn)
         if reason:
             return self._fail(it, v, gn, reason)
@@ -355,20 +477,25 @@ class SpikeGuard(NonFiniteGuard):
             return self._roll_back(it, v, gn, f"loss spike (z={z:.1f})")
         if self.grad_detector is not None and gn is not None and self.grad_detector.is_spike(gn):
             return self._roll_back(it, v, gn, f"gradient-norm spike (z={self.grad_detector.score(gn):.1f})")
+        # Record before the detectors learn this loss (and before any lr scaling): a roll-back to this point
+        # forgets the losses from here on, the same whether the guard or a framework (before_step) records it.
+        if not self._framework:
+            self.rw._record_for_step()
         self.detector.update(v)
         if self.grad_detector is not None and gn is not None:
             self.grad_detector.update(gn)
-        scale = self.lr_scale
+        scale = self._applied_scale if self._framework else self.lr_scale
         if scale == 1.0:
             return self._apply(it, v, closure)
-        # Record before scaling so that an undo brings back the unscaled (scheduler's) learning rates.
-        self.rw.snapshot()
-        base = lrs(self.optimizer)
-        scale_lrs(self.optimizer, scale)
-        try:
+        if self._framework:  # before_step() scaled the lrs of the step already taken
             applied = self._apply(it, v, closure, f"cool-down lr x{scale:.3g}")
-        finally:
-            set_lrs(self.optimizer, base)
+        else:  # recorded above, before scaling: an undo brings back the unscaled (scheduler's) learning rates
+            base = lrs(self.optimizer)
+            scale_lrs(self.optimizer, scale)
+            try:
+                applied = self._apply(it, v, closure, f"cool-down lr x{scale:.3g}")
+            finally:
+                set_lrs(self.optimizer, base)
         if applied:
             self._tried = True
             if self._cool_left > 0:
@@ -379,7 +506,11 @@ class SpikeGuard(NonFiniteGuard):
                 self._factor = 1.0
         return applied
 
+    def _lr_scale_for_step(self) -> float:
+        return self.lr_scale
+
     def _roll_back(self, it: int, v: float, gn: float | None, reason: str, already_undone: int = 0) -> bool:
+        already_undone += self._discard()
         self._rollbacks.append(it)
         while self._rollbacks and self._rollbacks[0] <= it - self.budget_window:
             self._rollbacks.popleft()
@@ -393,10 +524,11 @@ class SpikeGuard(NonFiniteGuard):
         n = min(self.rollback, len(self.rw))
         if n:
             self.rw.undo(n)
-        skipped = 0
-        if self.skip_batches and self._loader is not None:
-            self._loader.skip(self.skip_batches)
-            skipped = self.skip_batches
+        skipped = self.skip_batches
+        if self._loader is not None:
+            self._loader.skip(skipped)
+        else:  # no wrapped iterator (e.g. a framework's loop): the next batches' steps are not applied
+            self._skip_left = skipped
         # Compound the factor only when a step at the reduced lr was taken and training spiked again (the lr is
         # still too high); back-to-back spikes with no step between them (a burst of bad batches) say nothing new.
         if self._tried or self.lr_scale == 1.0:
@@ -413,12 +545,14 @@ class SpikeGuard(NonFiniteGuard):
         return False
 
 
-def _params_finite(opt: torch.optim.Optimizer) -> bool:
-    ps = [p.detach() for g in opt.param_groups for p in g["params"]]
-    if not ps:
-        return True
-    norms = torch._foreach_norm(ps, float("inf"))  # max |x|: inf/nan only if an element is
-    return bool(torch.stack([n.float().cpu() for n in norms]).isfinite().all())
+def _params_finite(opt: torch.optim.Optimizer, rw: Rewind) -> bool:
+    """Whether every parameter element is finite, on every rank of the Rewind's group."""
+    ps = [local(p.detach()) for g in opt.param_groups for p in g["params"]]
+    ok = True
+    if ps:
+        norms = torch._foreach_norm(ps, float("inf"))  # max |x|: inf/nan only if an element is
+        ok = bool(torch.stack([n.float().cpu() for n in norms]).isfinite().all())
+    return all_sum(rw.group, [0.0 if ok else 1.0])[0] == 0.0
 
 
 def _median(xs: list[float]) -> float:

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from ..distributed import local, replicas
 from ..errors import RewindError
 from ..rewind import Rewind
 from ..trajectory import Event, Trajectory
-from ._common import check_factor, check_lr_max, check_rewind, loss_value, lrs, scale_lrs, set_lrs
+from ._common import agreed_loss, check_factor, check_lr_max, check_rewind, lrs, scale_lrs, set_lrs
 
 
 class _Backtracking:
@@ -81,7 +82,7 @@ class _Backtracking:
         opt.zero_grad(set_to_none=True)
         rng_before = _rng_state() if self.same_rng else None
         loss = loss_fn()
-        f0 = loss_value(loss, f"{type(self).__name__}: loss_fn()")
+        (f0,) = agreed_loss(self.rw, loss, f"{type(self).__name__}: loss_fn()")  # all ranks skip, or none
         self.forwards += 1
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise RewindError(f"{type(self).__name__}: loss_fn() must return a tensor that requires grad "
@@ -102,11 +103,11 @@ class _Backtracking:
             self.rw._record_for_step()  # so this works with Rewind(auto=False) too
             opt.step()
             try:
-                gd = _directional(params, theta0) if theta0 is not None else 0.0
+                gd = _directional(params, theta0, self.rw.group) if theta0 is not None else 0.0
                 with torch.no_grad():
                     if rng_before is not None:
                         _set_rng_state(rng_before)  # same dropout masks as the first evaluation
-                    f1 = loss_value(loss_fn(), f"{type(self).__name__}: loss_fn()")
+                    f1, gd = agreed_loss(self.rw, loss_fn(), f"{type(self).__name__}: loss_fn()", (gd,))
             except BaseException:
                 self.rw.undo()  # an error while judging the trial: leave the state as before the step
                 raise
@@ -135,9 +136,9 @@ class _Backtracking:
         """θ0, into buffers reused across iterations (undo restores θ0 exactly, so one copy serves every try)."""
         old = getattr(self, "_theta0", None)
         if old is None or len(old) != len(params) or any(a.shape != p.shape for a, p in zip(old, params)):
-            old = self._theta0 = [p.detach().clone() for p in params]
+            old = self._theta0 = [local(p.detach()).clone() for p in params]
         else:
-            torch._foreach_copy_(old, [p.detach() for p in params])
+            torch._foreach_copy_(old, [local(p.detach()) for p in params])
         return old
 
     def _grow(self) -> None:
@@ -246,15 +247,17 @@ class BoldDriver(_Backtracking):
         return f1 <= bound, f"f1={f1:.6g} vs bound={bound:.6g}"
 
 
-def _directional(params: list[torch.Tensor], theta0: list[torch.Tensor]) -> float:
-    """∇f·Δ with Δ = θ1 − θ0, accumulated in float64."""
+def _directional(params: list[torch.Tensor], theta0: list[torch.Tensor], group: Any = None) -> float:
+    """This rank's share of ∇f·Δ with Δ = θ1 − θ0 (local shards, accumulated in float64): summed over ``group`` it
+    is the global value."""
     with torch.no_grad():
-        delta = torch._foreach_sub([p.detach() for p in params], theta0)
-        dots = [
-            torch.dot(d.reshape(-1).double(), (p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1).double())
-            for d, p in zip(delta, params)
-        ]
-        return float(torch.stack([x.cpu() for x in dots]).sum().item()) if dots else 0.0
+        delta = torch._foreach_sub([local(p.detach()) for p in params], theta0)
+        dots = []
+        for d, p in zip(delta, params):
+            g = local(p.grad)
+            dot = torch.dot(d.reshape(-1).double(), (g.to_dense() if g.is_sparse else g).reshape(-1).double())
+            dots.append((dot / replicas(p, group) if group is not None else dot).cpu())
+        return float(torch.stack(dots).sum().item()) if dots else 0.0
 
 
 def _rng_state() -> tuple:

@@ -1,0 +1,237 @@
+"""Hugging Face ``Trainer`` integration: spike guard, non-finite guard and undo for ``trainer.train()``.
+
+Usage::
+
+    cb = RewindTrainerCallback("spike", rollback=2, skip_batches=4)      # or RewindTrainerCallback("nonfinite")
+    trainer = RewindTrainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
+    trainer.train(); print(cb.log.counts())                             # every decision is in cb.log
+
+Two pieces, because a ``TrainerCallback`` never sees the loss:
+
+* :class:`RewindTrainerMixin` (or the ready-made :class:`RewindTrainer`) hands every micro-batch loss returned by
+  ``Trainer.training_step`` to the callback. Mix it into your own ``Trainer`` subclass
+  (``class MyTrainer(RewindTrainerMixin, SFTTrainer)``) to keep that subclass.
+* :class:`RewindTrainerCallback` builds the :class:`~torchrewind.Rewind` and the guard at ``on_train_begin``, calls
+  ``guard.before_step()`` at ``on_pre_optimizer_step`` and ``guard.after_step(loss)`` at ``on_optimizer_step``:
+  gradients are still in ``.grad`` there and the LR scheduler has not stepped yet.
+
+Semantics: exactly those of ``guard.step(loss)`` in a plain loop that runs ``if guard.step(loss): sched.step()``
+(``tests/test_hf.py`` checks it bit for bit): a step that is not applied is undone, and so is the scheduler step the
+``Trainer`` takes after it, so the LR schedule advances only with the steps that stand. ``max_steps`` and
+``state.global_step`` still count iterations, undone ones included. The ``Trainer``'s data loader is not wrapped, so
+``skip_batches`` means "the next N batches are computed but their steps are not applied".
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "torchrewind.integrations.hf needs Hugging Face transformers and accelerate: pip install torchrewind[hf]"
+    ) from e
+
+from ..errors import RewindError
+from ..policies import NonFiniteGuard, SpikeGuard
+from ..rewind import Rewind
+from ..trajectory import Trajectory
+from ._common import check_guard_kwargs, check_rewind_args, history_capacity, init_state
+
+__all__ = ["RewindTrainer", "RewindTrainerCallback", "RewindTrainerMixin"]
+
+_GUARDS: dict[str, type[NonFiniteGuard]] = {"spike": SpikeGuard, "nonfinite": NonFiniteGuard}
+
+
+def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The innermost torch optimizer: step hooks must go on the object whose ``step()`` really runs (accelerate's
+    wrapper calls ``self.optimizer.step()``; with fp16 through ``GradScaler.step``)."""
+    while True:
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is opt:
+            break
+        opt = inner
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise RewindError(
+            f"RewindTrainerCallback: the Trainer's optimizer is a {type(opt).__name__}, not a torch optimizer."
+        )
+    return opt
+
+
+class RewindTrainerCallback(TrainerCallback):
+    """Guards every optimizer step of a Hugging Face ``Trainer`` with :class:`~torchrewind.SpikeGuard` or
+    :class:`~torchrewind.NonFiniteGuard`. Needs a ``Trainer`` with :class:`RewindTrainerMixin` (e.g.
+    :class:`RewindTrainer`), which gives it each step's loss.
+
+    Example::
+
+        cb = RewindTrainerCallback("spike", rollback=2, skip_batches=4)
+        RewindTrainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()
+        print(cb.log.counts(), cb.guard.rollbacks)
+
+    Args:
+        guard: ``"spike"`` (:class:`~torchrewind.SpikeGuard`) or ``"nonfinite"`` (:class:`~torchrewind.NonFiniteGuard`).
+        capacity: the Rewind's history (steps that can be undone). ``"spike"``: at least ``rollback + 1``, because the
+            step just taken by the ``Trainer`` occupies one slot (default ``rollback + 1``; with only ``capacity``
+            given, ``rollback = capacity - 1``). ``"nonfinite"``: default 1. Each slot holds a copy of parameters,
+            buffers and optimizer state.
+        rng: passed to :class:`~torchrewind.Rewind` (``True``: undo restores the torch RNGs, e.g. dropout's).
+        log: the :class:`~torchrewind.Trajectory` to append decisions to (default: a new one, ``.log``).
+        rewind_kwargs: more :class:`~torchrewind.Rewind` options, e.g. ``{"storage": "host"}`` to keep the history
+            in pinned CPU memory.
+        **guard_kwargs: the guard's options (``rollback``, ``skip_batches``, ``lr_factor``, ``cooldown``,
+            ``detector``, ``max_consecutive``, ...). ``SpikeGuard``'s ``rollback`` defaults to 1 here.
+
+    Attributes (set at ``on_train_begin``): ``rewind``, ``guard``; ``log`` exists from the start; ``last_step_stood``
+    says whether the latest optimizer step stands.
+    """
+
+    def __init__(
+        self,
+        guard: str = "spike",
+        capacity: int | None = None,
+        *,
+        rng: bool | str = True,
+        log: Trajectory | None = None,
+        rewind_kwargs: dict[str, Any] | None = None,
+        **guard_kwargs: Any,
+    ) -> None:
+        if not all(hasattr(TrainerCallback, e) for e in ("on_pre_optimizer_step", "on_optimizer_step")):
+            raise RewindError(  # older Trainers have no event between backward and the optimizer step
+                "RewindTrainerCallback needs a transformers version whose TrainerCallback has on_pre_optimizer_step "
+                "and on_optimizer_step: pip install -U transformers"
+            )
+        if guard not in _GUARDS:
+            raise RewindError(f"RewindTrainerCallback: guard must be one of {sorted(_GUARDS)}, got {guard!r}.")
+        name = "RewindTrainerCallback"
+        own = ("model", "optimizer", "schedulers", "scaler", "capacity", "rng")
+        check_rewind_args(name, capacity, rewind_kwargs, own)
+        capacity = history_capacity(name, "the Trainer", guard, capacity, guard_kwargs)
+        check_guard_kwargs(name, _GUARDS[guard], capacity, rng, guard_kwargs)
+        self.guard_name = guard
+        init_state(self, capacity, rng, log, rewind_kwargs, guard_kwargs)
+        self.rewind: Rewind | None
+        self.guard: NonFiniteGuard | None
+        self._scheduler: Any = None
+        self._loss: torch.Tensor | float | None = None  # this optimizer step's loss, summed over micro-batches
+        self._restore: tuple[dict[str, Any], list[Any]] | None = None  # scheduler + lrs to put back at on_step_end
+
+    # -- fed by RewindTrainerMixin ----------------------------------------------------------------------------
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Add one micro-batch's loss, as ``Trainer.training_step`` returns it (already divided for gradient
+        accumulation), so the sum is the optimizer step's loss. :class:`RewindTrainerMixin` calls this."""
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()  # summed on device: no sync per micro-batch
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    # -- Trainer events ----------------------------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if getattr(args, "deepspeed", None):
+            raise RewindError(
+                "RewindTrainerCallback does not support DeepSpeed: its engine steps the optimizer inside backward(), "
+                "where no callback can make the step undoable."
+            )
+        optimizer, scheduler, model = kwargs.get("optimizer"), kwargs.get("lr_scheduler"), kwargs.get("model")
+        if optimizer is None:
+            raise RewindError("RewindTrainerCallback: the Trainer passed no optimizer to on_train_begin.")
+        self.close()  # a second trainer.train(): the optimizer and scheduler may be new objects
+        opt = _torch_optimizer(optimizer)
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's GradScaler (fp16): its state is undone too
+        self.rewind = Rewind(
+            model,
+            opt,
+            schedulers=[scheduler] if scheduler is not None else [],  # drives the wrapper around opt: accepted
+            scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
+            capacity=self.capacity,
+            rng=self.rng,
+            **self.rewind_kwargs,
+        )
+        self.guard = _GUARDS[self.guard_name](self.rewind, log=self.log, **self.guard_kwargs)
+        self._optimizer, self._scheduler = opt, scheduler
+        self._loss, self._restore, self.last_step_stood = None, None, None
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._loss = None  # first micro-batch of an optimizer step
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.guard is None:
+            raise RewindError("RewindTrainerCallback: on_pre_optimizer_step before on_train_begin.")
+        if self._loss is None:
+            raise RewindError(
+                "RewindTrainerCallback got no loss for this step: use RewindTrainer, or mix RewindTrainerMixin into "
+                "your Trainer class (class MyTrainer(RewindTrainerMixin, Trainer)), so that training_step hands the "
+                "loss over."
+            )
+        self.guard.before_step()  # records the state (gradients clipped already) and applies any cool-down lr
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        loss, self._loss = self._loss, None
+        assert self.guard is not None and loss is not None  # on_pre_optimizer_step checked both
+        self.last_step_stood = self.guard.after_step(loss)  # grads still present, scheduler not stepped yet
+        if not self.last_step_stood:
+            # The Trainer steps the scheduler next, unconditionally; the step it follows did not happen, so put the
+            # scheduler (and the lrs it writes into the param groups) back at on_step_end, as a plain loop running
+            # `if guard.step(loss): sched.step()` would have them.
+            opt = self._optimizer
+            sd = copy.deepcopy(self._scheduler.state_dict()) if self._scheduler is not None else {}
+            self._restore = (sd, [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+                                  for g in opt.param_groups])  # fmt: skip
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._restore is None:
+            return
+        sd, lrs = self._restore
+        self._restore = None
+        if self._scheduler is not None:
+            self._scheduler.load_state_dict(sd)
+        for g, lr in zip(self._optimizer.param_groups, lrs):
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].copy_(lr)  # tensor lrs (fused/capturable optimizers) stay the same tensor
+            else:
+                g["lr"] = lr
+
+    def close(self) -> None:
+        """Remove the hooks this callback put on the optimizer (the next ``on_train_begin`` calls it too)."""
+        if self.rewind is not None:
+            self.rewind.close()
+        if self.guard is not None:
+            self.guard.close()
+        self.rewind = self.guard = None
+
+
+class RewindTrainerMixin:
+    """Mix into a ``Trainer`` (sub)class, before it, so that :class:`RewindTrainerCallback` receives each step's loss::
+
+        class MyTrainer(RewindTrainerMixin, Trainer): ...
+        MyTrainer(model=model, args=args, train_dataset=ds, callbacks=[RewindTrainerCallback("nonfinite")]).train()
+
+    It overrides only ``training_step``: the loss it returns (per micro-batch, already divided for gradient
+    accumulation, the same value the ``Trainer`` logs) is handed to every :class:`RewindTrainerCallback`.
+    """
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        for cb in self.callback_handler.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, RewindTrainerCallback):
+                cb.observe_loss(loss)
+        return loss
+
+
+class RewindTrainer(RewindTrainerMixin, Trainer):
+    """``transformers.Trainer`` that feeds :class:`RewindTrainerCallback` (see :class:`RewindTrainerMixin`)::
+
+        cb = RewindTrainerCallback("spike", rollback=2)
+        RewindTrainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()
+    """
