@@ -36,10 +36,39 @@ def test_example_spike_guard(tmp_path):
     assert csv.read_text().startswith("iteration,")
 
 
+def test_example_lightning_spike_guard(tmp_path):
+    pytest.importorskip("lightning")
+    csv = tmp_path / "log.csv"
+    out = run("examples/lightning_spike_guard.py", "--csv", str(csv))
+    assert "plain Lightning:       final loss nan" in out  # the NaN batch kills plain Lightning training
+    assert re.search(r"iteration 150: rolled_back", out) and re.search(r"iteration 220: skipped", out)
+    final = float(re.search(r"RewindCallback\(spike\): final loss ([\d.]+)", out).group(1))
+    assert final < 0.2
+    assert csv.read_text().startswith("iteration,")
+
+
 def test_example_line_search():
     out = run("examples/line_search.py")
     finals = [float(x) for x in re.findall(r"final loss ([\d.]+)", out)]
     assert len(finals) == 4 and all(f < 0.3 for f in finals), out
+
+
+def test_example_hf_spike_guard():
+    pytest.importorskip("transformers")
+    out = run("examples/hf_spike_guard.py")
+    assert "plain Trainer:                 final loss nan" in out  # the NaN batch kills the plain Trainer
+    assert re.search(r"iteration 80: rolled_back", out) and re.search(r"iteration 140: skipped", out), out
+    assert "195 of 200 steps stand; the LR schedule followed them: it is at step 195" in out
+    assert float(re.search(r"SpikeGuard:    final loss ([\d.]+)", out).group(1)) < 3.0
+
+
+@pytest.mark.distributed
+def test_example_ddp_spike_guard():
+    out = run("examples/ddp_spike_guard.py")
+    assert "plain DDP:  final loss nan" in out  # one rank's fault poisons every replica
+    assert re.search(r"iteration 60: rolled_back \(loss spike", out) and "iteration 98: skipped (non-finite loss" in out
+    assert float(re.search(r"SpikeGuard: final loss ([\d.]+)", out).group(1)) < 0.5
+    assert "replicas bitwise identical: True" in out
 
 
 # script: (sections its report must have, keys its JSON must have)
@@ -49,6 +78,7 @@ BENCHMARKS = {
     "bench_overlap.py": (["blocking snapshot: added"], {"rows", "verdicts"}),
     "bench_delta.py": (["whole HostArchive"], {"adam/archive", "sgd/archive"}),
     "bench_disk.py": (["rollback"], {"rollback_s", "exact"}),
+    "bench_ddp.py": (["## DDP overhead", "replicas identical: True"], {"rows", "world_size"}),
 }
 
 
@@ -65,3 +95,5 @@ def test_benchmark_quick_runs(tmp_path, script):
         assert len(res["settings"]["seeds"]) >= 3
     if script == "bench_disk.py":
         assert res["exact"] is True  # the rollback from disk was bitwise exact
+    if script == "bench_ddp.py":
+        assert res["world_size"] == 2 and res["replicas_identical"] is True  # the guards kept the ranks in step

@@ -8,6 +8,10 @@ this loop is the Trainer's numerics before any guard decision is compared.
 """
 
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,3 +280,18 @@ def test_errors(tmp_path):
     cb = RewindTrainerCallback("nonfinite", max_consecutive=2)  # the guard's own error ends training
     with pytest.raises(RewindError, match="2 consecutive iterations were not applied"):
         train_hf(tmp_path, dataset(4, nan=(1, 2)), 4, callback=cb)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", [False, True], ids=["full", "shard"])
+def test_ddp_ranks_take_the_same_decisions(tmp_path, shard):
+    """The Trainer under torchrun (2 CPU processes, DDP over gloo): a spike on one rank's batch rolls back both ranks
+    together (the callback's Rewind agrees over the default process group); replicas stay bitwise identical."""
+    script = Path(__file__).with_name("hf_ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(tmp_path)] + (["--shard"] if shard else [])  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"world 2 shard: {shard} group: True" in out.stdout and "rolled_back" in out.stdout, out.stdout
+    assert "identical: True same decisions: True" in out.stdout, out.stdout

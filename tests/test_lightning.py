@@ -2,7 +2,10 @@
 that runs ``if guard.step(loss): sched.step()`` on the same batches; and clear errors that leave training untouched."""
 
 import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,3 +361,17 @@ def test_factory_with_too_small_history_is_refused_before_any_step():
         fit(module, make_batches(4), [RewindCallback(lambda rw: SpikeGuard(rw, rollback=2), capacity=2)])
     assert_same(list(module.parameters()), before)
     assert not module.opt.state and not module.opt._optimizer_step_pre_hooks  # no step, no hooks left behind
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", [False, True], ids=["full", "shard"])
+def test_ddp_strategy_ranks_take_the_same_decisions(shard):
+    """Lightning's DDP (ddp_spawn, 2 CPU processes): a spike on one rank's batch rolls back both ranks together (the
+    callback's Rewind agrees over the default process group) and the replicas stay bitwise identical."""
+    script = Path(__file__).with_name("lightning_ddp_worker.py")
+    cmd = [sys.executable, str(script)] + (["--shard"] if shard else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"shard: {shard} group: True" in out.stdout and "rolled_back" in out.stdout, out.stdout
+    assert "identical: True same decisions: True" in out.stdout, out.stdout

@@ -30,10 +30,11 @@ planes, no XOR, zstd 1                 1.20x           1.17x
 =====================================  ==============  ==============
 
 Only zstd (or blosc2's zstd) keeps SGD at >= 1.5x; lz4 is faster but misses the ratio; zlib is 10x too slow to be a
-fallback, hence the hard ``RewindError`` without zstandard. The 500 MB/s/core encode target is met only on a quiet
-core (460-530 MB/s measured; 250-350 MB/s wall clock on this shared 2-core machine): zstd's literal coding of the
-third plane (bits 16-23) costs ~40% of the time and no parameter set measured got it much faster at that ratio.
-Decode runs at ~800-900 MB/s.
+fallback, hence the hard ``RewindError`` without zstandard. Encode speed depends on how busy the machine is: the
+table's runs shared the 2 cores (250-350 MB/s wall clock then); later quiet runs of ``bench_delta.py`` gave
+719-867 MB/s (Adam) and 829-842 MB/s (SGD) encode, 1.3-1.6 GB/s decode. zstd's literal coding of the third plane
+(bits 16-23) is the largest single cost (~30%); reusing the work arrays instead of allocating them per call measured
+no gain (glibc reuses the freed blocks).
 
 Example::
 

@@ -172,6 +172,7 @@ class Rewind:
         self._modules = modules
         self._scaler = scaler
         self.group = group  # policies reduce what they decide on over this process group
+        self.shard = shard  # each rank keeps 1/world of every snapshot (replicated state)
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
