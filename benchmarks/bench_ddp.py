@@ -17,6 +17,9 @@ every global batch, the same batches for every variant), Adam lr 1e-3:
 4. ``SpikeGuard(rw).step(loss)`` (defaults): the same collective, plus the spike detector;
 5. ``SpikeGuard`` on ``Rewind(group=None)``: no agreement, so 4 - 5 is the cost of the agreement collective.
 
+Then ``Rewind(shard=True)`` against the default: history bytes per rank and the time of an undo + redo (each rank
+writes back its part of the snapshot and broadcasts it).
+
 The variants are interleaved block by block (order rotated every round); each block starts after a barrier and its
 time is the max over ranks. Reported: median ms/iteration, the median over rounds of the per-round ratio to plain
 DDP, and 4 - 5 paired per round. At the end every rank's parameters and optimizer state are gathered and compared
@@ -119,6 +122,26 @@ class Variant:
         return ts + [v.clone() for s in self.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
 
+def undo_cost(cfg: dict[str, Any], batches: list, shard: bool) -> dict[str, float]:
+    """History bytes per rank and the time of one undo + redo, for Rewind(capacity=2, shard=shard)."""
+    v = Variant("plain", cfg, batches)
+    v.rw = Rewind(v.net, v.opt, capacity=2, shard=shard)
+    v.block(3)
+    v.rw.undo()  # every slot (the redo one too) holds a full-size record from here on
+    v.rw.redo()
+    times = []
+    for _ in range(cfg["undo_reps"]):
+        dist.barrier()
+        t0 = perf()
+        v.rw.undo()
+        v.rw.redo()
+        times.append(perf() - t0)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    v.rw.close()
+    return {"nbytes": v.rw.nbytes, "undo_redo_ms": float(t) * 1e3}
+
+
 def worker(rank: int, world: int, port: int, cfg: dict[str, Any], out_path: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)  # one core per rank: 2 ranks on 2 cores
@@ -165,9 +188,15 @@ def worker(rank: int, world: int, port: int, cfg: dict[str, Any], out_path: str)
         }  # fmt: skip
         if v.rw is not None:
             v.rw.close()
+    shard = {str(sh): undo_cost(cfg, batches, sh) for sh in (False, True)}
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"variants": res, "bare_allreduce_s": bare_t.tolist()}, f)
+            json.dump({"variants": res, "bare_allreduce_s": bare_t.tolist(), "shard": shard}, f)
+    # leave together, DDP reducers freed first: torch 2.13's gloo can abort at exit otherwise (pytorch/pytorch#179291)
+    del variants
+    gc.unfreeze()
+    dist.barrier()
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -177,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
     if args.quick:
-        cfg = {"hidden": 256, "depth": 2, "batch": 64, "rounds": 5, "per": 8, "bare": 50}
+        cfg = {"hidden": 256, "depth": 2, "batch": 64, "rounds": 5, "per": 8, "bare": 50, "undo_reps": 5}
     else:
-        cfg = {"hidden": 512, "depth": 3, "batch": 128, "rounds": 50, "per": 10, "bare": 200}
+        cfg = {"hidden": 512, "depth": 3, "batch": 128, "rounds": 50, "per": 10, "bare": 200, "undo_reps": 30}
     load = os.getloadavg()[0]  # other jobs on the cores make every collective wait for a time slice
     params = sum(p.numel() for p in mlp(cfg["hidden"], cfg["depth"]).parameters())
     print(
@@ -243,6 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"replicas identical: {identical} (parameters and Adam state, bitwise, every variant with agreement)")
     if not by["spike_local"]["replicas_identical"]:
         print("Without agreement (group=None) the replicas diverged: a guard decided differently on one rank.")
+    full, half = raw["shard"]["False"], raw["shard"]["True"]
+    print()
+    print(f"## shard=True (Rewind(capacity=2), {WORLD} ranks)")
+    print()
+    print("| snapshots | history bytes per rank | undo + redo (ms, median, slower rank) |")
+    print("|---|---|---|")
+    print(f"| full copy per rank (default) | {full['nbytes']:,} | {full['undo_redo_ms']:.2f} |")
+    print(f"| shard=True: 1/{WORLD} per rank, parts broadcast on restore | {half['nbytes']:,} "
+          f"| {half['undo_redo_ms']:.2f} |")  # fmt: skip
     verdict = (
         f"Under DDP, SpikeGuard costs ×{by['spike']['ratio']:.3f} and NonFiniteGuard ×{by['nonfinite']['ratio']:.3f} "
         f"per iteration vs plain DDP ({by['plain']['median_ms']:.2f} ms; Rewind alone ×{by['rewind']['ratio']:.3f}); "
@@ -259,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "torch": torch.__version__, "load_avg_at_start": load},
                 "rows": rows, "agreement_ms_per_iter": agree_ms, "agreement_best_ms_per_iter": agree_best_ms,
                 "bare_allreduce_us": bare_us, "bare_allreduce_mean_us": bare_mean_us, "replicas_identical": identical,
-                "verdicts": [verdict], "total_s": wall,
+                "shard": raw["shard"], "verdicts": [verdict], "total_s": wall,
             }, f, indent=1)  # fmt: skip
     return 0 if identical else 1
 

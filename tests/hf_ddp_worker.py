@@ -4,6 +4,7 @@ tests/test_hf.py as ``python -m torch.distributed.run --standalone --nproc-per-n
 One batch has its labels x1000; the Trainer's DistributedSampler puts it on one rank. Prints, on rank 0, each rank's
 non-accepted decisions and whether the ranks' parameters are bitwise identical after training."""
 
+import gc
 import sys
 import warnings
 
@@ -54,3 +55,9 @@ if __name__ == "__main__":
         print("world", dist.get_world_size(), "shard:", rw.shard, "group:", rw.group is not None, "events:", out[0][0],
               out[1][0])  # fmt: skip
         print("identical:", torch.equal(out[0][1], out[1][1]), "same decisions:", out[0][0] == out[1][0])
+    # leave together, with the DDP reducer's gloo work freed first: torch 2.13's gloo can abort at interpreter exit
+    # otherwise (pytorch/pytorch#179291)
+    del trainer
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()

@@ -424,7 +424,8 @@ class Unusual(torch.nn.Module):
         self.out = torch.nn.Linear(4, 10, bias=False)
         self.out.weight = self.emb.weight  # tied: one Parameter in two modules
         base = torch.randn(4, 8)
-        self.view_param = torch.nn.Parameter(base[:, :4])  # a non-contiguous view: cannot be re-homed
+        self.view_param = torch.nn.Parameter(base[:, :4])  # a non-contiguous view: cannot be re-homed ...
+        self.base = base  # ... while its base is in use too (a plain attribute: not tracked)
         self.conv = torch.nn.Conv2d(1, 2, 3).to(memory_format=torch.channels_last)
         self.register_buffer("f16", torch.randn(5).half())
         self.register_buffer("bf16", torch.randn(5).bfloat16())
@@ -545,3 +546,50 @@ def test_tensor_with_outside_view_is_not_moved():
     rw.undo()
     assert torch.equal(alias, before)
     assert alias.data_ptr() == m.weight.data_ptr()
+
+
+def _arena_tracked(rw: Rewind) -> bool:
+    """Every parameter, buffer and optimizer-state tensor lives in the Rewind's arenas (none copied one by one)."""
+    tr = rw._tracker
+    return not tr.pinned_params and not tr.structure.pinned_items and bool(tr.arenas)
+
+
+@pytest.mark.parametrize("old", ["dropped", "alive", "viewed"])
+def test_a_new_rewind_on_a_closed_ones_tensors(old):
+    """After rw.close(), a second Rewind on the same model and optimizer: it adopts the tensors into its own arenas
+    when the first one is gone (a closed, dropped Rewind frees at once: no reference cycle), and copies them one by
+    one, in place, while something else still uses that memory (the first Rewind, or a view). Exact either way."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    b = batches(6)
+    first = Rewind(model, opt, capacity=2)
+    for batch in b[:2]:
+        backward(model, opt, batch)
+        opt.step()
+    first.close()
+    view = None
+    if old == "viewed":
+        view = model.fc1.weight.view(-1)  # an alias into the first Rewind's arena
+    if old != "alive":
+        gone = weakref.ref(first)
+        del first
+        assert gone() is None  # freed by reference counting, with its arenas: no gc.collect() needed
+    second = Rewind(model, opt, capacity=2)
+    backward(model, opt, b[2])
+    opt.step()
+    for batch in b[3:5]:
+        backward(model, opt, batch)
+        before = full_state(model, opt)  # the undo point: recorded by the pre-step hook
+        opt.step()
+        after = full_state(model, opt)
+        second.undo()
+        assert_same(before, full_state(model, opt))
+        second.redo()
+        assert_same(after, full_state(model, opt))
+    assert _arena_tracked(second) == (old == "dropped")
+    if view is not None:
+        assert view.data_ptr() == model.fc1.weight.data_ptr()  # the alias was kept
+        assert torch.equal(view, model.fc1.weight.detach().view(-1))

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,17 @@ def test_ddp_strategy_ranks_take_the_same_decisions(shard):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert f"shard: {shard} group: True" in out.stdout and "rolled_back" in out.stdout, out.stdout
     assert "identical: True same decisions: True" in out.stdout, out.stdout
+
+
+def test_a_second_fit_gets_a_fresh_rewind_with_arenas():
+    """fit() twice with one callback: the second fit's Rewind adopts the parameters the first one's arenas held
+    (dropped before the new one is built) instead of copying them one by one, and guards as before."""
+    cb = RewindCallback("spike", **spike_kwargs())
+    net = Net()
+    fit(net, make_batches(12), [cb])
+    first = weakref.ref(cb.rewind)
+    fit(net, make_batches(12, spike=(9,), seed=1), [cb])
+    assert first() is None  # freed when the second fit started
+    tr = cb.rewind._tracker
+    assert tr.arenas and not tr.pinned_params and not tr.structure.pinned_items
+    assert "rolled_back" in [e.kind for e in cb.log]

@@ -11,6 +11,7 @@ a snapshot taken before the arena grew is a byte-prefix of the current arena and
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any
 
@@ -43,7 +44,9 @@ class Entry:
 
     def __init__(self, key: Any, arena: Arena, offset: int, t: torch.Tensor) -> None:
         self.key = key
-        self.arena = arena
+        # weak: Arena.entries holds the entries, and a cycle would keep a dropped Rewind's arena storage (the whole
+        # training state) alive until the next garbage collection
+        self.arena = weakref.proxy(arena)
         self.offset = offset
         self.nbytes = t.numel() * t.element_size()
         self.dtype = t.dtype
@@ -115,7 +118,7 @@ def rehome(t: torch.Tensor, storage: torch.UntypedStorage, offset: int, shape: A
     t.data = home
 
 
-def _span(t: torch.Tensor) -> int:
+def span_bytes(t: torch.Tensor) -> int:
     """Bytes of storage a dense tensor with these strides needs (handles channels_last etc.)."""
     if t.numel() == 0:
         return 0
@@ -126,7 +129,10 @@ def _span(t: torch.Tensor) -> int:
 class Arena:
     """A growable byte buffer on one device holding the live values of tracked tensors."""
 
+    _uids = itertools.count()
+
     def __init__(self, device: torch.device) -> None:
+        self.uid = next(Arena._uids)  # identity that survives Entry's weak proxy
         self.device = device
         self.used = 0  # bytes handed out (a multiple of ALIGN)
         self.storage = torch.empty(0, dtype=torch.uint8, device=device).untyped_storage()
@@ -150,7 +156,7 @@ class Arena:
     @staticmethod
     def plan(t: torch.Tensor, extra: int) -> int:
         """Bytes needed by ``t`` on top of ``extra`` already planned, rounded to ALIGN."""
-        return extra + (_span(t) + ALIGN - 1) // ALIGN * ALIGN
+        return extra + (span_bytes(t) + ALIGN - 1) // ALIGN * ALIGN
 
     def reserve(self, nbytes: int) -> None:
         """Make room for ``nbytes`` more bytes, moving every live tensor to a new buffer if needed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -149,7 +150,10 @@ class Rewind:
         self._slots = [Slot() for _ in range(self._timeline.nslots)]
         self._pending = False  # a snapshot was taken since the last step: the pre-step hook need not take one
         self._shard = (dist.get_rank(group), dist.get_world_size(group), group) if shard else None
-        self._tracker = Tracker(modules, optimizer, verify=verify, budget=self._check_budget)
+        # a weak callback: no Rewind <-> Tracker cycle, so a closed, dropped Rewind frees its arenas at once (and a
+        # new Rewind on the same tensors can adopt them instead of copying them one by one)
+        budget = weakref.WeakMethod(self._check_budget)
+        self._tracker = Tracker(modules, optimizer, verify=verify, budget=lambda extra: budget()(extra))
         self._recorder = Recorder(
             self._tracker,
             optimizer,
@@ -520,7 +524,9 @@ class Rewind:
         }
 
     def close(self) -> None:
-        """Stop recording (removes the step hooks). Tensors stay where they are and keep their values."""
+        """Stop recording (removes the step hooks). Tensors stay where they are and keep their values; undo/redo
+        still work. Drop the Rewind too and its arenas are freed: a new Rewind on the same tensors then adopts them
+        into its own arenas."""
         self._hook.remove()
         self._post_hook.remove()
         if self.tiers.host is not None:

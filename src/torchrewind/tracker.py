@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .arena import Arena, Entry, owns_storage
+from .arena import Arena, Entry, owns_storage, span_bytes, storage_use_count
 from .errors import RewindError
 
 ARENA, PINNED, MISC, ALIAS = "arena", "pinned", "misc", "alias"
@@ -53,6 +53,28 @@ def _movable(t: torch.Tensor) -> bool:
         and not t.is_quantized
         and owns_storage(t)
     )
+
+
+def _orphans(tensors: list[torch.Tensor]) -> set[int]:
+    """ids of tracked tensors that share a storage only with each other, without overlapping: e.g. the arena of a
+    Rewind that was closed and dropped (a new Rewind on the same model would otherwise copy them one by one).
+    Nothing else can see that memory, so moving each of them out breaks no alias."""
+    groups: dict[int, dict[int, torch.Tensor]] = {}
+    for t in tensors:
+        if (
+            type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.device.type != "meta"
+            and not t.is_quantized and t._base is None and t.numel() and not owns_storage(t)
+        ):  # fmt: skip
+            groups.setdefault(t.untyped_storage().data_ptr(), {})[id(t)] = t
+    out: set[int] = set()
+    for group in groups.values():
+        ts = list(group.values())
+        if storage_use_count(ts[0].untyped_storage()) != len(ts) + 1:  # + the storage object asked
+            continue  # someone else (a live Rewind, a view, autograd) uses this memory too
+        spans = sorted((t.storage_offset() * t.element_size(), span_bytes(t)) for t in ts)
+        if all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])):
+            out.update(group)
+    return out
 
 
 def _pinnable(t: torch.Tensor) -> bool:
@@ -199,10 +221,10 @@ class Tracker:
         """(arena key, first word, end word) of the module buffers living in arenas, adjacent ones merged."""
         s = self.structure
         if self._buffer_ranges[0] is not s:
-            key_of = {id(a): k for k, a in self.arenas.items()}
+            key_of = {a.uid: k for k, a in self.arenas.items()}
             spans = sorted(
                 (
-                    (key_of[id(ref.arena)], ref.offset // 8, (ref.offset + ref.nbytes + 7) // 8)
+                    (key_of[ref.arena.uid], ref.offset // 8, (ref.offset + ref.nbytes + 7) // 8)
                     for c, items in s.containers
                     for name, kind, ref, key in items
                     if kind == ARENA and key[0] == "buffer"
@@ -242,6 +264,7 @@ class Tracker:
             for p in g["params"]:
                 self._add_param(p)
         containers, order = self._containers()
+        adopt = _orphans([*self.params, *(v for c, _ in containers for v in c.values() if isinstance(v, torch.Tensor))])
 
         moves: list[tuple[Entry | None, Any, torch.Tensor]] = []  # (existing entry or None, key, tensor)
         evict: list[torch.Tensor] = []
@@ -262,7 +285,7 @@ class Tracker:
                         "Rewind (call rw.close() on this one)."
                     )
                 moves.append((e, key, p))
-            elif _movable(p):
+            elif _movable(p) or id(p) in adopt:
                 moves.append((None, key, p))
             elif _pinnable(p):
                 pinned_params.append((key, p))
@@ -289,7 +312,7 @@ class Tracker:
                 if e is not None and e.obj() is v and e.is_home(v):
                     items.append((name, ARENA, e, key))
                     claimed.add(id(e))
-                elif _movable(v):
+                elif _movable(v) or id(v) in adopt:
                     if e is not None and e.fits(v) and id(e) not in claimed:
                         old = e.obj()
                         if old is not None and old is not v:

@@ -180,6 +180,7 @@ class RewindCallback(pl.Callback):
                 )
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler: undone with the rest
         self.close()  # a second fit(): the optimizer and schedulers are new objects
+        self.rewind = self.guard = None  # drop the old Rewind first: the new one adopts the tensors it held
         self.rewind = Rewind(
             pl_module,
             opt,
