@@ -167,3 +167,30 @@ def test_bad_tier_settings():
     rw = Rewind(m, o, tiers=Tiers(device=2))
     with pytest.raises(RewindError, match="takes an int"):
         rw.rollback_to(1.5)
+
+
+@pytest.mark.parametrize("keep", [40, 5], ids=["deep-enough", "oldest-kept"])
+def test_spike_guard_rolls_back_beyond_the_device_ring(keep):
+    """SpikeGuard(rollback=10) on a 2-point device ring with a host tier: the roll-back goes 10 steps back through
+    the host tier (PaLM-style long roll-backs without 10 device copies), or to the oldest point kept."""
+    from torchrewind import SpikeDetector, SpikeGuard
+
+    r = Run(Tiers(device=2, host=HostArchive(keep=keep, every=1)))
+    guard = SpikeGuard(r.rw, detector=SpikeDetector(window=16, warmup=8, threshold=6), rollback=10, cooldown=0,
+                       ramp=0)  # fmt: skip
+    for k in range(30):
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+        r.o.zero_grad()
+        loss = F.mse_loss(r.m(x), y * (1000.0 if k == 25 else 1.0))
+        loss.backward()
+        if not guard.step(loss):
+            break
+    e = guard.log.events[-1]
+    assert e.kind == "rolled_back" and e.iteration == 25
+    want = 15 if keep == 40 else 25 - keep  # the host tier holds the last `keep` recorded steps (20..24)
+    assert e.undone == 25 - want and r.rw.step == want
+    assert_same(r.state(), r.before[want])
+    with pytest.raises(RewindError, match="capacity=2.*host or disk"):
+        SpikeGuard(Rewind(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
+                          capacity=2), rollback=10)  # fmt: skip

@@ -388,13 +388,9 @@ class Rewind:
                     break
                 ring, rec, on_disk, best = newest(int(lo)) if lo >= 0 else ([], None, None, None)
         if best is None:
-            have = {"device": sorted({s for s, _ in held})}
-            if host is not None:
-                have["host"] = host.steps()
-            if disk is not None:
-                have["disk"] = disk.steps()
             raise RewindError(
-                f"rollback_to({step}): no recorded state at or before step {step}; steps held: {have}. Keep a deeper "
+                f"rollback_to({step}): no recorded state at or before step {step}; steps held: {self.held_steps()}. "
+                "Keep a deeper "
                 "history (Tiers(host=HostArchive(keep=...), disk=DiskCheckpoints(...)))."
             )
         if ring and max(ring)[0] == best:
@@ -407,6 +403,24 @@ class Rewind:
             self._apply_tree(disk.load(best))
             self._restart_history(best)
         return best
+
+    def held_steps(self) -> dict[str, list[int]]:
+        """The steps (see :attr:`step`) of the recorded points each tier holds, ascending: what :meth:`rollback_to`
+        can reach. ``{"device": [...], "host": [...], "disk": [...]}`` (tiers that exist).
+
+        Example::
+
+            oldest = min(min(v) for v in rw.held_steps().values() if v)
+        """
+        self._settle()
+        tl = self._timeline
+        have = {"device": sorted({self._slots[tl.slot(p)].step for p in range(max(tl.lo, 0), tl.hi + 1)})}
+        if self.tiers.host is not None:
+            have["host"] = self.tiers.host.steps()
+        if self.tiers.disk is not None:
+            self.tiers.disk.wait()
+            have["disk"] = self.tiers.disk.steps()
+        return have
 
     def _restart_history(self, step: int) -> None:
         """After a restore from a lower tier: a fresh device history that starts at the restored state."""

@@ -370,7 +370,8 @@ class SpikeGuard(NonFiniteGuard):
 
     1. the last ``rollback`` steps are undone (default: the whole history, ``rewind.capacity``) — parameters,
        optimizer state, schedulers, RNG and the detector's own statistics (which forget the losses measured after
-       the restored point);
+       the restored point). With a host or disk tier, ``rollback`` may exceed the device history (PaLM-style
+       roll-backs of ~100 steps): the guard then restores the newest point kept at or before that step;
     2. the next ``skip_batches`` batches of the iterator returned by :meth:`wrap` are skipped (the batches of the
        undone steps are not replayed either, as in PaLM's recipe);
     3. every lr is multiplied by ``lr_factor`` for ``cooldown`` steps, then brought back linearly over ``ramp``
@@ -415,10 +416,12 @@ class SpikeGuard(NonFiniteGuard):
             raise RewindError(f"SpikeGuard: rollback must be an int >= 1 (steps to undo), got {rollback!r}.")
         super().__init__(rewind, check_grads=True, check_params=check_params, max_consecutive=max_consecutive,
                          log=log)  # fmt: skip
-        if k > self.rw.capacity:
+        deep = rewind.tiers.host is not None or rewind.tiers.disk is not None
+        if k > self.rw.capacity and not deep:
             raise RewindError(
                 f"SpikeGuard: rollback={k} needs a history of {k} steps, but the Rewind has capacity="
-                f"{self.rw.capacity}; build it with Rewind(..., capacity={k}) or lower rollback."
+                f"{self.rw.capacity}; build it with Rewind(..., capacity={k}), keep older points in a host or disk "
+                "tier (Rewind(..., tiers=Tiers(host=HostArchive(keep=...)))), or lower rollback."
             )
         self.rollback = k
         self.lr_factor = check_factor("lr_factor", lr_factor, 0.0, 1.0 + 1e-12, "SpikeGuard")
@@ -521,9 +524,7 @@ class SpikeGuard(NonFiniteGuard):
                 f"(max_rollbacks={self.max_rollbacks}); training keeps spiking. Lower the learning rate, check the "
                 f"data, or raise max_rollbacks. This spike: {reason} at iteration {it}. Recent events:\n{recent}"
             )
-        n = min(self.rollback, len(self.rw))
-        if n:
-            self.rw.undo(n)
+        n = self._undo_steps(self.rollback)
         skipped = self.skip_batches
         if self._loader is not None:
             self._loader.skip(skipped)
@@ -543,6 +544,22 @@ class SpikeGuard(NonFiniteGuard):
                            undone=n + already_undone,
                            skipped_batches=skipped, extra={"grad_norm": gn, "lr_factor": self._factor}))  # fmt: skip
         return False
+
+
+    def _undo_steps(self, k: int) -> int:
+        """Go back ``k`` steps (fewer if the history is shorter); returns how many were undone. Beyond the device
+        ring, from the host or disk tier (``rollback_to``: the newest point at or before, agreed across ranks)."""
+        rw = self.rw
+        near = len(rw)
+        if k > near and (rw.tiers.host is not None or rw.tiers.disk is not None):
+            start = rw.step
+            held = [s for v in rw.held_steps().values() for s in v if s < start]
+            if held:  # as far back as asked, or to the oldest point kept
+                return start - rw.rollback_to(max(start - k, min(held)))
+        n = min(k, near)
+        if n:
+            rw.undo(n)
+        return n
 
 
 def _params_finite(opt: torch.optim.Optimizer, rw: Rewind) -> bool:
