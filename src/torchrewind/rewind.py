@@ -366,8 +366,8 @@ class Rewind:
         self._settle()
         if step >= self._step:
             return self._step  # the live state already is the newest state at or before step
-        tl, host, disk = self._timeline, self.tiers.host, self.tiers.disk
-        held = [(self._slots[tl.slot(p)].step, p) for p in range(max(tl.lo, 0), tl.hi + 1)]
+        host, disk = self.tiers.host, self.tiers.disk
+        held = self._ring_points()
         if disk is not None:
             disk.wait()
 
@@ -413,14 +413,18 @@ class Rewind:
             oldest = min(min(v) for v in rw.held_steps().values() if v)
         """
         self._settle()
-        tl = self._timeline
-        have = {"device": sorted({self._slots[tl.slot(p)].step for p in range(max(tl.lo, 0), tl.hi + 1)})}
+        have = {"device": sorted({s for s, _ in self._ring_points()})}
         if self.tiers.host is not None:
             have["host"] = self.tiers.host.steps()
         if self.tiers.disk is not None:
             self.tiers.disk.wait()
             have["disk"] = self.tiers.disk.steps()
         return have
+
+    def _ring_points(self) -> list[tuple[int, int]]:
+        """(step, point) of every point the device ring holds."""
+        tl = self._timeline
+        return [(self._slots[tl.slot(p)].step, p) for p in range(max(tl.lo, 0), tl.hi + 1)]
 
     def _restart_history(self, step: int) -> None:
         """After a restore from a lower tier: a fresh device history that starts at the restored state."""

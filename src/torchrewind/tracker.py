@@ -45,14 +45,18 @@ def is_trusted(optimizer: torch.optim.Optimizer) -> bool:
     return inspect.unwrap(type(optimizer).step) in _TRUSTED_STEPS
 
 
-def _movable(t: torch.Tensor) -> bool:
+def _plain_dense(t: torch.Tensor) -> bool:
+    """A plain (no subclass), dense, materialized tensor: one that could live in an arena."""
     return (
         type(t) in (torch.Tensor, torch.nn.Parameter)
         and t.layout == torch.strided
         and t.device.type != "meta"
         and not t.is_quantized
-        and owns_storage(t)
     )
+
+
+def _movable(t: torch.Tensor) -> bool:
+    return _plain_dense(t) and owns_storage(t)
 
 
 def _orphans(tensors: list[torch.Tensor]) -> set[int]:
@@ -61,10 +65,7 @@ def _orphans(tensors: list[torch.Tensor]) -> set[int]:
     Nothing else can see that memory, so moving each of them out breaks no alias."""
     groups: dict[int, dict[int, torch.Tensor]] = {}
     for t in tensors:
-        if (
-            type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.device.type != "meta"
-            and not t.is_quantized and t._base is None and t.numel() and not owns_storage(t)
-        ):  # fmt: skip
+        if _plain_dense(t) and t._base is None and t.numel() and not owns_storage(t):
             groups.setdefault(t.untyped_storage().data_ptr(), {})[id(t)] = t
     out: set[int] = set()
     for group in groups.values():

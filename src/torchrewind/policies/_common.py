@@ -56,11 +56,6 @@ def grad_sq(optimizer: torch.optim.Optimizer, group: Any = None) -> float:
     return total
 
 
-def grad_norm(optimizer: torch.optim.Optimizer, group: Any = None) -> float:
-    """Global L2 norm of all gradients over ``group`` (inf or nan if any gradient is non-finite)."""
-    return math.sqrt(all_sum(group, [grad_sq(optimizer, group)])[0])
-
-
 def agreed_loss(rw: Rewind, loss: object, who: str, extra: tuple[float, ...] = ()) -> tuple[float, ...]:
     """The loss averaged over the Rewind's process group, and ``extra`` summed, in one collective (the local values
     without a group): every rank then takes the same decision."""
