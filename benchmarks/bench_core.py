@@ -386,7 +386,7 @@ def bench_training(
         "task": name,
         "params": sum(p.numel() for p in m.parameters()),
         "tensors": len(state_tensors(m, opt)) + sum(1 for _ in m.buffers()),
-        "state_bytes": sum(a.used for a in rw._tracker.arenas.values()),
+        "state_bytes": rw.state_nbytes,
         "blocks": done,
         "iterations_per_block": per_block,
         "times": res,

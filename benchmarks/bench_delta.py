@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from torchrewind import HostArchive, Rewind, Tiers
-from torchrewind.codec import decode, encode
+from torchrewind.tiers.codec import decode, encode
 
 perf = time.perf_counter
 

@@ -81,7 +81,7 @@ def bench(name: str, make_model: Any, batch_at: Any, rounds: int, per: int, devi
     out: dict[str, Any] = {
         "task": name,
         "params": sum(p.numel() for p in base.parameters()),
-        "state_mib": sum(a.used for a in runs["blocking"]["rw"]._tracker.arenas.values()) / 2**20,
+        "state_mib": runs["blocking"]["rw"].state_nbytes / 2**20,
         "rounds": rounds,
         "iterations_per_round": per,
     }

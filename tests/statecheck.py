@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from torchrewind.distributed import local
-from torchrewind.values import values_equal
+from torchrewind.core.values import values_equal
 
 
 def clone_value(v: Any) -> Any:

@@ -13,7 +13,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from torchrewind import RewindError  # noqa: E402
-from torchrewind.codec import decode, encode  # noqa: E402
+from torchrewind.tiers.codec import decode, encode  # noqa: E402
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from statecheck import assert_same, full_state
 
 from torchrewind import Rewind
-from torchrewind.values import tensors_bitwise_equal
+from torchrewind.core.values import tensors_bitwise_equal
 
 lrs = torch.optim.lr_scheduler
 

@@ -17,7 +17,7 @@ import torch
 from statecheck import assert_same, full_state
 
 from torchrewind import DiskCheckpoints, Rewind, RewindError, Tiers
-from torchrewind.values import values_equal
+from torchrewind.core.values import values_equal
 
 
 def tree() -> dict:

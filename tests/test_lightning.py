@@ -343,11 +343,11 @@ def test_two_optimizers_are_refused():
         (("spike", 2), {"rollback": 2}, "capacity=2 is too small for rollback=2"),
         (("spike", 1), {}, "rollback must be an int >= 1"),
         (("spike",), {"lr_factr": 0.5}, r"no option\(s\) \['lr_factr'\]"),
-        (("spike",), {"lr_factor": 2.0}, "lr_factor must be a number in"),
+        (("spike",), {"lr_factor": 2.0}, "lr_factor must be a finite number in"),
         (("nonfinite",), {"max_consecutive": 0}, "max_consecutive must be an int >= 1"),
         ((None,), {"skip_batches": 2}, "need guard='spike' or 'nonfinite'"),
         (("spike",), {"rewind_kwargs": {"capacity": 4}}, "rewind_kwargs cannot set 'capacity'"),
-        (("spike",), {"rng": "numpy"}, "rng must be True, False or 'all'"),
+        (("spike",), {"rng": "numpy"}, "rng must be one of True, False, 'all'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(args, kwargs, match):

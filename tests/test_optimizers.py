@@ -35,7 +35,7 @@ from statecheck import assert_same, full_state
 from torch import nn
 
 from torchrewind import Rewind
-from torchrewind.values import values_equal  # the bitwise comparator statecheck uses (sparse-aware)
+from torchrewind.core.values import values_equal  # the bitwise comparator statecheck uses (sparse-aware)
 
 SEED = 1234
 STEPS = 5  # iterations per run

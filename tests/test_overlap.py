@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from statecheck import assert_same, full_state
 
 from torchrewind import Rewind, RewindError
-from torchrewind import overlap as overlap_mod
+from torchrewind.core import overlap as overlap_mod
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from statecheck import assert_same, full_state
 
 from torchrewind import Rewind, RewindError
-from torchrewind.values import values_equal
+from torchrewind.core.values import values_equal
 
 # --------------------------------------------------------------------------- the training setup
 

@@ -15,7 +15,7 @@ from torchrewind import HostArchive, Rewind, RewindError, Tiers
 
 def has_codec() -> bool:
     try:
-        from torchrewind import codec  # noqa: F401
+        from torchrewind.tiers import codec  # noqa: F401
 
         codec.encode(torch.zeros(8, dtype=torch.int64))
         return True
@@ -165,7 +165,7 @@ def test_bad_tier_settings():
     with pytest.raises(RewindError, match="disagree"):
         Rewind(m, o, capacity=3, tiers=Tiers(device=2))
     rw = Rewind(m, o, tiers=Tiers(device=2))
-    with pytest.raises(RewindError, match="takes an int"):
+    with pytest.raises(RewindError, match="step must be an int"):
         rw.rollback_to(1.5)
 
 

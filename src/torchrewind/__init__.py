@@ -7,13 +7,11 @@ Example::
     optimizer.step(); rw.undo()        # bit-for-bit back to before the step
 """
 
-from .archive import HostArchive
-from .disk import DiskCheckpoints
 from .errors import RewindError
 from .policies import BoldDriver, LineSearch, NonFiniteGuard, SpikeDetector, SpikeGuard
 from .rewind import Rewind, Trial
 from .skipping import SkippableIterator
-from .tiers import Tiers
+from .tiers import DiskCheckpoints, HostArchive, Tiers
 from .trajectory import Event, Trajectory
 
 __all__ = [

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import RewindError
+from .errors import RewindError, RewindTypeError, RewindValueError
 
 AUTO = "auto"
 
@@ -29,14 +29,14 @@ def resolve_group(group: Any) -> Any:
         return None
     if isinstance(group, str):
         if group != AUTO:
-            raise RewindError(f"group must be 'auto', None or a torch.distributed ProcessGroup, got {group!r}.")
+            raise RewindValueError(f"group must be 'auto', None or a torch.distributed ProcessGroup, got {group!r}.")
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
         return dist.group.WORLD
     if not (dist.is_available() and dist.is_initialized()):
         raise RewindError("group= was given but torch.distributed is not initialized; call init_process_group first.")
     if not isinstance(group, dist.ProcessGroup):
-        raise RewindError(
+        raise RewindTypeError(
             f"group must be 'auto', None or a torch.distributed ProcessGroup, got {type(group).__name__}."
         )
     return group

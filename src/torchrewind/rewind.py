@@ -12,13 +12,14 @@ import torch
 import torch.distributed as dist
 
 from .distributed import all_min, like, local, resolve_group
-from .errors import RewindError
-from .history import Timeline
-from .overlap import BackgroundCopy
-from .rng import RNGState
-from .snapshot import Recorder, Slot
+from ._checks import check_bool, check_choice, check_int, check_optional_int, check_type
+from .errors import RewindError, RewindTypeError, RewindValueError
+from .core.history import Timeline
+from .core.overlap import BackgroundCopy
+from .core.rng import RNGState
+from .core.snapshot import Recorder, Slot
 from .tiers import Tiers
-from .tracker import Tracker, iter_modules
+from .core.tracker import Tracker, iter_modules
 
 
 class Rewind:
@@ -96,43 +97,42 @@ class Rewind:
         group: Any = "auto",
         shard: bool = False,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise RewindError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        who = "Rewind"
+        check_type("optimizer", optimizer, torch.optim.Optimizer, who, "a torch.optim.Optimizer")
         group = resolve_group(group)
-        if shard not in (True, False):
-            raise RewindError(f"shard must be True or False, got {shard!r}.")
+        check_bool("shard", shard, who)
+        check_bool("overlap", overlap, who)
+        check_bool("grads", grads, who)
+        check_bool("redo", redo, who)
+        check_bool("auto", auto, who)
+        check_bool("verify", verify, who)
+        check_choice("storage", storage, ("device", "host"), who)
+        check_choice("rng", rng, (True, False, "all"), who)
+        if tiers is not None:
+            check_type("tiers", tiers, Tiers, who, "a torchrewind.Tiers")
+            if capacity != 1 and capacity != tiers.device:
+                raise RewindValueError(
+                    f"capacity={capacity} and tiers.device={tiers.device} disagree; give the device tier's size once."
+                )
+            capacity = tiers.device
+        check_int("capacity", capacity, 1, who, " It is the number of steps that can be undone.")
+        check_optional_int("max_bytes", max_bytes, 0, who)
         if shard:
             if group is None:
-                raise RewindError(
+                raise RewindValueError(
                     "shard=True splits snapshots across the ranks of a process group, but there is none: initialize "
                     "torch.distributed with more than one rank (or pass group=), or use shard=False."
                 )
             if overlap:
-                raise RewindError("shard=True cannot be combined with overlap=True; choose one.")
+                raise RewindValueError("shard=True cannot be combined with overlap=True; choose one.")
             if any(type(p).__name__ == "DTensor" for g in optimizer.param_groups for p in g["params"]):
-                raise RewindError(
+                raise RewindValueError(
                     "shard=True is for replicated state (DDP); these parameters are DTensors (FSDP2), whose "
                     "snapshots are already per-rank shards. Use shard=False."
                 )
-        if storage not in ("device", "host"):
-            raise RewindError(f"storage must be 'device' or 'host' (pinned CPU memory), got {storage!r}.")
-        if tiers is not None:
-            if not isinstance(tiers, Tiers):
-                raise RewindError(f"tiers must be a torchrewind.Tiers, got {type(tiers).__name__}.")
-            if capacity != 1 and capacity != tiers.device:
-                raise RewindError(
-                    f"capacity={capacity} and tiers.device={tiers.device} disagree; give the device tier's size once."
-                )
-            capacity = tiers.device
-        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-            raise RewindError(f"capacity must be an int >= 1 (steps that can be undone), got {capacity!r}.")
-        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
-            raise RewindError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}.")
-        if rng not in (True, False, "all"):
-            raise RewindError(f"rng must be True, False or 'all', got {rng!r}.")
         objects = _check_schedulers(schedulers, optimizer)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise RewindError(
+            raise RewindTypeError(
                 f"scaler must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}; pass LR schedulers "
                 "and other stateful objects through schedulers=."
             )
@@ -181,7 +181,7 @@ class Rewind:
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._auto:
-            self._record_for_step()
+            self.ensure_recorded()
         self._pending = False
         self._in_step = True  # lets a framework callback that runs inside step(closure) know it is recorded
         self._timeline.step_started()
@@ -225,11 +225,56 @@ class Rewind:
         self._slots[i], self._staging = slot, self._slots[i]  # the evicted ring buffer becomes the staging one
         return True
 
-    def _record_for_step(self) -> None:
-        """Make sure the next step can be undone: record now unless a snapshot was taken since the last step
-        (which stays the step's boundary). Policies call this before their steps, so they work with auto=False."""
+    # ------------------------------------------------------------------ the interface policies build on
+    def ensure_recorded(self) -> None:
+        """Make sure the next optimizer step can be undone: record the live state now, unless a point was recorded
+        since the last step (that point stays the step's boundary). Policies call it before they step, so they work
+        with ``auto=False`` too.
+
+        Example::
+
+            rw = Rewind(model, opt, auto=False)
+            rw.ensure_recorded(); opt.step()     # undoable
+            rw.ensure_recorded()                 # records again: a step was taken since
+        """
         if not self._pending:
             self.snapshot()
+
+    def drop_pending(self) -> None:
+        """Forget that a point was recorded for the next step, so the next step (or :meth:`ensure_recorded`) records
+        afresh. For a point whose step never came (e.g. a GradScaler skipped it) while the state moved on since.
+
+        Example::
+
+            rw.ensure_recorded(); scaler.step(opt)       # may skip the step on inf gradients
+            if rw.step == before: rw.drop_pending()
+        """
+        self._pending = False
+
+    @property
+    def in_step(self) -> bool:
+        """True while this optimizer's ``step()`` runs (between its pre- and post-step hooks), e.g. inside a
+        ``step(closure)``: the pre-step hook has already recorded the point the step will be undone to."""
+        return self._in_step
+
+    def revert(self) -> None:
+        """Restore the point the live state derives from: the last one recorded or restored. After a step that is
+        :meth:`undo`; before one (say, a snapshot at the top of the iteration, then forward and backward) it throws
+        away what happened since: BatchNorm statistics, RNG draws, edits.
+
+        Example::
+
+            rw.snapshot(); loss = model(x).sum(); loss.backward()
+            if not torch.isfinite(loss): rw.revert()     # as if the forward pass never ran
+        """
+        if self._timeline.cur < 0:
+            raise RewindError("revert(): nothing has been recorded yet; take an optimizer step or call snapshot().")
+        self._goto(self._timeline.cur)
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of live training state one snapshot copies in bulk (parameters, buffers, optimizer state)."""
+        return sum(a.used for a in self._tracker.arenas.values())
 
     # ------------------------------------------------------------------ public API
     def snapshot(self) -> None:
@@ -304,7 +349,7 @@ class Rewind:
         for k in hparams:
             if k == "params" or any(k not in g for g in groups):
                 valid = sorted({k for g in groups for k in g if k != "params"})
-                raise RewindError(f"retry({k}=...): not a hyperparameter of every param group; valid: {valid}.")
+                raise RewindValueError(f"retry({k}=...): not a hyperparameter of every param group; valid: {valid}.")
         if closure is None and not self._grads and all(p.grad is None for p in self._tracker.params):
             raise RewindError(
                 "retry() needs gradients, but every .grad is None (zero_grad() ran?). Call retry before "
@@ -361,8 +406,7 @@ class Rewind:
             if spiked:
                 got = rw.rollback_to(rw.step - 100)     # e.g. 96: the newest point kept at or before
         """
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise RewindError(f"rollback_to(step) takes an int, got {step!r}.")
+        check_int("step", step, None, "rollback_to")
         self._settle()
         if step >= self._step:
             return self._step  # the live state already is the newest state at or before step
@@ -642,7 +686,7 @@ class Rewind:
                 if self._timeline.hi < 0:
                     self._shrink_device_tier()  # nothing recorded yet: at once
                 return  # else after the record in progress (snapshot() calls _shrink_device_tier)
-            raise RewindError(
+            raise RewindValueError(
                 f"history would need {need:,} bytes ({nslots} snapshots x {per_slot:,} bytes), over "
                 f"max_bytes={self.max_bytes:,}. Lower capacity (at most {max(fit, 0)} fits"
                 + (", or pass redo=False to save one snapshot" if self._timeline.nslots > self.capacity else "")
@@ -700,19 +744,19 @@ def _check_schedulers(schedulers: Any, optimizer: torch.optim.Optimizer) -> list
     if hasattr(schedulers, "state_dict") and hasattr(schedulers, "load_state_dict"):
         schedulers = [schedulers]
     if isinstance(schedulers, torch.amp.GradScaler):
-        raise RewindError("a GradScaler was passed as schedulers; pass it as scaler= instead.")
+        raise RewindTypeError("a GradScaler was passed as schedulers; pass it as scaler= instead.")
     try:
         objects = list(schedulers)
     except TypeError:
-        raise RewindError(
+        raise RewindTypeError(
             f"schedulers must be a sequence of objects with state_dict/load_state_dict, got "
             f"{type(schedulers).__name__}."
         ) from None
     for i, s in enumerate(objects):
         if isinstance(s, torch.amp.GradScaler):
-            raise RewindError(f"schedulers[{i}] is a GradScaler; pass it as scaler= instead.")
+            raise RewindTypeError(f"schedulers[{i}] is a GradScaler; pass it as scaler= instead.")
         if not (callable(getattr(s, "state_dict", None)) and callable(getattr(s, "load_state_dict", None))):
-            raise RewindError(
+            raise RewindTypeError(
                 f"schedulers[{i}] ({type(s).__name__}) has no state_dict()/load_state_dict(); only such objects "
                 "can be restored."
             )
@@ -720,7 +764,7 @@ def _check_schedulers(schedulers: Any, optimizer: torch.optim.Optimizer) -> list
         while opt is not optimizer and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
             opt = opt.optimizer  # a wrapper around the optimizer (accelerate's AcceleratedOptimizer, ...)
         if isinstance(opt, torch.optim.Optimizer) and opt is not optimizer:
-            raise RewindError(
+            raise RewindValueError(
                 f"schedulers[{i}] ({type(s).__name__}) drives a different optimizer than the one given to Rewind."
             )
     return objects

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
+from ._checks import check_int
+
 T = TypeVar("T")
 
 
@@ -25,10 +27,7 @@ class SkippableIterator(Generic[T]):
         self.seen = 0
 
     def skip(self, n: int) -> None:
-        if not isinstance(n, int) or n < 0:
-            from .errors import RewindError
-
-            raise RewindError(f"skip(n) takes an int >= 0, got {n!r}.")
+        check_int("n", n, 0, "SkippableIterator.skip")
         self._pending += n
 
     def __iter__(self) -> SkippableIterator[T]:

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..errors import RewindError
+from .._checks import check_choice, check_optional_int
+from ..errors import RewindError, RewindTypeError, RewindValueError
 from ..policies import NonFiniteGuard
 from ..rewind import Rewind
 from ..trajectory import Trajectory
@@ -16,13 +17,12 @@ DEFAULT_ROLLBACK = 1  # each history slot is a full copy of parameters + optimiz
 
 
 def check_rewind_args(name: str, capacity: Any, rewind_kwargs: Any, own: tuple[str, ...]) -> None:
-    if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1):
-        raise RewindError(f"{name}: capacity must be an int >= 1 or None, got {capacity!r}.")
+    check_optional_int("capacity", capacity, 1, name)
     if not isinstance(rewind_kwargs, (dict, type(None))):
-        raise RewindError(f"{name}: rewind_kwargs must be a dict, got {type(rewind_kwargs).__name__}.")
+        raise RewindTypeError(f"{name}: rewind_kwargs must be a dict, got {type(rewind_kwargs).__name__}.")
     for key in own:
         if key in (rewind_kwargs or {}):
-            raise RewindError(f"{name}: rewind_kwargs cannot set {key!r}; the callback sets it.")
+            raise RewindValueError(f"{name}: rewind_kwargs cannot set {key!r}; the callback sets it.")
 
 
 def history_capacity(name: str, framework: str, guard: Any, capacity: int | None, guard_kwargs: dict) -> int:
@@ -34,14 +34,14 @@ def history_capacity(name: str, framework: str, guard: Any, capacity: int | None
     if rollback is None:
         rollback = DEFAULT_ROLLBACK if capacity is None else capacity - 1
     if not isinstance(rollback, int) or isinstance(rollback, bool) or rollback < 1:
-        raise RewindError(
+        raise (RewindValueError if isinstance(rollback, int) else RewindTypeError)(
             f"{name}('spike'): rollback must be an int >= 1, got {rollback!r} (capacity={capacity}: with {framework} "
             "the just-taken step occupies one history slot, so capacity must be >= rollback + 1 >= 2)."
         )
     if capacity is None:
         capacity = rollback + 1
     elif capacity < rollback + 1:
-        raise RewindError(
+        raise RewindValueError(
             f"{name}('spike'): capacity={capacity} is too small for rollback={rollback}: the step {framework} just "
             f"took occupies one history slot; use capacity >= {rollback + 1}."
         )
@@ -56,9 +56,8 @@ def check_guard_kwargs(
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "rewind", "log"}
     unknown = sorted(set(guard_kwargs) - accepted)
     if unknown:
-        raise RewindError(f"{name}: {cls.__name__} has no option(s) {unknown}; valid: {sorted(accepted)}.")
-    if rng not in (True, False, "all"):
-        raise RewindError(f"{name}: rng must be True, False or 'all', got {rng!r}.")
+        raise RewindTypeError(f"{name}: {cls.__name__} has no option(s) {unknown}; valid: {sorted(accepted)}.")
+    check_choice("rng", rng, (True, False, "all"), name)
     p = torch.zeros(1, requires_grad=True)
     rw = Rewind(None, torch.optim.SGD([p], lr=0.1), capacity=capacity, rng=False)
     try:

@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "torchrewind.integrations.hf needs Hugging Face transformers and accelerate: pip install torchrewind[hf]"
     ) from e
 
-from ..errors import RewindError
+from ..errors import RewindError, RewindTypeError, RewindValueError
 from ..policies import NonFiniteGuard, SpikeGuard
 from ..rewind import Rewind
 from ..trajectory import Trajectory
@@ -56,7 +56,7 @@ def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
             break
         opt = inner
     if not isinstance(opt, torch.optim.Optimizer):
-        raise RewindError(
+        raise RewindTypeError(
             f"RewindTrainerCallback: the Trainer's optimizer is a {type(opt).__name__}, not a torch optimizer."
         )
     return opt
@@ -106,7 +106,7 @@ class RewindTrainerCallback(TrainerCallback):
                 "and on_optimizer_step: pip install -U transformers"
             )
         if guard not in _GUARDS:
-            raise RewindError(f"RewindTrainerCallback: guard must be one of {sorted(_GUARDS)}, got {guard!r}.")
+            raise RewindValueError(f"RewindTrainerCallback: guard must be one of {sorted(_GUARDS)}, got {guard!r}.")
         name = "RewindTrainerCallback"
         own = ("model", "optimizer", "schedulers", "scaler", "capacity", "rng")
         check_rewind_args(name, capacity, rewind_kwargs, own)

@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - the standalone pytorch_lightning packa
             "torchrewind.integrations.lightning needs PyTorch Lightning: pip install torchrewind[lightning]"
         ) from e
 
-from ..errors import RewindError
+from ..errors import RewindError, RewindTypeError, RewindValueError
 from ..policies import NonFiniteGuard, SpikeGuard
 from ..rewind import Rewind
 from ..trajectory import Trajectory
@@ -103,13 +103,13 @@ class RewindCallback(pl.Callback):
     ) -> None:
         name = type(self).__name__
         if not (guard is None or guard in _GUARDS or (callable(guard) and not isinstance(guard, str))):
-            raise RewindError(
+            raise RewindValueError(
                 f"{name}: guard must be one of {sorted(_GUARDS)}, None, or a factory taking the Rewind and returning "
                 f"a guard; got {guard!r}."
             )
         check_rewind_args(name, capacity, rewind_kwargs, _OWN_REWIND_ARGS)
         if not isinstance(guard, str) and guard_kwargs:
-            raise RewindError(
+            raise RewindValueError(
                 f"{name}: options {sorted(guard_kwargs)} need guard='spike' or 'nonfinite' (a factory builds its "
                 "guard itself; guard=None has none)."
             )
@@ -292,12 +292,12 @@ def _loss_of(outputs: Any) -> torch.Tensor | None:
 def _from_factory(factory: GuardFactory, rewind: Rewind, name: str) -> NonFiniteGuard:
     guard = factory(rewind)
     if not isinstance(guard, NonFiniteGuard) or guard.rw is not rewind:
-        raise RewindError(
+        raise RewindTypeError(
             f"{name}: the guard factory must return a NonFiniteGuard/SpikeGuard built on the Rewind it is given, got "
             f"{type(guard).__name__}."
         )
     if isinstance(guard, SpikeGuard) and rewind.capacity < guard.rollback + 1:
-        raise RewindError(
+        raise RewindValueError(
             f"{name}: SpikeGuard(rollback={guard.rollback}) needs capacity >= {guard.rollback + 1} in Lightning (the "
             f"step just taken occupies one history slot); pass capacity={guard.rollback + 1} to {name}, or build the "
             f"guard with rollback={rewind.capacity - 1}."

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from ..distributed import all_sum, local, replicas, world_size
-from ..errors import RewindError
+from .._checks import check_number
+from ..errors import RewindError, RewindTypeError, RewindValueError
 from ..rewind import Rewind
 
 
@@ -17,13 +18,13 @@ def loss_value(loss: object, who: str) -> float:
     """The Python float of a scalar loss (one device sync), or a clear error."""
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
-            raise RewindError(
+            raise RewindValueError(
                 f"{who}: the loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (e.g. .mean())."
             )
         return float(loss.detach().reshape(()).item())
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
-    raise RewindError(f"{who}: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
+    raise RewindTypeError(f"{who}: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
 
 
 def grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -90,9 +91,9 @@ def set_lrs(optimizer: torch.optim.Optimizer, values: Iterable[float]) -> None:
 
 def check_rewind(rw: object, who: str, need: int = 1) -> Rewind:
     if not isinstance(rw, Rewind):
-        raise RewindError(f"{who} needs a torchrewind.Rewind as its first argument, got {type(rw).__name__}.")
+        raise RewindTypeError(f"{who} needs a torchrewind.Rewind as its first argument, got {type(rw).__name__}.")
     if rw.capacity < need:
-        raise RewindError(
+        raise RewindValueError(
             f"{who} needs a history of at least {need} step(s) but the Rewind has capacity={rw.capacity}; "
             f"build it with Rewind(..., capacity={need}) or more."
         )
@@ -102,12 +103,10 @@ def check_rewind(rw: object, who: str, need: int = 1) -> Rewind:
 def check_lr_max(value: object, who: str) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
-        raise RewindError(f"{who}: lr_max must be a positive finite number, 'initial' or None, got {value!r}.")
-    return float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RewindTypeError(f"{who}: lr_max must be a positive finite number, 'initial' or None, got {value!r}.")
+    return check_number("lr_max", value, who, lo=0.0, lo_open=True)
 
 
 def check_factor(name: str, value: float, lo: float, hi: float, who: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (lo < value < hi):
-        raise RewindError(f"{who}: {name} must be a number in ({lo}, {hi}), got {value!r}.")
-    return float(value)
+    return check_number(name, value, who, lo=lo, hi=hi, lo_open=True, hi_open=True)

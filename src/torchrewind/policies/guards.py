@@ -119,7 +119,7 @@ class NonFiniteGuard:
         opt = self.optimizer
         used = self._used_lrs if self._framework else lrs(opt)
         if not self._framework:  # after_step(): the framework already took the step
-            self.rw._record_for_step()  # the step must be undoable even with Rewind(auto=False)
+            self.rw.ensure_recorded()  # the step must be undoable even with Rewind(auto=False)
             if closure is not None:
                 opt.step(closure)
             else:
@@ -165,9 +165,9 @@ class NonFiniteGuard:
             guard.after_step(loss)            # same decision as guard.step(loss); undoes the step if needed
         """
         rw = self.rw
-        if not rw._in_step:  # inside step(closure) the pre-step hook already recorded, before the closure ran
-            rw._record_for_step()
-        self._mark = rw._step
+        if not rw.in_step:  # inside step(closure) the pre-step hook already recorded, before the closure ran
+            rw.ensure_recorded()
+        self._mark = rw.step
         scale = self._lr_scale_for_step()
         if scale != 1.0:
             base = lrs(self.optimizer)
@@ -213,13 +213,13 @@ class NonFiniteGuard:
                 f"{type(self).__name__}.after_step(loss) needs before_step() to be called after backward and before "
                 "optimizer.step() in the same iteration (use step(loss) if the guard should take the step itself)."
             )
-        stepped = self.rw._step > self._mark
+        stepped = self.rw.step > self._mark
         self._mark = None
         self._unscale()  # the step raised or never ran: do not leave the scaled lrs behind
         if not stepped:  # e.g. GradScaler skipped optimizer.step() because of inf/NaN gradients
             # the point before_step() recorded belongs to no step: the next step records afresh (forward since
             # then changed buffers, RNG, the scaler)
-            self.rw._pending = False
+            self.rw.drop_pending()
             v = loss_value(loss, f"{type(self).__name__}.after_step(loss)")
             it = self.iteration
             self.iteration += 1
@@ -483,7 +483,7 @@ class SpikeGuard(NonFiniteGuard):
         # Record before the detectors learn this loss (and before any lr scaling): a roll-back to this point
         # forgets the losses from here on, the same whether the guard or a framework (before_step) records it.
         if not self._framework:
-            self.rw._record_for_step()
+            self.rw.ensure_recorded()
         self.detector.update(v)
         if self.grad_detector is not None and gn is not None:
             self.grad_detector.update(gn)

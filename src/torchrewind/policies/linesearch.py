@@ -100,7 +100,7 @@ class _Backtracking:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         theta0 = self._copy_params(params) if self._needs_direction() else None
         for tries in range(1, self.max_tries + 1):
-            self.rw._record_for_step()  # so this works with Rewind(auto=False) too
+            self.rw.ensure_recorded()  # so this works with Rewind(auto=False) too
             opt.step()
             try:
                 gd = _directional(params, theta0, self.rw.group) if theta0 is not None else 0.0

@@ -54,7 +54,7 @@ try:
 except ImportError:  # pragma: no cover - numpy comes with the delta extra
     np = None
 
-from .errors import RewindError
+from ..errors import RewindError
 
 LEVEL = 1
 

@@ -23,9 +23,9 @@ class RNGState:
         self.generators = tuple(generators)
         for g in self.generators:
             if not isinstance(g, torch.Generator):
-                from .errors import RewindError
+                from ..errors import RewindTypeError
 
-                raise RewindError(f"generators must be torch.Generator objects, got {type(g).__name__}.")
+                raise RewindTypeError(f"generators must be torch.Generator objects, got {type(g).__name__}.")
         if numpy:
             import numpy as np  # noqa: F401  (fail early, at construction, if numpy is missing)
 

@@ -3,7 +3,7 @@
 The tracker knows three kinds of values:
 
 * **arena** tensors: plain dense tensors that own their storage (almost every parameter, buffer and
-  optimizer-state tensor). They are re-homed into the per-device :class:`~torchrewind.arena.Arena` and
+  optimizer-state tensor). They are re-homed into the per-device :class:`~torchrewind.core.arena.Arena` and
   captured/restored with one memcpy per device.
 * **pinned** tensors: dense tensors that cannot be moved because they share storage with something else (views,
   tied storage) or are tensor subclasses. They are copied one by one, in place.
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .arena import Arena, Entry, owns_storage, span_bytes, storage_use_count
-from .errors import RewindError
+from ..errors import RewindError, RewindTypeError
 
 ARENA, PINNED, MISC, ALIAS = "arena", "pinned", "misc", "alias"
 
@@ -428,9 +428,9 @@ def iter_modules(model: Any) -> list[torch.nn.Module]:
         mods = list(model)
         for m in mods:
             if not isinstance(m, torch.nn.Module):
-                raise RewindError(
+                raise RewindTypeError(
                     f"model must be an nn.Module or an iterable of nn.Module, got an iterable containing "
                     f"{type(m).__name__}."
                 )
         return mods
-    raise RewindError(f"model must be an nn.Module or an iterable of nn.Module, got {type(model).__name__}.")
+    raise RewindTypeError(f"model must be an nn.Module or an iterable of nn.Module, got {type(model).__name__}.")

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from .distributed import local, rank_and_world
-from .errors import RewindError
+from ..distributed import local, rank_and_world
+from ..errors import RewindError
 
 _DIR = re.compile(r"^step_(\d+)$")
 _TMP = re.compile(r"^step_(\d+)\.(tmp|trash)-\d+$")

@@ -10,7 +10,8 @@ point ``cur + 1``. Points ``lo..hi`` are stored, point ``i`` in slot ``i % nslot
 
 from __future__ import annotations
 
-from .errors import RewindError
+from .._checks import check_int
+from ..errors import RewindError
 
 
 class Timeline:
@@ -112,4 +113,4 @@ class Timeline:
 
 def _check_n(n: int, what: str) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise RewindError(f"{what}(n) takes a positive int, got {n!r}.")
+        check_int("n", n, 1, f"{what}(n)")

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .distributed import broadcast_from, local
-from .errors import RewindError
+from ..distributed import broadcast_from, local
+from ..errors import RewindError
 from .rng import RNGState
 from .tracker import Structure, Tracker
 from .values import copy_tensor, copy_value, restore_value

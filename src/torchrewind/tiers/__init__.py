@@ -1,4 +1,5 @@
-"""The storage-tier policy of a :class:`~torchrewind.Rewind`: how many undo points live where."""
+"""Storage tiers below the device ring: the host archive (:mod:`.archive`, compressed with :mod:`.codec`) and disk
+checkpoints (:mod:`.disk`); :class:`Tiers` says how many undo points live where."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .archive import HostArchive
-from .errors import RewindError
+from .disk import DiskCheckpoints
+from ..errors import RewindError
 
 
 @dataclass(frozen=True)
