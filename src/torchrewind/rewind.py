@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_int
-from .core.budget import Budget
+from .core.budget import Budget, value_nbytes
 from .core.config import Config
 from .core.overlap import OverlappedRecorder
 from .core.ring import Ring
@@ -138,10 +138,15 @@ class Rewind:
         self._shard = (dist.get_rank(group), dist.get_world_size(group), group) if cfg.shard else None
         self._budget.world = self._shard[1] if self._shard else 1
         self._budget.grads = cfg.grads
-        self._shape_budget()
-        self._tracker = Tracker(modules, optimizer, verify=cfg.verify, budget=self._budget)
         rng_state = RNGState(torch_rng=bool(cfg.rng), python=cfg.rng == "all", numpy=cfg.rng == "all",
                              generators=cfg.generators)  # fmt: skip
+        if cfg.max_bytes is not None:
+            self._budget.fixed = value_nbytes([
+                rng_state.capture(), [o.state_dict() for o in objects], vars(scaler) if scaler is not None else None,
+                [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+            ])  # fmt: skip
+        self._shape_budget()
+        self._tracker = Tracker(modules, optimizer, verify=cfg.verify, budget=self._budget)
         self._recorder = Recorder(self._tracker, optimizer, objects, scaler, rng_state, cfg.grads)
         self._recorder.host_slots = cfg.storage == "host"
         self._recorder.shard = self._shard

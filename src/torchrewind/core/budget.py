@@ -50,11 +50,12 @@ class Budget:
         self.shrink_to: int | None = None  # the pending answer: keep this many device points
         self.world = 1  # shard=True: each rank keeps 1/world of the arena bytes
         self.grads = False  # grads=True: every slot also holds the gradients
+        self.fixed = 0  # RNG states, hyperparameters, schedulers' and the scaler's state: measured once
 
     def slot_bytes(self, arena: int, loose: int, params: int) -> int:
         """One slot's bytes from the state's arena bytes, its loose (one-by-one and by-value) bytes, and the
         parameters' bytes (the size of their gradients)."""
-        return -(-arena // self.world) + loose + (params if self.grads else 0)
+        return -(-arena // self.world) + loose + (params if self.grads else 0) + self.fixed
 
     def admit(self, per_slot: int) -> None:
         """Accept a history whose slots cost ``per_slot`` bytes each, or decide to shrink, or refuse."""

@@ -15,6 +15,7 @@ from ..distributed import broadcast_from, local
 from ..errors import RewindError
 from .rng import RNGState
 from .tracker import Structure, Tracker
+from .budget import value_nbytes
 from .values import copy_tensor, copy_value, restore_value
 
 
@@ -40,10 +41,14 @@ class Slot:
 
     @property
     def nbytes(self) -> int:
+        """Everything this slot holds: arena words, one-by-one tensors, gradients, and by-value state (Python values
+        and the tensors inside them, RNG states, hyperparameters, schedulers' and the scaler's state)."""
         n = sum(w.numel() * 8 for w in self.words.values())
         n += sum(t.numel() * t.element_size() for t in self.pinned.values())
         if self.grads:
             n += sum(g.numel() * g.element_size() for g in self.grads if g is not None)
+        if self.structure is not None:
+            n += value_nbytes([self.misc, [hp for *_, hp in self.groups], self.objects, self.scaler, self.rng])
         return n
 
 
