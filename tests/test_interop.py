@@ -80,23 +80,20 @@ def test_saved_sizes_match_a_model_without_rewind():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     train_mlp = lambda: (opt.zero_grad(), model(torch.randn(4, 32)).sum().backward(), opt.step())  # noqa: E731
     train_mlp()  # optimizer state exists
-    plain = {
-        "pickle": len(pickle.dumps(model)),
-        "state_dict": len(saved(model.state_dict())),
-        "part": len(saved(model[3].state_dict())),
-        "one tensor": len(saved(model[5].weight)),
-        "optimizer": len(saved(opt.state_dict())),
-    }
+    def sizes() -> dict[str, int]:
+        return {
+            "pickle": len(pickle.dumps(model)),
+            "state_dict": len(saved(model.state_dict())),
+            "part": len(saved(model[3].state_dict())),
+            "one tensor": len(saved(model[5].weight)),
+            "optimizer": len(saved(opt.state_dict())),
+        }
+
+    plain = sizes()
     rw = Rewind(model, opt, capacity=2)
     train_mlp()
     assert rw.state_nbytes > 0
-    ours = {
-        "pickle": len(pickle.dumps(model)),
-        "state_dict": len(saved(model.state_dict())),
-        "part": len(saved(model[3].state_dict())),
-        "one tensor": len(saved(model[5].weight)),
-        "optimizer": len(saved(opt.state_dict())),
-    }
+    ours = sizes()
     for k in plain:
         limit = 1.05 if k == "state_dict" else 1.2
         assert ours[k] <= limit * plain[k], (k, ours[k], plain[k])
