@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-pytest.importorskip("zstandard")
+pytest.importorskip("blosc2")
 pytest.importorskip("numpy")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -123,6 +123,6 @@ def test_bad_device_level_and_missing_library(monkeypatch):
         encode(torch.zeros(8), torch.zeros(8, device="meta"))  # any non-CPU device, as a CUDA ref would be
     with pytest.raises(RewindError, match="level must be"):
         encode(torch.zeros(8), level=99)
-    monkeypatch.setitem(__import__("sys").modules, "zstandard", None)
+    monkeypatch.setitem(__import__("sys").modules, "blosc2", None)
     with pytest.raises(RewindError, match=r"pip install 'torchrewind\[delta\]'"):
         encode(torch.zeros(8))
