@@ -365,8 +365,9 @@ def _steps(m, o, n):
 
 def test_a_directory_with_checkpoints_is_never_reused_silently(tmp_path):
     m, o, ck, rw = _small(tmp_path)
-    _steps(m, o, 16)
-    saved15 = full_state(m, o)
+    _steps(m, o, 15)
+    saved15 = full_state(m, o)  # what the point recorded before step 16 holds
+    _steps(m, o, 1)
     rw.close()
     assert ck.steps() == [0, 5, 10, 15]
     with pytest.raises(RewindError, match=r"already holds checkpoints of steps \[0, 5, 10, 15\].*resume=True.*"

@@ -205,8 +205,9 @@ def _zigzag_diff(x: np.ndarray, r: np.ndarray, k: int) -> np.ndarray:
     """zigzag(x - r) on k-byte unsigned integers (wrapping), as a new array; r may be shorter (the rest: x)."""
     u = np.dtype(_UINT[k])
     xs, n = x.view(u), r.size // k
-    d = xs.copy()
+    d = np.empty_like(xs)
     np.subtract(xs[:n], r[: n * k].view(u), out=d[:n])
+    d[n:] = xs[n:]
     sign = d >> u.type(8 * k - 1)
     np.negative(sign, out=sign)  # 0 or all ones
     d <<= u.type(1)
@@ -214,12 +215,13 @@ def _zigzag_diff(x: np.ndarray, r: np.ndarray, k: int) -> np.ndarray:
     return d
 
 
-def _undo_zigzag(z: np.ndarray, r: np.ndarray, k: int, out: np.ndarray) -> None:
+def _undo_zigzag(out: np.ndarray, r: np.ndarray, k: int) -> None:
+    """In place: out holds zigzag(x - r) (k-byte elements) and becomes x."""
     u = np.dtype(_UINT[k])
-    zs, o, n = z.view(u), out.view(u), r.size // k
-    sign = zs & u.type(1)
+    o, n = out.view(u), r.size // k
+    sign = o & u.type(1)
     np.negative(sign, out=sign)
-    np.right_shift(zs, u.type(1), out=o)
+    o >>= u.type(1)
     o ^= sign
     np.add(o[:n], r[: n * k].view(u), out=o[:n])
 
@@ -305,14 +307,14 @@ def decode(
     def one(c: Chunk) -> None:
         if zlib.crc32(c.data) != c.crc:
             raise RewindError(f"codec: chunk at byte {c.start} fails its CRC check: the compressed history is corrupt.")
+        dst = o[c.start : c.start + c.length]
         try:
-            z = np.frombuffer(b2.decompress2(c.data, nthreads=1), dtype=np.uint8)
+            if b2.get_cbuffer_sizes(c.data)[0] != c.length:
+                raise ValueError("wrong decoded size")
+            b2.decompress2(c.data, dst=dst, nthreads=1)  # straight into the output: no extra copy
         except Exception as e:  # blosc2 raises RuntimeError/ValueError on a malformed frame
-            raise RewindError(f"codec: chunk at byte {c.start} cannot be decompressed ({e}).") from None
-        if z.size != c.length:
-            raise RewindError(f"codec: chunk at byte {c.start} decodes to {z.size} bytes, not {c.length}: corrupt.")
-        rr = r[c.start : c.start + c.ref_length] if c.ref_length else o[:0]
-        _undo_zigzag(z, rr, c.itemsize, o[c.start : c.start + c.length])
+            raise RewindError(f"codec: chunk at byte {c.start} cannot be decompressed ({e}); it is corrupt.") from None
+        _undo_zigzag(dst, r[c.start : c.start + c.ref_length] if c.ref_length else o[:0], c.itemsize)
 
     _Pool.map(one, list(enc.chunks), threads)
     return out

@@ -333,6 +333,15 @@ class DiskCheckpoints:
                 pass
         return total
 
+    def path(self, step: int) -> Path:
+        """The directory of step ``step``'s checkpoint (complete once :meth:`steps` lists it)."""
+        return self._path(step)
+
+    @property
+    def saving(self) -> bool:
+        """True while a background save is being written."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _path(self, step: int) -> Path:
         return self.dir / f"step_{step:09d}"
 
