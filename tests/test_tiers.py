@@ -194,3 +194,26 @@ def test_spike_guard_rolls_back_beyond_the_device_ring(keep):
     with pytest.raises(RewindError, match="capacity=2.*host or disk"):
         SpikeGuard(Rewind(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
                           capacity=2), rollback=10)  # fmt: skip
+
+
+@pytest.mark.skipif(not has_codec(), reason="needs torchrewind[delta]")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_history_is_coded_by_element_size_and_exact(dtype):
+    """A bf16/fp16 model's arena holds 2-byte weights and moments next to Adam's fp32 `step` scalars: the archive
+    codes each run with its own element size (a better ratio than treating all as fp32), bit for bit."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)).to(dtype)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-4)
+    host = HostArchive(keep=20, threads=2)
+    rw = Rewind(m, o, tiers=Tiers(device=1, host=host))
+    before = {}
+    o.register_step_pre_hook(lambda *a: before.__setitem__(rw.step, full_state(m, o)))
+    for _ in range(12):
+        o.zero_grad()
+        m(torch.randn(16, 64).to(dtype)).float().square().mean().backward()
+        o.step()
+    rec = host.records[3]
+    assert {k for segs in rec.segments.values() for _, k in segs} >= {2}
+    assert rw.rollback_to(3) == 3
+    assert_same(full_state(m, o), before[3])
+    assert host.nbytes < 0.7 * sum(r.nbytes for r in host.records[-1:]) * len(host.records)

@@ -47,6 +47,7 @@ from ..errors import RewindError, RewindValueError
 FORMAT = 2  # 1: torch.distributed.checkpoint files + SHA-256 manifest (torchrewind 0.1); 2: this one
 ALIGN = 64
 BLOCK = 64 << 20  # bytes per checksummed block and per write/read call
+PAGE = 4096  # tensors.bin is padded to, and its buffers aligned at, this: O_DIRECT I/O needs both
 _DIR = re.compile(r"^step_(\d+)$")
 _TMP = re.compile(r"^step_(\d+)\.(tmp|trash)-\d+$")
 DATA, SKELETON, MANIFEST = "tensors.bin", "skeleton.json", "manifest.json"
@@ -105,9 +106,22 @@ def _remove(path: Path) -> None:
     threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True).start()
 
 
-def _write_file(path: Path, mv: memoryview, algo: str) -> dict[str, Any]:
-    """Write ``mv`` with large sequential writes, checksum each block as it goes, fsync. Returns its manifest entry."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def _open(path: Path, flags: int, direct: bool) -> int:
+    """Open with O_DIRECT where asked and supported (the bytes go from our buffer to the disk: no page-cache copy,
+    which costs the training loop CPU time and evicts its memory), else buffered (e.g. tmpfs refuses O_DIRECT)."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644)
+        except OSError:
+            if flags & os.O_CREAT and path.exists():
+                path.unlink()
+    return os.open(path, flags, 0o644)
+
+
+def _write_file(path: Path, mv: memoryview, algo: str, direct: bool = False) -> dict[str, Any]:
+    """Write ``mv`` with large sequential writes, checksum each block as it goes, fsync. Returns its manifest entry.
+    ``direct``: ``mv`` is page-aligned in address and length, so O_DIRECT may be used."""
+    fd = _open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, direct)
     blocks = []
     try:
         for s in range(0, len(mv), BLOCK):
@@ -121,11 +135,12 @@ def _write_file(path: Path, mv: memoryview, algo: str) -> dict[str, Any]:
     return {"size": len(mv), "blocks": blocks}
 
 
-def _read_file(path: Path, mv: memoryview, info: dict[str, Any], algo: str, threads: int) -> None:
-    """Read ``path`` into ``mv`` (blocks in parallel), verifying each block's checksum; RewindError on mismatch."""
+def _read_file(path: Path, mv: memoryview, info: dict[str, Any], algo: str, threads: int, direct: bool = False) -> None:
+    """Read ``path`` into ``mv`` (blocks in parallel), verifying each block's checksum; RewindError on mismatch.
+    ``direct``: ``mv`` is page-aligned in address and length, so O_DIRECT may be used (no page-cache copy)."""
     if len(mv) != info.get("size") or len(info.get("blocks", ())) != -(-len(mv) // BLOCK):
         raise RewindError(f"DiskCheckpoints: {path} does not match its manifest; not loading it.")
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open(path, os.O_RDONLY, direct)
     try:
         if os.fstat(fd).st_size != len(mv):
             raise RewindError(f"DiskCheckpoints: {path} is {os.fstat(fd).st_size} bytes, expected {len(mv)} (torn write).")
@@ -356,14 +371,16 @@ class DiskCheckpoints:
         table, total = _layout(tensors)
         head = {"format": FORMAT, "step": step, "tensors": table, "data_bytes": total, "tree": skeleton}
         header = json.dumps(head, allow_nan=False).encode()
-        staging = self._buffer(total, pin=any(t.device.type == "cuda" for t in tensors))
+        padded = -(-total // PAGE) * PAGE
+        staging = self._buffer(padded, pin=any(t.device.type == "cuda" for t in tensors))
+        staging[total:padded].zero_()
         with torch.no_grad():
             for t, (_, shape, off, n) in zip(tensors, table):
                 if n:
                     staging[off : off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
         if any(t.device.type == "cuda" for t in tensors):
             torch.cuda.synchronize()
-        data = staging[:total]
+        data = staging[:padded]
         if self.async_save:
             self._pending = step
             self._thread = threading.Thread(target=self._write_guarded, args=(step, header, data), daemon=True)
@@ -374,8 +391,7 @@ class DiskCheckpoints:
     def _buffer(self, nbytes: int, pin: bool = False) -> torch.Tensor:
         if self._staging is None or self._staging.numel() < nbytes:
             self._staging = None  # free the old one first: the peak stays at one buffer
-            pin = pin and torch.cuda.is_available()
-            self._staging = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+            self._staging = _aligned(nbytes, pin)
         return self._staging
 
     def wait(self) -> None:
@@ -402,7 +418,7 @@ class DiskCheckpoints:
             tmp = self.dir / f"step_{step:09d}.tmp-{os.getpid()}"
             tmp.mkdir()
             algo = _hasher()
-            files = {DATA: _write_file(tmp / DATA, _memview(data), algo),
+            files = {DATA: _write_file(tmp / DATA, _memview(data), algo, direct=True),
                      SKELETON: _write_file(tmp / SKELETON, memoryview(header), algo)}  # fmt: skip
             manifest = {"format": FORMAT, "step": step, "hash": algo, "block": BLOCK, "files": files}
             _write_file(tmp / MANIFEST, memoryview(json.dumps(manifest).encode()), algo)
@@ -489,8 +505,11 @@ class DiskCheckpoints:
         for dt, shape, off, n in specs:
             if off < 0 or off % ALIGN or off + n > total or n != math.prod(shape) * dt.itemsize:
                 raise RewindError(f"DiskCheckpoints: {path}/{SKELETON} has a tensor out of range; not loading it.")
-        buf = self._buffer(total) if reuse_buffer else torch.empty(max(total, 1), dtype=torch.uint8)
-        _read_file(path / DATA, _memview(buf[:total]), files[DATA], algo, self.threads)
+        size = files[DATA].get("size")
+        if size != -(-total // PAGE) * PAGE:
+            raise RewindError(f"DiskCheckpoints: {path}/{DATA} does not match its manifest; not loading it.")
+        buf = self._buffer(size) if reuse_buffer else _aligned(size)
+        _read_file(path / DATA, _memview(buf[:size]), files[DATA], algo, self.threads, direct=True)
         tensors = [buf[off : off + n].view(dt).view(shape) if n else torch.empty(shape, dtype=dt)
                    for dt, shape, off, n in specs]  # fmt: skip
         try:
@@ -503,6 +522,14 @@ class DiskCheckpoints:
         """Called after the state of ``step`` was restored from this directory: from here on this run owns it (an
         earlier run's later checkpoints are replaced as the new branch records, like an undone branch)."""
         self._resumed = True
+
+
+def _aligned(nbytes: int, pin: bool = False) -> torch.Tensor:
+    """A page-aligned host buffer of ``nbytes`` bytes (pinned for CUDA state: faster device-to-host copies)."""
+    pin = pin and torch.cuda.is_available()
+    base = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pin)
+    off = (-base.data_ptr()) % PAGE
+    return base[off : off + nbytes]  # the view keeps the allocation alive
 
 
 def _brief(steps: list[int]) -> str:
