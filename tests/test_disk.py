@@ -293,11 +293,11 @@ TRAIN = textwrap.dedent(
     print("start", start, rw.step, flush=True)
     if mode == "hang-at-15":                        # a save that never finishes: the parent kills us mid-write
         real = disk_mod._write_file
-        def slow(path, mv, algo):
+        def slow(path, *args, **kw):
             if "step_000000015" in str(path) and path.name == "tensors.bin":
                 print("saving 15", flush=True)
                 time.sleep(60)
-            return real(path, mv, algo)
+            return real(path, *args, **kw)
         disk_mod._write_file = slow
     while rw.step < total:
         g = torch.Generator().manual_seed(rw.step)  # the batch of each step, whichever process takes it
