@@ -8,8 +8,9 @@ Usage::
     python benchmarks/bench_suite.py                  # 3 seeds, full-length runs (a few minutes on 2 cores)
     python benchmarks/bench_suite.py --quick          # CI smoke run (seconds): runs and data shrunk 10x, 2 seeds
     python benchmarks/bench_suite.py --json out.json  # also write every run (per-iteration losses included)
-    python benchmarks/bench_suite.py --grid           # how the suggested lrs were chosen: an lr grid per task,
-                                                      # judged on the validation split
+    python benchmarks/bench_suite.py --grid           # instead: how the suggested lrs were chosen (an lr grid per
+                                                      # task and optimizer, judged on the validation split)
+    python benchmarks/bench_suite.py --describe       # the tasks table (markdown)
 
 Runs go through ``benchmarks.suite.run_many``: 2 worker processes, one torch thread each, denormals flushed to
 zero. "time" is the median wall time of a run's training loop (evaluation excluded); under load it grows, so the
@@ -135,6 +136,15 @@ def grid(args: argparse.Namespace, scale: float) -> dict[str, Any]:
     return {"best": best, "results": results}
 
 
+def tasks_table() -> str:
+    """The tasks table of benchmarks/suite/README.md."""
+    rows = [[f"`{r['name']}`", r["kind"], r["split"], r["data"], r["model"], f"{r['params']:,}",
+             r["train_examples"], r["batch"], r["iterations"], f"{r['sgd_lr']:g}", f"{r['adam_lr']:g}", r["metric"]]
+            for r in tasks.describe()]  # fmt: skip
+    return table(["name", "kind", "split", "data", "model", "params", "train examples", "batch", "iterations",
+                  "SGD lr", "Adam lr", "metric"], rows)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: runs and data shrunk 10x, 2 seeds")
@@ -142,9 +152,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, help="seeds per task and optimizer (default 3; --quick: 2)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--tasks", nargs="*", help="only these tasks (default: all)")
-    p.add_argument("--grid", action="store_true", help="also run the lr grid (on the validation split)")
+    p.add_argument("--grid", action="store_true", help="instead: the lr grid behind the suggested lrs (validation)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--describe", action="store_true", help="print the tasks table (markdown) and exit")
     args = p.parse_args()
+    if args.describe:
+        print(tasks_table())
+        return
     args.seeds = args.seeds or (2 if args.quick else 3)
     scale = 0.1 if args.quick else 1.0
 
@@ -154,6 +168,12 @@ def main() -> None:
           f"{args.workers} worker processes x 1 thread; seeds {list(range(args.seeds))}; scale {scale:g}"
           f"{' (--quick)' if args.quick else ''}. Reference iteration (64-256-256-10 MLP, Adam, batch 64, one "
           f"thread): {ref:.2f} ms in this process before the study.\n")  # fmt: skip
+    if args.grid:
+        out_grid = grid(args, scale)
+        if args.json:
+            args.json.write_text(json.dumps({"settings": {"seeds": list(range(args.seeds)), "scale": scale}, **out_grid}))
+            print(f"\nWrote {args.json}")
+        return
     t0 = time.perf_counter()
     configs = [Config("adam", adam()), Config("sgd", sgd())]
     results = run_many(configs, args.tasks, range(args.seeds), workers=args.workers, scale=scale,
@@ -181,8 +201,6 @@ def main() -> None:
         "verdicts": verdicts,
         "results": results,
     }
-    if args.grid:
-        out["grid"] = grid(args, scale)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
         print(f"\nWrote {args.json}")

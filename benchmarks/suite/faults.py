@@ -218,6 +218,7 @@ class Injector:
         self._pending: Callable[[torch.Tensor], torch.Tensor] | None = None  # for the batch last drawn
         self._active: Callable[[torch.Tensor], torch.Tensor] | None = None  # while its step runs
         self._handle = None
+        self.position = -1  # stream position of the batch last drawn
         if self.hooked and any(f.kind in ("scale", "nan", "drift") for f in plan.faults):
             self._handle = run.first_layer.register_forward_hook(self._hook)
 
@@ -235,6 +236,7 @@ class Injector:
             if any(f.kind == "shuffle" for f in faults):
                 y = _shuffle(y, zlib.crc32(f"shuffle/{self.plan.seed}/{i}".encode()) & 0x7FFFFFFF)
             transform = _input_transform(faults, i)
+            self.position = i
             if self.hooked:
                 self._pending = transform
             elif transform is not None:

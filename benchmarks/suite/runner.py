@@ -150,7 +150,8 @@ def policy(kind: str, *, capacity: int = 1, **kwargs: Any) -> StepFactory:
 @dataclass
 class Result:
     """One training run. ``losses[i]``: the loss of iteration i's batch before its step (the first forward of the
-    iteration); ``lrs[i]``: group 0's lr after iteration i; ``forwards``/``backwards``: passes run by the loop and
+    iteration); ``lrs[i]``: group 0's lr after iteration i; ``batch_index[i]``: the stream position of iteration
+    i's batch (batch faults are keyed by it; it runs ahead of i once a guard skips batches); ``forwards``/``backwards``: passes run by the loop and
     the step (evaluation not counted); ``wall_s``: the training loop's wall time; ``initial``/``final``:
     ``evaluate()`` before and after; ``error``: the exception that stopped training (type, message, iteration,
     traceback), else None."""
@@ -163,6 +164,7 @@ class Result:
     completed: int = 0
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    batch_index: list[int] = field(default_factory=list)
     forwards: int = 0
     backwards: int = 0
     wall_s: float = 0.0
@@ -269,6 +271,7 @@ def train(
                         del loss
                 res.losses.append(float(first[0].item()) if first else math.nan)
                 res.lrs.append(float(opt.param_groups[0]["lr"]))
+                res.batch_index.append(injector.position)
                 res.completed = i + 1
                 if eval_every and (i + 1) % eval_every == 0 and i + 1 < n:
                     res.wall_s += time.perf_counter() - t0

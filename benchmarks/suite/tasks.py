@@ -488,7 +488,7 @@ def _wine(t: Task, seed: int, scale: float) -> TaskRun:
     x, y, parts = _tabular("wine")
     return _supervised(t, seed, scale, model=_mlp([13, 64, 64, 3]), data=_parts(x, y, parts), criterion=F.cross_entropy,
                        metric=accuracy, metric_name="accuracy", higher_is_better=True, batch=32,
-                       iterations=_iters(300, scale), sgd_lr=0.03, adam_lr=3e-3)  # fmt: skip
+                       iterations=_iters(300, scale), sgd_lr=0.1, adam_lr=0.03)  # fmt: skip
 
 
 @task("diabetes_regression", "regression (MSE)", "tune",
@@ -498,7 +498,7 @@ def _diabetes(t: Task, seed: int, scale: float) -> TaskRun:
     y = (y - y[parts[0]].mean()) / y[parts[0]].std()
     return _supervised(t, seed, scale, model=_mlp([10, 32, 32, 1]), data=_parts(x, y, parts), criterion=mse, metric=r2,
                        metric_name="r2", higher_is_better=True, batch=32, iterations=_iters(300, scale),
-                       sgd_lr=0.01, adam_lr=1e-3)  # fmt: skip
+                       sgd_lr=0.001, adam_lr=0.0003)  # fmt: skip
 
 
 @task("transformer_lm", "Transformer language model (next character)", "tune",
@@ -521,7 +521,7 @@ def _lm(t: Task, seed: int, scale: float) -> TaskRun:
 
     return _supervised(t, seed, scale, model=model, data=data, criterion=criterion, metric=accuracy,
                        metric_name="next-char accuracy", higher_is_better=True, batch=16,
-                       iterations=_iters(300, scale), sgd_lr=0.3, adam_lr=3e-3, input_kind="tokens",
+                       iterations=_iters(300, scale), sgd_lr=0.3, adam_lr=0.01, input_kind="tokens",
                        first_layer=model.tok, train_eval=128)  # fmt: skip
 
 
@@ -531,7 +531,7 @@ def _cnn(t: Task, seed: int, scale: float) -> TaskRun:
     x, y, parts = _tabular("digits", standardise=False)
     return _supervised(t, seed, scale, model=CNN(), data=_parts(x / 16.0, y, parts), criterion=F.cross_entropy,
                        metric=accuracy, metric_name="accuracy", higher_is_better=True, batch=32,
-                       iterations=_iters(400, scale), sgd_lr=0.03, adam_lr=1e-3)  # fmt: skip
+                       iterations=_iters(400, scale), sgd_lr=0.03, adam_lr=0.01)  # fmt: skip
 
 
 @task("illcond_lstsq", "ill-conditioned convex (least squares, Hessian condition number 1e4)", "tune",
@@ -559,7 +559,7 @@ def _illcond(t: Task, seed: int, scale: float) -> TaskRun:
         return {"train_excess": full - best}  # distance to the least-squares optimum: where conditioning bites
 
     return _supervised(t, seed, scale, model=nn.Linear(d, 1), data=data, criterion=mse, metric=mse, metric_name="mse",
-                       higher_is_better=False, batch=32, iterations=_iters(400, scale), sgd_lr=0.3, adam_lr=1e-2,
+                       higher_is_better=False, batch=32, iterations=_iters(400, scale), sgd_lr=0.1, adam_lr=0.1,
                        extras=extras, info={"condition_number": cond})  # fmt: skip
 
 
@@ -575,7 +575,7 @@ def _label_noise(t: Task, seed: int, scale: float) -> TaskRun:
     data["train"] = (x_tr, torch.where(flip, other, y_tr))
     return _supervised(t, seed, scale, model=_mlp([64, 128, 128, 10]), data=data, criterion=F.cross_entropy,
                        metric=accuracy, metric_name="accuracy (clean labels)", higher_is_better=True, batch=32,
-                       iterations=_iters(500, scale), sgd_lr=0.03, adam_lr=1e-3,
+                       iterations=_iters(500, scale), sgd_lr=0.03, adam_lr=0.001,
                        info={"flipped": float(flip.float().mean())})  # fmt: skip
 
 
@@ -600,7 +600,7 @@ def _recommender(t: Task, seed: int, scale: float) -> TaskRun:
 
     return _supervised(t, seed, scale, model=model, data=_parts(ids, click, parts),
                        criterion=F.binary_cross_entropy_with_logits, metric=acc, metric_name="accuracy",
-                       higher_is_better=True, batch=128, iterations=_iters(400, scale), sgd_lr=0.3, adam_lr=3e-3,
+                       higher_is_better=True, batch=128, iterations=_iters(400, scale), sgd_lr=0.3, adam_lr=0.03,
                        input_kind="tokens", first_layer=model.user, info={"bayes_test_accuracy": bayes})  # fmt: skip
 
 
@@ -610,7 +610,7 @@ def _dropout_wd(t: Task, seed: int, scale: float) -> TaskRun:
     x, y, parts = _tabular("breast_cancer")
     return _supervised(t, seed, scale, model=_mlp([30, 256, 256, 2], dropout=0.5), data=_parts(x, y, parts),
                        criterion=F.cross_entropy, metric=accuracy, metric_name="accuracy", higher_is_better=True,
-                       batch=32, iterations=_iters(300, scale), sgd_lr=0.01, adam_lr=1e-3,
+                       batch=32, iterations=_iters(300, scale), sgd_lr=0.01, adam_lr=0.0003,
                        weight_decay=1e-3)  # fmt: skip
 
 
@@ -628,7 +628,7 @@ def _gru(t: Task, seed: int, scale: float) -> TaskRun:
     parts = (torch.arange(0, n - 1024), torch.arange(n - 1024, n - 512), torch.arange(n - 512, n))
     return _supervised(t, seed, scale, model=GRUForecaster(32), data=_parts(x, y, parts), criterion=mse, metric=r2,
                        metric_name="r2", higher_is_better=True, batch=32, iterations=_iters(400, scale),
-                       sgd_lr=0.1, adam_lr=3e-3)  # fmt: skip
+                       sgd_lr=0.3, adam_lr=0.03)  # fmt: skip
 
 
 @task("matrix_factorisation", "matrix factorisation (explicit ratings, MSE)", "report",
@@ -645,7 +645,7 @@ def _mf(t: Task, seed: int, scale: float) -> TaskRun:
     model = MatrixFactorisation(users, items, 10)
     return _supervised(t, seed, scale, model=model, data=_parts(ids, r, parts), criterion=mse, metric=rmse,
                        metric_name="rmse", higher_is_better=False, batch=128, iterations=_iters(500, scale),
-                       sgd_lr=3.0, adam_lr=3e-2, input_kind="tokens", first_layer=model.user)  # fmt: skip
+                       sgd_lr=1.0, adam_lr=0.01, input_kind="tokens", first_layer=model.user)  # fmt: skip
 
 
 _PRETRAIN_CLASSES = 5
@@ -675,7 +675,7 @@ def _finetune(t: Task, seed: int, scale: float) -> TaskRun:
     parts = (perm[:150], perm[150:400], perm[400:])
     return _supervised(t, seed, scale, model=model, data=_parts(x, y - _PRETRAIN_CLASSES, parts), criterion=F.cross_entropy,
                        metric=accuracy, metric_name="accuracy", higher_is_better=True, batch=32,
-                       iterations=_iters(300, scale), sgd_lr=0.01, adam_lr=3e-4,
+                       iterations=_iters(300, scale), sgd_lr=0.1, adam_lr=0.003,
                        info={"pretrain_examples": len(pre)})  # fmt: skip
 
 
@@ -687,7 +687,7 @@ def _autoencoder(t: Task, seed: int, scale: float) -> TaskRun:
     data = {k: (x[i], x[i]) for k, i in zip(("train", "val", "test"), parts)}
     return _supervised(t, seed, scale, model=_mlp([64, 64, 8, 64, 64]), data=data, criterion=mse, metric=mse,
                        metric_name="mse", higher_is_better=False, batch=64, iterations=_iters(400, scale),
-                       sgd_lr=0.1, adam_lr=3e-3)  # fmt: skip
+                       sgd_lr=3.0, adam_lr=0.01)  # fmt: skip
 
 
 @task("vit_digits", "tiny Vision Transformer", "report",
@@ -698,7 +698,7 @@ def _vit(t: Task, seed: int, scale: float) -> TaskRun:
     model = ViT(32, 4, 2)
     return _supervised(t, seed, scale, model=model, data=_parts(x, y, parts), criterion=F.cross_entropy,
                        metric=accuracy, metric_name="accuracy", higher_is_better=True, batch=16,
-                       iterations=_iters(300, scale), sgd_lr=0.03, adam_lr=3e-3, first_layer=model.embed)  # fmt: skip
+                       iterations=_iters(300, scale), sgd_lr=0.01, adam_lr=0.003, first_layer=model.embed)  # fmt: skip
 
 
 @task("multitask", "multi-task (shared trunk: 4-class classification + regression heads)", "report",
@@ -725,4 +725,4 @@ def _multitask(t: Task, seed: int, scale: float) -> TaskRun:
 
     return _supervised(t, seed, scale, model=MultiTask(d, 64, 4), data=data, criterion=criterion, metric=metric,
                        metric_name="accuracy (class head)", higher_is_better=True, batch=64,
-                       iterations=_iters(400, scale), sgd_lr=0.03, adam_lr=3e-3, extras=extras)  # fmt: skip
+                       iterations=_iters(400, scale), sgd_lr=0.01, adam_lr=0.001, extras=extras)  # fmt: skip
