@@ -34,49 +34,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.suite` from the repository root
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.suite import Config, adam, run_many, sgd, tasks  # noqa: E402
+from benchmarks.suite.runner import reference_ms  # noqa: E402
 from benchmarks.suite.stats import fmt, group, table  # noqa: E402
 
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 SGD_GRID = (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-
-
-def reference_ms(rounds: int = 5, iters: int = 100) -> float:
-    """Median ms of one training iteration of a 64-256-256-10 MLP (Adam, batch 64), one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                torch.nn.ReLU(), torch.nn.Linear(256, 10))  # fmt: skip
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x), y).backward()
-        opt.step()
-
-    for _ in range(20):
-        step()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        times.append((time.perf_counter() - t0) / iters * 1e3)
-    torch.set_num_threads(threads)
-    return statistics.median(times)
+IDLE_REFERENCE_MS = 1.92  # the reference iteration on an idle core of the 2-core machine (README's bench_core table)
 
 
 def finite(xs: list[float]) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
-def sanity(results: list[dict[str, Any]], ref: float) -> tuple[list[list[Any]], list[dict[str, Any]], dict[str, Any]]:
+def sanity(results: list[dict[str, Any]]) -> tuple[list[list[Any]], list[dict[str, Any]], dict[str, Any]]:
     rows, records = [], []
     learns: dict[str, list[str]] = {"adam": [], "sgd": []}
     for (task, config), rs in group(results, "task", "config").items():
@@ -87,16 +59,19 @@ def sanity(results: list[dict[str, Any]], ref: float) -> tuple[list[list[Any]], 
         test = [r["final"].get("test_metric", math.nan) for r in rs]
         wall = statistics.median(r["wall_s"] for r in rs)
         iters = rs[0]["iterations"]
+        # each run's time per iteration over the reference iteration timed right after it, in the same worker
+        ratio = statistics.median(r["wall_s"] / max(r["completed"], 1) * 1e3 / r["reference_ms"] for r in rs)
+        idle = ratio * IDLE_REFERENCE_MS * iters / 1e3
         ok = finite(final) and all(f < 0.9 * i for f, i in zip(final, init)) and not any(r["error"] for r in rs)
         if ok:
             learns[config].append(task)
         rows.append([task, t.kind.split(" (")[0], t.split, config, fmt(init), fmt(final),
                      f"{rs[0]['metric']}: {fmt(val)}", fmt(test), f"{wall:.2f} s",
-                     f"{wall / iters * 1e3 / ref:.1f}×", "yes" if ok else "**no**"])  # fmt: skip
+                     f"{ratio:.1f}×", f"{idle:.2f} s", "yes" if ok else "**no**"])  # fmt: skip
         records.append({"task": task, "kind": t.kind, "split": t.split, "config": config, "iterations": iters,
                         "initial_train_loss": init, "final_train_loss": final, "val_metric": val,
                         "test_metric": test, "metric": rs[0]["metric"], "wall_s_median": wall,
-                        "per_iteration_in_reference": wall / iters * 1e3 / ref, "learns": ok})  # fmt: skip
+                        "per_iteration_in_reference": ratio, "idle_s": idle, "learns": ok})  # fmt: skip
     zero = [r for r in records if r["task"] == "wine_zero"]
     verdicts = {
         "every_task_learns_with_adam": len(learns["adam"]) == len(tasks.TASKS),
@@ -104,12 +79,14 @@ def sanity(results: list[dict[str, Any]], ref: float) -> tuple[list[list[Any]], 
         "not_learning": {c: sorted(set(tasks.TASKS) - set(v)) for c, v in learns.items()},
         "near_zero_task_final_train_loss": {r["config"]: max(r["final_train_loss"]) for r in zero},
         "slowest_run_s": max(r["wall_s_median"] for r in records),
+        "slowest_run_at_idle_reference_s": max(r["idle_s"] for r in records),
     }
     return rows, records, verdicts
 
 
 def grid(args: argparse.Namespace, scale: float) -> dict[str, Any]:
-    configs = [Config(f"adam {lr:g}", adam(lr)) for lr in ADAM_GRID] + [Config(f"sgd {lr:g}", sgd(lr)) for lr in SGD_GRID]
+    configs = [Config(f"adam {lr:g}", adam(lr)) for lr in ADAM_GRID]
+    configs += [Config(f"sgd {lr:g}", sgd(lr)) for lr in SGD_GRID]
     results = run_many(configs, args.tasks, range(args.seeds), workers=args.workers, scale=scale,
                        progress=not args.quiet)  # fmt: skip
     print("\n## lr grid, judged on the validation split\n")
@@ -162,6 +139,7 @@ def main() -> None:
     args.seeds = args.seeds or (2 if args.quick else 3)
     scale = 0.1 if args.quick else 1.0
 
+    torch.set_num_threads(1)  # this process only orchestrates; the reference is timed on one thread, as in workers
     ref = reference_ms()
     print("# torchrewind task suite: sanity run\n")
     print(f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}; "
@@ -171,28 +149,31 @@ def main() -> None:
     if args.grid:
         out_grid = grid(args, scale)
         if args.json:
-            args.json.write_text(json.dumps({"settings": {"seeds": list(range(args.seeds)), "scale": scale}, **out_grid}))
+            settings = {"seeds": list(range(args.seeds)), "scale": scale}
+            args.json.write_text(json.dumps({"settings": settings, **out_grid}))
             print(f"\nWrote {args.json}")
         return
     t0 = time.perf_counter()
     configs = [Config("adam", adam()), Config("sgd", sgd())]
     results = run_many(configs, args.tasks, range(args.seeds), workers=args.workers, scale=scale,
-                       progress=not args.quiet)  # fmt: skip
+                       progress=not args.quiet, reference=10 if args.quick else 50)  # fmt: skip
     elapsed = time.perf_counter() - t0
-    rows, records, verdicts = sanity(results, ref)
+    rows, records, verdicts = sanity(results)
     print("## Suite sanity: plain Adam and plain SGD (momentum 0.9) at each task's suggested lr\n")
     print("Mean ± std over seeds. Train loss: on a fixed training subset, eval mode, before -> after training. "
           "Metrics: validation and test splits (lr choices are made on validation only). \"learns\": the final "
           "train loss is finite and below 0.9x the initial one for every seed. \"per iter\": median time of one "
           "iteration in reference iterations.\n")  # fmt: skip
     print(table(["task", "kind", "split", "optimizer", "train loss before", "train loss after", "val metric",
-                 "test metric", "time", "per iter", "learns"], rows))  # fmt: skip
+                 "test metric", "time", "per iter", "at idle", "learns"], rows))  # fmt: skip
     print(f"\nEvery task learns with Adam: {verdicts['every_task_learns_with_adam']}; with SGD: "
-          f"{verdicts['every_task_learns_with_sgd']} (not learning: {verdicts['not_learning']}).")
+          f"{verdicts['every_task_learns_with_sgd']} (not learning: {verdicts['not_learning']})"
+          + (" — --quick runs are 10x shorter: too short to judge." if args.quick else "."))
     print("Near-zero-loss task (wine_zero) final train loss, worst seed: "
           + ", ".join(f"{k} {v:.2e}" for k, v in verdicts["near_zero_task_final_train_loss"].items()) + ".")
-    print(f"Slowest task (median run): {verdicts['slowest_run_s']:.2f} s; whole study {elapsed:.1f} s wall "
-          f"for {len(results)} runs.")
+    print(f"Slowest task (median run): {verdicts['slowest_run_s']:.2f} s here, "
+          f"{verdicts['slowest_run_at_idle_reference_s']:.2f} s at the idle reference; whole study {elapsed:.1f} s "
+          f"wall for {len(results)} runs.")
     out: dict[str, Any] = {
         "settings": {"seeds": list(range(args.seeds)), "scale": scale, "workers": args.workers, "quick": args.quick,
                      "torch": torch.__version__, "python": platform.python_version(), "reference_ms": ref,

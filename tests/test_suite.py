@@ -44,6 +44,7 @@ def test_registry_covers_the_required_kinds_and_splits():
     for word in ("tabular", "regression", "transformer language model", "rnn", "batchnorm", "matrix factorisation",
                  "ill-conditioned", "fine-tuning", "label noise", "dropout + weight decay"):  # fmt: skip
         assert word in text, word
+    assert set(tasks._DATA) <= set(ALL)  # preload() knows every task's data set
     tune, report = tasks.names("tune"), tasks.names("report")
     assert abs(len(tune) - len(report)) <= 1 and sorted(tune + report) == sorted(ALL)
     for half in (tune, report):  # neither half is all classification
@@ -276,12 +277,14 @@ def test_runner_catches_an_exception_in_a_step():
 def test_runner_plugs_in_guards_and_line_searches():
     pytest.importorskip("torchrewind")
     run = tasks.make("wine_zero", 0, SCALE)
-    plain = runner.train(run, runner.adam(), iterations=20)
-    assert plain.forwards == plain.backwards == 20
+    plain = runner.train(run, runner.adam(), iterations=20, eval_every=5)
+    assert plain.forwards == plain.backwards == 20 and plain.batch_index == list(range(20))
+    assert [i for i, _ in plain.evals] == [5, 10, 15] and plain.evals[0][1].keys() == plain.final.keys()
     guard = runner.train(tasks.make("wine_zero", 0, SCALE), runner.adam(),
                          step=runner.policy("SpikeGuard", capacity=4), faults=FaultPlan("n", (Fault("nan", 12),)),
                          iterations=20)  # fmt: skip
-    assert guard.error is None and guard.step_info["skipped"] >= 1 and (12, "skipped") in map(tuple, guard.to_dict()["step_info"]["events"])
+    assert guard.error is None and guard.step_info["skipped"] >= 1
+    assert [12, "skipped"] in guard.to_dict()["step_info"]["events"]  # attributed to the faulty iteration
     assert guard.losses[:12] == plain.losses[:12]  # the guard changes nothing before the fault
     assert math.isfinite(guard.final["train_loss"])
     ls = runner.train(tasks.make("wine_zero", 0, SCALE), runner.sgd(lr=1.0), step=runner.policy("LineSearch"),

@@ -54,7 +54,7 @@ class Fault:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; kinds: {', '.join(KINDS)}")
         if self.at < 0 or self.length < 1:
-            raise ValueError(f"fault {self.kind}: at must be >= 0 and length >= 1, got at={self.at}, length={self.length}")
+            raise ValueError(f"fault {self.kind}: needs at >= 0, length >= 1; got at={self.at}, length={self.length}")
 
     def covers(self, i: int) -> bool:
         if self.kind == "drift":
@@ -148,7 +148,12 @@ class FaultPlan:
 
 
 def resolve(plan: FaultPlan | str | None, iterations: int, seed: int = 0) -> FaultPlan:
-    """A plan from a plan, a standard plan's name, or None (no faults)."""
+    """A plan from a plan, a standard plan's name, or None (no faults).
+
+    Example::
+
+        resolve("mixed", iterations=400, seed=1) == FaultPlan.standard("mixed", 400, 1)    # True
+    """
     if plan is None:
         return FaultPlan("none")
     if isinstance(plan, str):

@@ -54,10 +54,10 @@ OptimizerFactory = Callable[[TaskRun], torch.optim.Optimizer]
 @dataclass
 class Step:
     """What one iteration does instead of ``optimizer.step()``: exactly one of ``after_backward`` (called with the
-    loss after the runner's forward and backward) or ``closure`` (called with ``loss_fn``; it does backward and
-    stepping itself). ``wrap`` (optional) wraps the batch iterator (a guard's ``wrap``, so it can skip batches);
-    ``info`` (optional) returns JSON-able statistics recorded in :attr:`Result.step_info`; ``close`` (optional) runs
-    after training.
+    loss after the runner's ``zero_grad``, forward and backward) or ``closure`` (called with ``loss_fn``, the forward
+    of the iteration's batch; it does ``zero_grad``, backward and stepping itself). ``wrap`` (optional) wraps the
+    batch iterator (a guard's ``wrap``, so it can skip batches); ``info`` (optional) returns JSON-able statistics
+    recorded in :attr:`Result.step_info`; ``close`` (optional) runs after training.
 
     Example::
 
@@ -80,7 +80,12 @@ StepFactory = Callable[[TaskRun, torch.optim.Optimizer], Step]
 
 
 def plain_step(run: TaskRun, optimizer: torch.optim.Optimizer) -> Step:
-    """The default: ``optimizer.step()``."""
+    """The default step factory: plain ``optimizer.step()``.
+
+    Example::
+
+        train(run, adam(), step=plain_step)          # the same as step=None
+    """
     return Step(after_backward=lambda loss: optimizer.step())
 
 
@@ -127,9 +132,11 @@ def _policy_step(kind: str, capacity: int, kwargs: tuple[tuple[str, Any], ...], 
     policy = getattr(tr, kind)(rw, **dict(kwargs))
     if kind in ("LineSearch", "BoldDriver"):
         return Step(closure=policy.step, info=lambda: policy.stats)
-    return Step(after_backward=policy.step, wrap=policy.wrap,
-                info=lambda: {**policy.log.counts(), "iterations": policy.iteration, "steps": policy.steps,
-                              "events": [(e.iteration, e.kind) for e in policy.log.events if e.kind != "accepted"]})  # fmt: skip
+    def info() -> dict[str, Any]:
+        events = [(e.iteration, e.kind) for e in policy.log.events if e.kind != "accepted"]
+        return {**policy.log.counts(), "iterations": policy.iteration, "steps": policy.steps, "events": events}
+
+    return Step(after_backward=policy.step, wrap=policy.wrap, info=info)
 
 
 def policy(kind: str, *, capacity: int = 1, **kwargs: Any) -> StepFactory:
@@ -151,10 +158,16 @@ def policy(kind: str, *, capacity: int = 1, **kwargs: Any) -> StepFactory:
 class Result:
     """One training run. ``losses[i]``: the loss of iteration i's batch before its step (the first forward of the
     iteration); ``lrs[i]``: group 0's lr after iteration i; ``batch_index[i]``: the stream position of iteration
-    i's batch (batch faults are keyed by it; it runs ahead of i once a guard skips batches); ``forwards``/``backwards``: passes run by the loop and
-    the step (evaluation not counted); ``wall_s``: the training loop's wall time; ``initial``/``final``:
-    ``evaluate()`` before and after; ``error``: the exception that stopped training (type, message, iteration,
-    traceback), else None."""
+    i's batch (batch faults are keyed by it; it runs ahead of i once a guard skips batches);
+    ``forwards``/``backwards``: passes run by the loop and the step (evaluation not counted); ``wall_s``: the
+    training loop's wall time; ``initial``/``final``: ``evaluate()`` before and after; ``error``: the exception
+    that stopped training (type, message, iteration, traceback), else None.
+
+    Example::
+
+        res = train(tasks.make("autoencoder", 0), adam(), faults="drift")
+        json.dumps(res.to_dict())                     # plain data: lists, dicts, floats, strings
+    """
 
     task: str
     kind: str
@@ -329,12 +342,57 @@ class Config:
 
 
 def job_key(config: Config, task: str, seed: int, scale: float) -> str:
-    """The cache key of one run (a config is identified by its name: rename it when you change it)."""
+    """The cache key of one run (a config is identified by its name: rename it when you change it).
+
+    Example::
+
+        job_key(Config("adam", adam()), "cnn_bn", 0, 1.0)     # 'adam|cnn_bn|0|scale=1'
+    """
     return f"{config.name}|{task}|{seed}|scale={scale:g}"
 
 
+_REFERENCE: list[Callable[[], None]] = []  # this process's reference iteration, built on first use
+
+
+def reference_ms(iterations: int = 50) -> float:
+    """Wall ms of one training iteration of a fixed reference model (the digits MLP of ``bench_core.py``:
+    64-256-256-10, Adam, batch 64), median of 5 blocks. Timing a run against it, measured right after the run in
+    the same process, gives a cost that survives machine load (1.9 ms on an idle core of the 2-core CI box).
+
+    Example::
+
+        per_iteration = res.wall_s / res.completed * 1e3 / reference_ms()
+    """
+    if not _REFERENCE:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                    torch.nn.ReLU(), torch.nn.Linear(256, 10))  # fmt: skip
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+        for _ in range(20):
+            step()
+        _REFERENCE.append(step)
+    step = _REFERENCE[0]
+    block = max(1, iterations // 5)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(block):
+            step()
+        times.append((time.perf_counter() - t0) / block * 1e3)
+    return sorted(times)[2]
+
+
 def _run_job(config: Config, task: str, seed: int, scale: float, eval_every: int | None,
-             max_seconds: float | None) -> dict[str, Any]:  # fmt: skip
+             max_seconds: float | None, reference: int = 0) -> dict[str, Any]:  # fmt: skip
     t0 = time.perf_counter()
     try:
         run = _tasks.make(task, seed, scale)
@@ -345,6 +403,8 @@ def _run_job(config: Config, task: str, seed: int, scale: float, eval_every: int
         out = {"task": task, "seed": seed, "error": _error(-1, e), "final": {}, "losses": []}
     out.update(config=config.name, scale=scale, key=job_key(config, task, seed, scale),
                total_s=time.perf_counter() - t0)  # fmt: skip
+    if reference:
+        out["reference_ms"] = reference_ms(reference)
     return out
 
 
@@ -389,13 +449,15 @@ def run_many(
     threads: int = 1,
     flush_denormal: bool = True,
     progress: bool = True,
+    reference: int = 0,
 ) -> list[dict[str, Any]]:
     """Run every config on every task (default: all) and seed, in ``workers`` processes (``0``: in this process),
     each with ``threads`` torch threads and denormals flushed to zero (Adam's tiny second moments are otherwise
     ~20x slower on x86; the setting changes results, so compare runs made the same way). Returns one dict per run
     (:meth:`Result.to_dict` plus ``config``, ``scale``, ``key``, ``total_s``), in config, task, seed order.
     ``cache``: a JSON file of finished runs, read first (runs already there are not repeated) and rewritten as
-    runs finish.
+    runs finish. ``reference=n``: after each run, time ``n`` iterations of the :func:`reference_ms` model in the same
+    worker (``reference_ms`` in its dict), so costs can be given as ratios that survive machine load.
 
     Example::
 
@@ -409,8 +471,9 @@ def run_many(
     for t in task_names:
         if t not in _tasks.TASKS:
             raise KeyError(f"unknown task {t!r}; tasks: {', '.join(_tasks.TASKS)}")
-    jobs = [(c, t, int(s), float(scale), eval_every, max_seconds) for c in configs for t in task_names for s in seeds]
-    keys = [job_key(c, t, s, sc) for c, t, s, sc, _, _ in jobs]
+    jobs = [(c, t, int(s), float(scale), eval_every, max_seconds, reference)
+            for c in configs for t in task_names for s in seeds]  # fmt: skip
+    keys = [job_key(c, t, s, sc) for c, t, s, sc, *_ in jobs]
     path = Path(cache) if cache is not None else None
     done = _load(path) if path is not None else {}
     todo = [i for i, k in enumerate(keys) if k not in done]
@@ -438,6 +501,7 @@ def run_many(
     elif todo:
         global _JOBS
         if "fork" in mp.get_all_start_methods():  # workers inherit the jobs: lambdas and closures work
+            _tasks.preload(task_names)  # and the data, read once here
             _JOBS = jobs
             ctx = mp.get_context("fork")
             with ctx.Pool(workers, _init_worker, (threads, flush_denormal), maxtasksperchild=None) as pool:

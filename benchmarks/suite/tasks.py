@@ -134,15 +134,41 @@ def make(name: str, seed: int, scale: float = 1.0) -> TaskRun:
 
 
 def names(split: str | None = None) -> list[str]:
-    """Task names, all or those of one split (``"tune"`` or ``"report"``)."""
+    """Task names, all or those of one split (``"tune"`` or ``"report"``).
+
+    Example::
+
+        for name in names("tune"):
+            run = make(name, seed=0)
+    """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     return [n for n, t in TASKS.items() if split is None or t.split == split]
 
 
+def preload(task_names: list[str] | None = None) -> None:
+    """Read the data sets the tasks use into this process's caches (worker processes forked later share them).
+
+    Example::
+
+        preload(names("tune"))
+    """
+    chosen = set(TASKS if task_names is None else task_names)
+    for name in {n for t, n in _DATA.items() if t in chosen}:
+        _sklearn(name)
+    if "transformer_lm" in chosen:
+        _stdlib_ids()
+
+
 def describe(scale: float = 1.0) -> list[dict[str, Any]]:
     """One row per task (name, kind, split, data, model, parameters, training examples, iterations, batch, lrs):
-    builds each task once (seed 0)."""
+    builds each task once (seed 0).
+
+    Example::
+
+        for row in describe():
+            print(row["name"], row["params"], row["iterations"])
+    """
     rows = []
     for t in TASKS.values():
         r = t.make(0, scale)
@@ -296,6 +322,10 @@ def _supervised(
 
 
 # ------------------------------------------------------------------------------------------------------- data
+_DATA = {"wine_zero": "wine", "diabetes_regression": "diabetes", "cnn_bn": "digits", "label_noise": "digits",
+         "dropout_wd": "breast_cancer", "finetune": "digits", "autoencoder": "digits", "vit_digits": "digits"}
+
+
 @functools.lru_cache(maxsize=None)
 def _sklearn(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A scikit-learn *bundled* data set (shipped with the package, never downloaded), as float32/int64 tensors.
@@ -605,7 +635,8 @@ def _recommender(t: Task, seed: int, scale: float) -> TaskRun:
 
 
 @task("dropout_wd", "dropout + weight decay (small tabular data)", "report",
-      "sklearn breast_cancer (569 x 30, 2 classes), standardised", "MLP 30-256-256-2, dropout 0.5, weight decay 1e-3")  # fmt: skip
+      "sklearn breast_cancer (569 x 30, 2 classes), standardised",
+      "MLP 30-256-256-2, dropout 0.5, weight decay 1e-3")  # fmt: skip
 def _dropout_wd(t: Task, seed: int, scale: float) -> TaskRun:
     x, y, parts = _tabular("breast_cancer")
     return _supervised(t, seed, scale, model=_mlp([30, 256, 256, 2], dropout=0.5), data=_parts(x, y, parts),
@@ -632,7 +663,8 @@ def _gru(t: Task, seed: int, scale: float) -> TaskRun:
 
 
 @task("matrix_factorisation", "matrix factorisation (explicit ratings, MSE)", "report",
-      "synthetic: 300 x 200 rank-5 matrix + noise 0.1, 15k observed entries", "embeddings of rank 10 + biases")  # fmt: skip
+      "synthetic: 300 x 200 rank-5 matrix + noise 0.1, 15k observed entries",
+      "embeddings of rank 10 + biases")  # fmt: skip
 def _mf(t: Task, seed: int, scale: float) -> TaskRun:
     users, items = 300, 200
     g = _gen(t.name, "data")
@@ -652,7 +684,8 @@ _PRETRAIN_CLASSES = 5
 
 
 @task("finetune", "fine-tuning (pre-train on digits 0-4, fine-tune on few examples of 5-9)", "report",
-      "sklearn digits: pre-train on all of 0-4, fine-tune on 150 of 5-9", "MLP 64-128-128 backbone + new head")  # fmt: skip
+      "sklearn digits: pre-train on all of 0-4, fine-tune on 150 of 5-9",
+      "MLP 64-128-128-128 backbone + new head")  # fmt: skip
 def _finetune(t: Task, seed: int, scale: float) -> TaskRun:
     x, y = _sklearn("digits")
     x = x / 16.0
@@ -673,7 +706,8 @@ def _finetune(t: Task, seed: int, scale: float) -> TaskRun:
     model = nn.Sequential(backbone, nn.ReLU(), nn.Linear(128, 10 - _PRETRAIN_CLASSES))
     perm = post[torch.randperm(len(post), generator=_gen(t.name, "split"))]
     parts = (perm[:150], perm[150:400], perm[400:])
-    return _supervised(t, seed, scale, model=model, data=_parts(x, y - _PRETRAIN_CLASSES, parts), criterion=F.cross_entropy,
+    return _supervised(t, seed, scale, model=model, data=_parts(x, y - _PRETRAIN_CLASSES, parts),
+                       criterion=F.cross_entropy,
                        metric=accuracy, metric_name="accuracy", higher_is_better=True, batch=32,
                        iterations=_iters(300, scale), sgd_lr=0.1, adam_lr=0.003,
                        info={"pretrain_examples": len(pre)})  # fmt: skip
@@ -691,7 +725,8 @@ def _autoencoder(t: Task, seed: int, scale: float) -> TaskRun:
 
 
 @task("vit_digits", "tiny Vision Transformer", "report",
-      "sklearn digits, pixels standardised (8x8 -> 16 patches of 2x2)", "ViT: d=32, 2 blocks, 4 heads, class token")  # fmt: skip
+      "sklearn digits, pixels standardised (8x8 -> 16 patches of 2x2)",
+      "ViT: d=32, 2 blocks, 4 heads, class token")  # fmt: skip
 def _vit(t: Task, seed: int, scale: float) -> TaskRun:
     x, y, parts = _tabular("digits", standardise=False)
     x = _standardise(x / 16.0, parts[0], min_std=0.1)  # unit-scale patches: SGD does not train it on raw pixels
@@ -702,7 +737,8 @@ def _vit(t: Task, seed: int, scale: float) -> TaskRun:
 
 
 @task("multitask", "multi-task (shared trunk: 4-class classification + regression heads)", "report",
-      "synthetic: 16-d Gaussian; argmax of a noisy linear map; sin of a projection + noise", "MLP trunk 16-64-64, 2 heads")  # fmt: skip
+      "synthetic: 16-d Gaussian; argmax of a noisy linear map; sin of a projection + noise",
+      "MLP trunk 16-64-64, 2 heads")  # fmt: skip
 def _multitask(t: Task, seed: int, scale: float) -> TaskRun:
     n, d = max(512, int(2048 * scale)) + 1024, 16
     g = _gen(t.name, "data")
