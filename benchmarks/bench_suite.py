@@ -162,8 +162,11 @@ def main() -> None:
     print("## Suite sanity: plain Adam and plain SGD (momentum 0.9) at each task's suggested lr\n")
     print("Mean ± std over seeds. Train loss: on a fixed training subset, eval mode, before -> after training. "
           "Metrics: validation and test splits (lr choices are made on validation only). \"learns\": the final "
-          "train loss is finite and below 0.9x the initial one for every seed. \"per iter\": median time of one "
-          "iteration in reference iterations.\n")  # fmt: skip
+          "train loss is finite and below 0.9x the initial one for every seed. \"time\": median wall time of the "
+          "training loop here. \"per iter\": median over seeds of a run's time per iteration / the reference "
+          "iteration timed right after it in the same worker; \"at idle\": that x "
+          f"{IDLE_REFERENCE_MS} ms (the reference on an idle core) x iterations, the run's cost on an unloaded "
+          "core.\n")  # fmt: skip
     print(table(["task", "kind", "split", "optimizer", "train loss before", "train loss after", "val metric",
                  "test metric", "time", "per iter", "at idle", "learns"], rows))  # fmt: skip
     print(f"\nEvery task learns with Adam: {verdicts['every_task_learns_with_adam']}; with SGD: "

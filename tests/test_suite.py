@@ -64,10 +64,10 @@ def test_task_builds_trains_and_is_bitwise_reproducible(name):
         return res.losses, params(run.model), res.final
 
     a, pa, final = losses(0)
-    b, pb, _ = losses(0)
+    b, pb, final_b = losses(0)
     c, _, _ = losses(1)
     assert len(a) == 6 and all(math.isfinite(x) for x in a)
-    assert a == b and all(torch.equal(x, y) for x, y in zip(pa, pb))  # same seed: bitwise identical
+    assert a == b and all(torch.equal(x, y) for x, y in zip(pa, pb)) and final == final_b  # same seed: same bits
     assert a != c  # another seed: another run
     assert {"train_loss", "val_loss", "val_metric", "test_loss", "test_metric"} <= final.keys()
     assert all(math.isfinite(v) for v in final.values())
@@ -297,12 +297,12 @@ def test_runner_plugs_in_guards_and_line_searches():
 def test_run_many_parallel_matches_in_process_and_caches(tmp_path):
     configs = [runner.Config("adam", runner.adam(), iterations=12),
                runner.Config("sgd-burst", runner.sgd(), faults="burst", iterations=12)]  # fmt: skip
-    names = ["wine_zero", "recommender"]  # features and ids
+    names = ["wine_zero", "recommender", "illcond_lstsq"]  # features, ids, a float64 optimum
     cache = tmp_path / "study.json"
     par = runner.run_many(configs, names, seeds=[0, 1], workers=2, scale=SCALE, cache=cache, progress=False)
     seq = runner.run_many(configs, names, seeds=[0, 1], workers=0, scale=SCALE, progress=False)
-    assert [r["key"] for r in par] == [r["key"] for r in seq] and len(par) == 8
-    assert [r["losses"] for r in par] == [r["losses"] for r in seq]  # worker processes: the same bits
+    assert [r["key"] for r in par] == [r["key"] for r in seq] and len(par) == 12
+    assert [(r["losses"], r["final"]) for r in par] == [(r["losses"], r["final"]) for r in seq]  # workers: same bits
     assert all(r["error"] is None and r["completed"] == 10 for r in par)  # 12 * scale -> the 10-iteration minimum
     json.loads(json.dumps(par))
     assert json.loads(cache.read_text())["results"]

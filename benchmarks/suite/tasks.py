@@ -580,7 +580,9 @@ def _illcond(t: Task, seed: int, scale: float) -> TaskRun:
     data = _parts(x, y, parts)
     x_tr, y_tr = data["train"]
     x1 = torch.cat([x_tr.double(), torch.ones(len(x_tr), 1, dtype=torch.float64)], 1)
-    sol = torch.linalg.lstsq(x1, y_tr.double().unsqueeze(1)).solution
+    # normal equations in float64 (cond ~1e8: ample precision); lstsq's LAPACK path differed in the last bit between
+    # processes, Cholesky on this 33x33 matrix does not
+    sol = torch.cholesky_solve(x1.T @ y_tr.double().unsqueeze(1), torch.linalg.cholesky(x1.T @ x1))
     best = float((x1 @ sol).squeeze(1).sub(y_tr.double()).square().mean())  # the least-squares optimum's train MSE
     cond = float(torch.linalg.cond(x_tr.double().T @ x_tr.double()))
 
@@ -590,7 +592,7 @@ def _illcond(t: Task, seed: int, scale: float) -> TaskRun:
 
     return _supervised(t, seed, scale, model=nn.Linear(d, 1), data=data, criterion=mse, metric=mse, metric_name="mse",
                        higher_is_better=False, batch=32, iterations=_iters(400, scale), sgd_lr=0.1, adam_lr=0.1,
-                       extras=extras, info={"condition_number": cond})  # fmt: skip
+                       extras=extras, info={"condition_number": cond, "optimal_train_mse": best})  # fmt: skip
 
 
 @task("label_noise", "heavy label noise (40% of training labels flipped)", "tune",
