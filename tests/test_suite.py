@@ -274,6 +274,18 @@ def test_runner_catches_an_exception_in_a_step():
     json.dumps(res.to_dict())
 
 
+def test_step_before_runs_before_each_forward():
+    order = []
+
+    def step(run, opt):
+        h = run.model.register_forward_pre_hook(lambda m, a: order.append("forward"))
+        return runner.Step(before=lambda: order.append("before"), after_backward=lambda loss: opt.step(),
+                           close=h.remove)  # fmt: skip
+
+    res = runner.train(tasks.make("wine_zero", 0, SCALE), runner.adam(), step=step, iterations=4)
+    assert res.error is None and order == ["before", "forward"] * 4  # evaluation ran after close removed the hook
+
+
 def test_runner_plugs_in_guards_and_line_searches():
     pytest.importorskip("torchrewind")
     run = tasks.make("wine_zero", 0, SCALE)

@@ -56,8 +56,10 @@ class Step:
     """What one iteration does instead of ``optimizer.step()``: exactly one of ``after_backward`` (called with the
     loss after the runner's ``zero_grad``, forward and backward) or ``closure`` (called with ``loss_fn``, the forward
     of the iteration's batch; it does ``zero_grad``, backward and stepping itself). ``wrap`` (optional) wraps the
-    batch iterator (a guard's ``wrap``, so it can skip batches); ``info`` (optional) returns JSON-able statistics
-    recorded in :attr:`Result.step_info`; ``close`` (optional) runs after training.
+    batch iterator (a guard's ``wrap``, so it can skip batches); ``before`` (optional) runs at the top of every
+    iteration, after the batch is drawn and before any forward (e.g. ``rw.snapshot()``, so an undo also takes back
+    the forward's BatchNorm statistics and RNG draws); ``info`` (optional) returns JSON-able statistics recorded in
+    :attr:`Result.step_info`; ``close`` (optional) runs after training.
 
     Example::
 
@@ -68,6 +70,7 @@ class Step:
     after_backward: Callable[[torch.Tensor], Any] | None = None
     closure: Callable[[Callable[[], torch.Tensor]], Any] | None = None
     wrap: Callable[[Iterator[Any]], Iterator[Any]] | None = None
+    before: Callable[[], Any] | None = None
     info: Callable[[], dict[str, Any]] | None = None
     close: Callable[[], Any] | None = None
 
@@ -274,6 +277,8 @@ def train(
                     return loss
 
                 with injector.step(i, opt):
+                    if stepper.before is not None:
+                        stepper.before()
                     if stepper.closure is not None:
                         stepper.closure(loss_fn)
                     else:
