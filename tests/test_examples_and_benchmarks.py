@@ -79,6 +79,7 @@ BENCHMARKS = {
     "bench_delta.py": (["whole HostArchive"], {"adam/archive", "sgd/archive"}),
     "bench_disk.py": (["rollback"], {"rollback_s", "exact"}),
     "bench_ddp.py": (["## DDP overhead", "replicas identical: True"], {"rows", "world_size"}),
+    "bench_suite.py": (["## Suite sanity", "Every task learns with Adam"], {"settings", "rows", "verdicts", "results"}),
 }
 
 
@@ -95,5 +96,8 @@ def test_benchmark_quick_runs(tmp_path, script):
         assert len(res["settings"]["seeds"]) >= 3
     if script == "bench_disk.py":
         assert res["exact"] is True  # the rollback from disk was bitwise exact
+    if script == "bench_suite.py":  # every task ran with both optimizers, none raised
+        assert len({r["task"] for r in res["rows"]}) >= 12 and {r["config"] for r in res["rows"]} == {"adam", "sgd"}
+        assert not [r["key"] for r in res["results"] if r["error"]]
     if script == "bench_ddp.py":
         assert res["world_size"] == 2 and res["replicas_identical"] is True  # the guards kept the ranks in step
