@@ -1,0 +1,13 @@
+"""Tuners that leave no trace: an LR range test, a batch-size search and branch-and-pick, on top of Rewind.
+
+Example::
+
+    from torchrewind import lr_find
+    res = lr_find(model, opt, loss_fn, loader)     # training state afterwards: bitwise as before
+    opt.param_groups[0]["lr"] = res.suggestion
+"""
+
+from .hold import StateHold
+from .lr_find import LRFindResult, LRSweep, lr_find
+
+__all__ = ["LRFindResult", "LRSweep", "StateHold", "lr_find"]
