@@ -7,7 +7,8 @@ Example::
     opt.param_groups[0]["lr"] = res.suggestion
 """
 
+from .batch_size import BatchSizeResult, BatchTrial, find_batch_size
 from .hold import StateHold
 from .lr_find import LRFindResult, LRSweep, lr_find
 
-__all__ = ["LRFindResult", "LRSweep", "StateHold", "lr_find"]
+__all__ = ["BatchSizeResult", "BatchTrial", "LRFindResult", "LRSweep", "StateHold", "find_batch_size", "lr_find"]
