@@ -8,7 +8,8 @@ Example::
 """
 
 from .batch_size import BatchSizeResult, BatchTrial, find_batch_size
+from .branch import BranchAndPick, BranchRound, scaled
 from .hold import StateHold
 from .lr_find import LRFindResult, LRSweep, lr_find
 
-__all__ = ["BatchSizeResult", "BatchTrial", "LRFindResult", "LRSweep", "StateHold", "find_batch_size", "lr_find"]
+__all__ = ["BatchSizeResult", "BatchTrial", "BranchAndPick", "BranchRound", "LRFindResult", "LRSweep", "StateHold", "find_batch_size", "lr_find", "scaled"]

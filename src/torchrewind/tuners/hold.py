@@ -135,6 +135,10 @@ class StateHold:
                     f"{self.who}: the Rewind no longer holds step {self.start_step} (restored {got}); its history "
                     "was changed while the tuner ran."
                 )
+            # Record the restored point again, as the boundary of the next step: otherwise that step's pre-hook would
+            # record the live state over it *after* the next trial's hyperparameter edits and forward pass (a clean
+            # state's record replaces the current point), and the start would be lost for the following restore.
+            self.rewind.snapshot()
             with torch.no_grad():
                 for p, g in zip(self._params, self._grads):
                     p.grad = None if g is None else g.clone()
@@ -153,6 +157,8 @@ class StateHold:
         self.closed = True
         if self._own:
             self.rewind.close()
+        else:
+            self.rewind.drop_pending()  # the next step records its own point, as after any restore
         self.rewind = None  # type: ignore[assignment]
         self._grads = self._states = None  # type: ignore[assignment]
 
