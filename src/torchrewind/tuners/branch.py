@@ -249,7 +249,8 @@ class BranchAndPick:
             a2.set_yscale("log")
         a2.set_xlabel("round")
         a2.set_ylabel("kept setting")
-        a2.legend(fontsize=8)
+        if a2.get_legend_handles_labels()[0]:
+            a2.legend(fontsize=8)
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=120)
