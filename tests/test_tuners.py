@@ -577,3 +577,170 @@ def test_state_hold_restores_repeatedly_and_closes():
     assert_same(before, s.state())
     with pytest.raises(RewindError, match="released"):
         hold.restore()
+
+
+# =============================================================================================== Lightning
+def _lightning_setup():
+    L = pytest.importorskip("lightning.pytorch")
+    x, y = _data()
+
+    class Net(L.LightningModule):
+        def __init__(self, lr: float = 1e-3) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = torch.nn.Sequential(torch.nn.Linear(D_IN, 32), torch.nn.BatchNorm1d(32), torch.nn.Dropout(0.2),
+                                           torch.nn.ReLU(), torch.nn.Linear(32, N_CLS))  # fmt: skip
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 5, 0.5)]
+
+    class DM(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gen = torch.Generator().manual_seed(3)  # one generator across train_dataloader() calls
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=self.gen)
+
+    def make(seed: int = 0):
+        torch.manual_seed(seed)
+        return Net(), DM()
+
+    def fit(model, **data):
+        trainer = L.Trainer(max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.fit(model, **data)
+        return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "rng": torch.get_rng_state()}
+
+    return L, make, fit
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("how", ["loader", "datamodule"])
+def test_lightning_lr_find_leaves_no_trace(how):
+    from torchrewind.integrations.lightning_tuners import lr_find as pl_lr_find
+
+    L, make, fit = _lightning_setup()
+    m, dm = make()
+    data = {"train_dataloaders": dm.train_dataloader()} if how == "loader" else {"datamodule": dm}
+    ref = fit(m, **data)
+    m, dm = make()
+    data = {"train_dataloaders": dm.train_dataloader()} if how == "loader" else {"datamodule": dm}
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = pl_lr_find(m, **data, num_steps=30, lr_max=1.0)
+    assert res.extra["steps"] == len(res.lrs) >= 2
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(RuntimeError):
+        m.trainer  # detached again, as before
+    assert_same(ref, fit(m, **data))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_lr_find_update_attr_then_fit_uses_it():
+    from torchrewind.integrations.lightning_tuners import lr_find as pl_lr_find
+
+    L, make, fit = _lightning_setup()
+    m, dm = make()
+    res = pl_lr_find(m, datamodule=dm, num_steps=40, lr_max=1.0, update_attr=True)
+    assert res.suggestion is not None and m.hparams.lr == res.suggestion
+    got = fit(m, datamodule=dm)
+    m2, dm2 = make()
+    m2.hparams.lr = res.suggestion
+    assert_same(fit(m2, datamodule=dm2), got)
+
+
+def test_lightning_lr_find_errors():
+    from torchrewind.integrations.lightning_tuners import lr_find as pl_lr_find
+
+    L, make, fit = _lightning_setup()
+    m, dm = make()
+    with pytest.raises(RewindTypeError, match="exactly one"):
+        pl_lr_find(m)
+    with pytest.raises(RewindValueError, match="-true"):
+        pl_lr_find(m, datamodule=dm, trainer_kwargs={"precision": "bf16-true"})
+    with pytest.raises(RewindValueError, match="callbacks"):
+        pl_lr_find(m, datamodule=dm, trainer_kwargs={"callbacks": []})
+    with pytest.raises(RewindValueError, match="attr_name"):
+        pl_lr_find(m, datamodule=dm, update_attr=True, attr_name="step_size")
+    with pytest.raises(RewindTypeError, match="LightningModule"):
+        pl_lr_find(torch.nn.Linear(2, 2), datamodule=dm)
+
+
+# =============================================================================================== Hugging Face
+def _hf_setup(tmp_path, own_optimizer: bool = False):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments, default_data_collator, get_linear_schedule_with_warmup
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.norm, self.drop, self.l2 = (torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                                                      torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))  # fmt: skip
+
+        def forward(self, x, labels=None):
+            out = self.l2(self.drop(torch.relu(self.norm(self.l1(x))))).squeeze(-1)
+            return {"loss": F.mse_loss(out, labels) if labels is not None else None, "logits": out}
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(160, 8, generator=g)
+    y = x[:, :4].sum(1)
+    ds = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
+
+    def make():
+        torch.manual_seed(0)
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no",
+                                 logging_strategy="no", max_steps=12, per_device_train_batch_size=8,
+                                 gradient_accumulation_steps=2, dataloader_num_workers=0, seed=7, learning_rate=1e-2,
+                                 disable_tqdm=True)  # fmt: skip
+        model = Net()
+        opts = (None, None)
+        if own_optimizer:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            opts = (opt, get_linear_schedule_with_warmup(opt, 2, 40))
+        return Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator, optimizers=opts)
+
+    def train(trainer):
+        trainer.train()
+        out = {"model": {k: v.clone() for k, v in trainer.model.state_dict().items()}, "rng": torch.get_rng_state()}
+        if own_optimizer:
+            out["opt"] = full_state(None, trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                                    else trainer.optimizer, trainer.lr_scheduler)  # fmt: skip
+        return out
+
+    return make, train
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("own_optimizer", [False, True])
+def test_hf_lr_find_leaves_no_trace(tmp_path, own_optimizer):
+    from torchrewind.integrations.hf_tuners import lr_find as hf_lr_find
+
+    make, train = _hf_setup(tmp_path, own_optimizer)
+    ref = train(make())
+    trainer = make()
+    args_before = trainer.args.to_dict()
+    callbacks = list(trainer.callback_handler.callbacks)
+    res = hf_lr_find(trainer, num_steps=25, lr_max=1.0)
+    assert res.extra["steps"] == len(res.lrs) >= 2
+    assert trainer.args.to_dict() == args_before and trainer.callback_handler.callbacks == callbacks
+    assert "training_step" not in vars(trainer)
+    assert_same(ref, train(trainer))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_hf_lr_find_update_args_and_errors(tmp_path):
+    from torchrewind.integrations.hf_tuners import lr_find as hf_lr_find
+
+    make, train = _hf_setup(tmp_path)
+    trainer = make()
+    res = hf_lr_find(trainer, num_steps=30, lr_max=1.0, update_args=True)
+    assert res.suggestion is not None and trainer.args.learning_rate == res.suggestion
+    with pytest.raises(RewindTypeError, match="Trainer"):
+        hf_lr_find(object())
+    with pytest.raises(RewindValueError, match="lr_max"):
+        hf_lr_find(trainer, lr_min=1.0, lr_max=0.1)
