@@ -744,3 +744,31 @@ def test_hf_lr_find_update_args_and_errors(tmp_path):
         hf_lr_find(object())
     with pytest.raises(RewindValueError, match="lr_max"):
         hf_lr_find(trainer, lr_min=1.0, lr_max=0.1)
+
+
+def test_branch_and_pick_holds_the_state_of_each_round():
+    """Training between rounds (or before the first) moves the state on: each round starts from the state of then."""
+    run, ref = Setup("plain"), Setup("plain")
+    bp = BranchAndPick(run.model, run.opt, [{"lr": 0.02}, {"lr": 0.01}], loss_fn=run.loss, steps=4,
+                       metric=lambda losses: -losses[-1])  # fmt: skip
+    b1, b2 = _batches(4, seed=1), _batches(4, seed=2)
+    for s in (run, ref):
+        s.train(3)  # after construction, before the first round
+    with run.active():
+        r1 = bp.step(b1)
+    run.train(2)
+    with run.active():
+        r2 = bp.step(b2)
+    with ref.active():
+        for b_, r in ((b1, r1), (b2, r2)):
+            ref.opt.param_groups[0]["lr"] = r.settings[r.best]["lr"]
+            for b in b_:
+                ref.opt.zero_grad()
+                ref.loss(b).backward()
+                ref.opt.step()
+            if b_ is b1:
+                ref._train(2)
+    assert_same(ref.state(), run.state())
+    bp.close()
+    with pytest.raises(RewindError, match="close"):
+        bp.step(b1)

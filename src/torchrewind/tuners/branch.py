@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .._checks import check_choice, check_int, check_type
-from ..errors import RewindTypeError, RewindValueError
+from ..errors import RewindError, RewindTypeError, RewindValueError
 from ..rewind import Rewind
 from ..trajectory import Event, Trajectory
 from ._common import check_step_fns, hparam_keys, plain, run_step, set_hparam
@@ -92,7 +92,8 @@ class BranchAndPick:
             losses after the first step (the first is the same for every candidate).
         mode: ``"min"`` (default) or ``"max"``: whether a lower or higher metric is better.
         rewind: your :class:`~torchrewind.Rewind` on ``optimizer`` (needs ``capacity >= steps``): trials are undone
-            through it and the winner's steps become its newest history.
+            through it and the winner's steps become its newest history. Without it, a Rewind of its own holds the
+            state between rounds (one copy of it: :meth:`close` releases it).
         log: a :class:`~torchrewind.Trajectory` to append every trial to (default: a new one, ``.log``).
     """
 
@@ -144,8 +145,10 @@ class BranchAndPick:
         self.log = log if log is not None else Trajectory()
         self.rounds: list[BranchRound] = []
         self.kept_steps = 0  # optimizer steps that stand (the winners')
-        if rewind is not None:  # fail now, not at the first step()
-            StateHold(model, optimizer, rewind=rewind, steps=steps, who=who).close()
+        # one hold for every round (retaken at each): a dedicated Rewind is built once, so holding and restoring
+        # are a memcpy each; built now, so a bad rewind= fails here and not at the first step()
+        self._hold: StateHold | None = StateHold(model, optimizer, schedulers=schedulers, scaler=scaler,
+                                                 generators=generators, rewind=rewind, steps=steps, who=who)  # fmt: skip
 
     # ------------------------------------------------------------------ one decision
     def step(self, data: Iterable[Any]) -> BranchRound:
@@ -156,10 +159,11 @@ class BranchAndPick:
         if len(batches) < self.steps:
             raise RewindValueError(f"{who}: needs {self.steps} batches, data gave {len(batches)}.")
         t0 = time.perf_counter()
-        opt = self.optimizer
         settings, scores, losses = [], [], []
-        hold = StateHold(self.model, opt, schedulers=self.schedulers, scaler=self.scaler, generators=self.generators,
-                         rewind=self.rewind, steps=self.steps, who="BranchAndPick")  # fmt: skip
+        hold = self._hold
+        if hold is None:
+            raise RewindError(f"{who}: close() was called; build a new BranchAndPick.")
+        hold.retake()  # the state as it is now (training may have gone on since the last round)
         try:
             for i, cand in enumerate(self.candidates):
                 if i:
@@ -183,8 +187,6 @@ class BranchAndPick:
         except BaseException:
             hold.restore()  # an error in a trial or the metric: leave the state as it was before step()
             raise
-        finally:
-            hold.close()
         if best is not None:
             self.kept_steps += self.steps
         rnd = BranchRound(len(self.rounds), settings, scores, losses, best, rerun_exact, time.perf_counter() - t0,
@@ -199,6 +201,12 @@ class BranchAndPick:
                 undone=0 if i == best else len(ls), extra={"setting": s, "score": sc, "losses": ls},
             ))  # fmt: skip
         return rnd
+
+    def close(self) -> None:
+        """Release the held copy of the state (a dedicated Rewind's snapshot). The log and rounds stay."""
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
 
     def _apply(self, cand: Candidate) -> dict[str, Any]:
         for k, v in cand.items():

@@ -100,12 +100,6 @@ class StateHold:
             # the user's Rewind restores what it tracks; the rest (schedulers, scaler, grads) by value here, which is
             # exact and harmless if it tracks them too
             self._objects += [*schedulers] + ([scaler] if scaler is not None else [])
-        self._flags = [(m, m.training) for top in modules for m in top.modules()]
-        self._params = list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))
-        self._grads = [None if p.grad is None else p.grad.detach().clone() for p in self._params] if rewind else None
-        self._rng = _capture_rng()
-        self._gen_states = [g.get_state() for g in self._generators]
-        self._states = [copy.deepcopy(o.state_dict()) for o in self._objects]
         if rewind is None:
             self.rewind = Rewind(
                 modules or None, optimizer, schedulers=schedulers, scaler=scaler, capacity=1, rng=False, grads=True,
@@ -113,9 +107,27 @@ class StateHold:
             )  # fmt: skip
         else:
             self.rewind = rewind
-        self.rewind.snapshot()
-        self.start_step = self.rewind.step
         self.closed = False
+        self.retake()
+
+    def retake(self) -> None:
+        """Hold the state as it is now instead (e.g. the next round of a tuner): one snapshot, no new Rewind.
+
+        Example::
+
+            hold = StateHold(model, opt)
+            ...; hold.retake()       # training went on: hold the state of now
+        """
+        if self.closed:
+            raise RewindError(f"{self.who}: the held state was already released (close()).")
+        self._flags = [(m, m.training) for top in self._modules for m in top.modules()]
+        self._params = list(dict.fromkeys(p for g in self.optimizer.param_groups for p in g["params"]))
+        self._grads = None if self._own else [None if p.grad is None else p.grad.detach().clone() for p in self._params]
+        self._rng = _capture_rng()
+        self._gen_states = [g.get_state() for g in self._generators]
+        self._states = [copy.deepcopy(o.state_dict()) for o in self._objects]
+        self.rewind.snapshot()  # own Rewind (auto=False, capacity 1): replaces its one point
+        self.start_step = self.rewind.step
 
     @property
     def nbytes(self) -> int:
