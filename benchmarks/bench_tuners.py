@@ -100,9 +100,9 @@ class CNN(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(128, 10),
+            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 10),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +113,8 @@ class GRULM(torch.nn.Module):
     def __init__(self, vocab: int) -> None:
         super().__init__()
         self.emb = torch.nn.Embedding(vocab, 32)
-        self.rnn = torch.nn.GRU(32, 128, batch_first=True)
-        self.out = torch.nn.Linear(128, vocab)
+        self.rnn = torch.nn.GRU(32, 96, batch_first=True)
+        self.out = torch.nn.Linear(96, vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.rnn(self.emb(x))[0])
@@ -147,6 +147,7 @@ class Task:
     train: TensorDataset
     val: tuple[torch.Tensor, torch.Tensor]
     batch: int
+    steps: int  # length of the grid's short trainings (full run)
 
 
 def tasks(quick: bool) -> list[Task]:
@@ -158,12 +159,12 @@ def tasks(quick: bool) -> list[Task]:
     adam = lambda p, lr: torch.optim.Adam(p, lr=lr)  # noqa: E731
     adamw = lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01)  # noqa: E731
     out = [
-        Task("MLP digits SGD", mlp, sgd, dtr, dva, 64),
-        Task("CNN+BN digits Adam", CNN, adam, dtr, dva, 64),
-        Task("MLP digits Adam", mlp, adam, dtr, dva, 64),
-        Task("CNN+BN digits SGD", CNN, sgd, dtr, dva, 64),
-        Task("GRU char-LM Adam", lambda: GRULM(vocab), adam, ttr, tva, 32),
-        Task("Transformer char-LM AdamW", lambda: TinyTransformer(vocab), adamw, ttr, tva, 32),
+        Task("MLP digits SGD", mlp, sgd, dtr, dva, 64, 200),
+        Task("CNN+BN digits Adam", CNN, adam, dtr, dva, 64, 200),
+        Task("MLP digits Adam", mlp, adam, dtr, dva, 64, 200),
+        Task("CNN+BN digits SGD", CNN, sgd, dtr, dva, 64, 200),
+        Task("GRU char-LM Adam", lambda: GRULM(vocab), adam, ttr, tva, 32, 150),
+        Task("Transformer char-LM AdamW", lambda: TinyTransformer(vocab), adamw, ttr, tva, 32, 150),
     ]
     return out[:2] if quick else out
 
@@ -342,10 +343,11 @@ def have(mod: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- sections
-def section_suggestions(ts: list[Task], seeds: list[int], grid: list[float], train_len: int, sweep: int,
+def section_suggestions(ts: list[Task], seeds: list[int], grid: list[float], quick_len: int | None, sweep: int,
                         peers: dict[str, bool], root: str) -> dict[str, Any]:  # fmt: skip
     rows = []
     for task in ts:
+        train_len = quick_len or task.steps
         for seed in seeds:
             t0 = perf()
             vals = {lr: trained_val(task, seed, lr, train_len) for lr in grid}
@@ -543,14 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     q = a.quick
     seeds = [0] if q else [0, 1]
-    grid = [10 ** (k / 2) for k in range(-6, 1, 2)] if q else [10 ** (k / 2) for k in range(-9, 2)]
-    train_len = 40 if q else 300
+    grid = [10 ** (k / 2) for k in range(-6, 1, 2)] if q else [10 ** (k / 2) for k in range(-8, 1)]
+    train_len = 40 if q else None
     sweep = 30 if q else 100
     peers = {"torch-lr-finder": have("torch_lr_finder"), "lightning": have("lightning")}
     root = tempfile.mkdtemp()
     print("# torchrewind tuners benchmark" + (" (quick)" if q else ""))
     print(f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread; "
-          f"sweeps {LR_MIN:g}..{LR_MAX:g} in {sweep} steps; grid {len(grid)} lrs x {train_len} steps; seeds {seeds}")
+          f"sweeps {LR_MIN:g}..{LR_MAX:g} in {sweep} steps; grid {len(grid)} lrs ({grid[0]:g}..{grid[-1]:g}) x "
+          f"{train_len or '200 (digits) / 150 (text)'} steps; seeds {seeds}")
     for p, ok in peers.items():
         if not ok:
             print(f"(skipping {p}: not installed; pip install {'torch-lr-finder' if p == 'torch-lr-finder' else p})")
