@@ -3,8 +3,9 @@
 All work on the smoothed loss against ``log10(lr)``, on the points between ``skip_start`` and ``len - skip_end`` whose
 loss is finite:
 
-* ``steepest``: where the loss falls fastest per decade of lr (the classic rule of torch-lr-finder and Lightning; it
-  jumps around on noisy curves: the steepest point of a bumpy curve can be anywhere in the descent).
+* ``steepest``: where the loss falls fastest per decade of lr, before its minimum (the classic rule of torch-lr-finder
+  and Lightning, which also look past the minimum, where a diverging loss swings both ways; it jumps around on noisy
+  curves: the steepest point of a bumpy curve can be anywhere in the descent).
 * ``valley``: the middle, in log-lr, of the descent: from where the loss leaves its plateau (the last point within
   10% of the drop from the plateau's top) to where it reaches the bottom (the first point within 10% of the
   minimum). It uses the whole descent rather than one derivative, so noise moves it less.
@@ -30,8 +31,11 @@ def _window(lrs: Sequence[float], losses: Sequence[float], skip_start: int, skip
 
 
 def steepest(lrs: Sequence[float], losses: Sequence[float], skip_start: int = 10, skip_end: int = 1) -> float | None:
-    """The lr where d(loss)/d(log10 lr) is most negative (``None`` with fewer than 3 usable points)."""
+    """The lr where d(loss)/d(log10 lr) is most negative, up to the lowest loss (past it the loss of a diverging
+    run swings both ways; ``None`` with fewer than 3 usable points)."""
     idx = _window(lrs, losses, skip_start, skip_end)
+    if idx:
+        idx = idx[: min(range(len(idx)), key=lambda k: losses[idx[k]]) + 1]
     if len(idx) < 3:
         return None
     x = torch.tensor([math.log10(lrs[i]) for i in idx], dtype=torch.float64)
