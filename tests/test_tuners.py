@@ -772,3 +772,22 @@ def test_branch_and_pick_holds_the_state_of_each_round():
     bp.close()
     with pytest.raises(RewindError, match="close"):
         bp.step(b1)
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [("hf_tuners", ["transformers"], "hf"), ("lightning_tuners", ["lightning", "lightning.pytorch", "pytorch_lightning"], "lightning")],
+)
+def test_tuner_entry_points_import_their_framework_only_when_imported(module, blocked, extra):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import torchrewind, torchrewind.tuners\n"
+        f"assert not {{'matplotlib', {blocked[0]!r}}} & set(sys.modules), 'imported at import torchrewind'\n"
+        + "".join(f"sys.modules[{b!r}] = None\n" for b in blocked)
+        + f"try:\n    import torchrewind.integrations.{module}\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"pip install torchrewind[{extra}]" in out.stdout
