@@ -225,8 +225,9 @@ def snapshot(model, opt, loader) -> dict[str, Any]:
 
 def same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
+        # bits, not values: -0.0 == 0.0 and nan != nan would mislead (0-dim tensors too: reshape first)
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(
-            torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b))
+            torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -539,8 +540,16 @@ def section_restore(rounds: int, kinds: list[str], peers: dict[str, bool]) -> li
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, short sweeps, a coarse grid")
-    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (after every section)")
+    ap.add_argument("--sections", default="1,2,3", help="which sections to run, e.g. 2,3 (default: all)")
     a = ap.parse_args(argv)
+    want = {int(x) for x in a.sections.split(",")}
+
+    def save() -> None:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(finite(result), f, indent=1, default=str)
+
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     q = a.quick
@@ -561,56 +570,64 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"settings": dict(quick=q, seeds=seeds, grid=grid, train_len=train_len, sweep=sweep,
                                                lr_min=LR_MIN, lr_max=LR_MAX, peers=peers)}  # fmt: skip
 
-    print("\n## 1. Suggestions vs the best lr of a grid of short trainings")
-    sec = section_suggestions(ts, seeds, grid, train_len, sweep, peers, root)
-    summary = summarize_suggestions(sec["rows"])
-    result["suggestions"] = {"rows": sec["rows"], "summary": summary}
-    print(f"\n| suggestion | mean distance to the best grid lr (decades) | within 0.5 decade | held-out loss at the "
-          f"suggestion / best grid (median, worst) | no suggestion |")
-    print("|---|---|---|---|---|")
-    for n, s in summary.items():
-        print(f"| {n} | {s['mean_decades']:.2f} | {s['within_half_decade'] * 100:.0f}% | {s['median_val_ratio']:.3f}, "
-              f"{s['worst_val_ratio']:.3g} | {s['none']}/{s['n']} |")
+    sec = {"rows": []}
+    if 1 in want:
+        print("\n## 1. Suggestions vs the best lr of a grid of short trainings")
+        sec = section_suggestions(ts, seeds, grid, train_len, sweep, peers, root)
+        summary = summarize_suggestions(sec["rows"])
+        result["suggestions"] = {"rows": sec["rows"], "summary": summary}
+        print("\n| suggestion | mean distance to the best grid lr (decades) | within 0.5 decade | held-out loss at the "
+              "suggestion / best grid (median, worst) | no suggestion |")
+        print("|---|---|---|---|---|")
+        for n, s in summary.items():
+            print(f"| {n} | {s['mean_decades']:.2f} | {s['within_half_decade'] * 100:.0f}% | "
+                  f"{s['median_val_ratio']:.3f}, {s['worst_val_ratio']:.3g} | {s['none']}/{s['n']} |")
+        save()
 
-    print("\n## 2. Leaves no trace? (bitwise, after vs before; training afterwards vs without)")
-    trace = {}
-    for task in [ts[0]] if q else [ts[0], ts[-1]]:  # the MLP; the Transformer draws dropout masks from the RNG
-        trace[task.name] = section_trace(task, 0, sweep, 15, peers, root)
-    result["trace"] = trace
-    print("| task | finder | parameters+buffers | optimizer state | torch RNG | loader position | training after = without |")
-    print("|---|---|---|---|---|---|---|")
-    fmt = lambda v: "n/a" if v is None else ("yes" if v else "**no**")  # noqa: E731
-    for tn, rows in trace.items():
-        for fname, r in rows.items():
-            print(f"| {tn} | {fname} | {fmt(r['params'])} | {fmt(r['opt'])} | {fmt(r['rng'])} | {fmt(r['loader'])} | "
-                  f"{fmt(r['training_after_equal'])} |")
+    if 2 in want:
+        print("\n## 2. Leaves no trace? (bitwise, after vs before; training afterwards vs without)")
+        trace = {}
+        for task in [ts[0]] if q else [ts[0], ts[-1]]:  # the MLP; the Transformer draws dropout masks from the RNG
+            trace[task.name] = section_trace(task, 0, sweep, 15, peers, root)
+        result["trace"] = trace
+        print("| task | finder | parameters+buffers | optimizer state | torch RNG | loader position | "
+              "training after = without |")
+        print("|---|---|---|---|---|---|---|")
+        fmt = lambda v: "n/a" if v is None else ("yes" if v else "**no**")  # noqa: E731
+        for tn, rows in trace.items():
+            for fname, r in rows.items():
+                print(f"| {tn} | {fname} | {fmt(r['params'])} | {fmt(r['opt'])} | {fmt(r['rng'])} | "
+                      f"{fmt(r['loader'])} | {fmt(r['training_after_equal'])} |")
+        save()
 
-    print("\n## 3. Wall time")
-    walls: dict[str, list[float]] = {}
-    for r in sec["rows"]:
-        for k, v in r["times"].items():
-            if k != "plain":
-                walls.setdefault(k, []).append(v / r["times"]["plain"])
-        walls.setdefault("ours: hold + restore only", []).append(r["hold_seconds"] / r["times"]["plain"])
-    result["wall_ratio_vs_plain"] = {k: statistics.median(v) for k, v in walls.items()}
-    print(f"finder call / {sweep} plain training steps on the same batches (median over tasks and seeds):")
-    for k, v in result["wall_ratio_vs_plain"].items():
-        print(f"  {k:28s} {v:.2f}x")
-    rounds = 3 if q else 11
-    restore = section_restore(rounds, ["big"] if q else ["big", "many"], peers)
-    result["restore"] = restore
-    print(f"\nhold (take the copy) and restore (write it back) of the whole state, Adam included ({rounds} interleaved "
-          "rounds; median ms, and median ratio to one memcpy of the same bytes in the same round):")
-    for r in restore:
-        print(f"\n{r['state']}: {r['bytes'] / 2**20:.0f} MiB in {r['tensors']} tensors; memcpy {r['memcpy']['median_ms']:.1f} ms")
-        print("| method | hold | restore |")
-        print("|---|---|---|")
-        for k, v in r.items():
-            if isinstance(v, dict) and "hold_ms" in v:
-                print(f"| {k} | {v['hold_ms']:.1f} ms = {v['hold_x']:.1f}x | {v['restore_ms']:.1f} ms = {v['restore_x']:.1f}x |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(finite(result), f, indent=1, default=str)
+    if 3 in want:
+        print("\n## 3. Wall time")
+        walls: dict[str, list[float]] = {}
+        for r in sec["rows"]:
+            for k, v in r["times"].items():
+                if k != "plain":
+                    walls.setdefault(k, []).append(v / r["times"]["plain"])
+            walls.setdefault("ours: hold + restore only", []).append(r["hold_seconds"] / r["times"]["plain"])
+        result["wall_ratio_vs_plain"] = {k: statistics.median(v) for k, v in walls.items()}
+        if walls:
+            print(f"finder call / {sweep} plain training steps on the same batches (median over tasks and seeds):")
+            for k, v in result["wall_ratio_vs_plain"].items():
+                print(f"  {k:28s} {v:.2f}x")
+        rounds = 3 if q else 11
+        restore = section_restore(rounds, ["big"] if q else ["big", "many"], peers)
+        result["restore"] = restore
+        print(f"\nhold (take the copy) and restore (write it back) of the whole state, Adam included ({rounds} "
+              "interleaved rounds; median ms, and median ratio to one memcpy of the same bytes in the same round):")
+        for r in restore:
+            print(f"\n{r['state']}: {r['bytes'] / 2**20:.0f} MiB in {r['tensors']} tensors; "
+                  f"memcpy {r['memcpy']['median_ms']:.1f} ms")
+            print("| method | hold | restore |")
+            print("|---|---|---|")
+            for k, v in r.items():
+                if isinstance(v, dict) and "hold_ms" in v:
+                    print(f"| {k} | {v['hold_ms']:.1f} ms = {v['hold_x']:.1f}x | "
+                          f"{v['restore_ms']:.1f} ms = {v['restore_x']:.1f}x |")
+        save()
     return 0
 
 
