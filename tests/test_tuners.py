@@ -791,3 +791,20 @@ def test_tuner_entry_points_import_their_framework_only_when_imported(module, bl
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"pip install torchrewind[{extra}]" in out.stdout
+
+
+def test_state_hold_on_users_rewind_restores_a_forward_without_a_step():
+    """With rewind=, a tuner that fails before its first optimizer step (after a forward pass changed BatchNorm
+    statistics and drew dropout masks) is still undone."""
+    s = Setup("bn")
+    rw = Rewind(s.model, s.opt, capacity=4)
+    s.train(2)
+    before = s.state()
+    with s.active():
+        with StateHold(s.model, s.opt, schedulers=s.scheds, rewind=rw, steps=4) as hold:
+            s.loss(_batches(1)[0])  # forward only
+            hold.restore()
+            assert_same(before, s._state())
+            s._train(3)
+    assert_same(before, s.state())
+    assert rw.step == 2

@@ -74,8 +74,8 @@ class StateHold:
         check_choice("storage", storage, ("device", "host"), who)
         modules = _modules(model, who)
         schedulers = _as_list(schedulers)
-        for g in generators:
-            check_type("generators[i]", g, torch.Generator, who, "a torch.Generator")
+        for i, g in enumerate(generators):
+            check_type(f"generators[{i}]", g, torch.Generator, who, "a torch.Generator")
         for o in [*schedulers, *objects] + ([scaler] if scaler is not None else []):
             if not (callable(getattr(o, "state_dict", None)) and callable(getattr(o, "load_state_dict", None))):
                 raise RewindTypeError(f"{who}: {type(o).__name__} has no state_dict()/load_state_dict() to hold.")
@@ -86,8 +86,8 @@ class StateHold:
             if rewind.capacity < steps:
                 raise RewindValueError(
                     f"{who} takes up to {steps} optimizer step(s) before it restores, but the Rewind passed as "
-                    f"rewind= keeps {rewind.capacity} (capacity={rewind.capacity}), so the start point would be "
-                    f"evicted. Build it with capacity >= {steps}, take fewer steps, or call {who} without rewind= "
+                    f"rewind= keeps {rewind.capacity} (its capacity), so the start point would be evicted. "
+                    f"Build it with capacity >= {steps}, take fewer steps, or call {who} without rewind= "
                     "before you build your Rewind (it then holds the start in a Rewind of its own)."
                 )
         self.who = who
@@ -140,6 +140,11 @@ class StateHold:
             raise RewindError(f"{self.who}: the held state was already released (close()).")
         if self._own:
             self.rewind.revert()  # the one recorded point: auto=False recorded nothing since
+        elif self.rewind.step == self.start_step:
+            # no step since the hold (e.g. a forward pass raised): rollback_to would see nothing to do, but a forward
+            # may have changed buffers; the point recorded at the hold is still the current one
+            self.rewind.revert()
+            self.rewind.snapshot()
         else:
             got = self.rewind.rollback_to(self.start_step)
             if got != self.start_step:  # cannot happen with capacity >= steps; never continue from a wrong state
@@ -151,6 +156,7 @@ class StateHold:
             # record the live state over it *after* the next trial's hyperparameter edits and forward pass (a clean
             # state's record replaces the current point), and the start would be lost for the following restore.
             self.rewind.snapshot()
+        if not self._own:
             with torch.no_grad():
                 for p, g in zip(self._params, self._grads):
                     p.grad = None if g is None else g.clone()
