@@ -246,13 +246,14 @@ def quiet():
 
 
 # ---------------------------------------------------------------------------------------------------------- finders
-def ours(model, opt, loader, steps: int) -> tuple[dict[str, float | None], float, float]:
+def ours(model, opt, loader, steps: int, lr_max: float = LR_MAX, stop: bool = True) -> tuple[dict, float, float]:
     t = perf()
-    res = lr_find(model, opt, lambda b: ce(model(b[0]), b[1]), loader, lr_min=LR_MIN, lr_max=LR_MAX, num_steps=steps)
+    res = lr_find(model, opt, lambda b: ce(model(b[0]), b[1]), loader, lr_min=LR_MIN, lr_max=lr_max, num_steps=steps,
+                  diverge=4.0 if stop else None)  # fmt: skip
     return res.suggestions, perf() - t, res.hold_seconds
 
 
-def torch_lr_finder(model, opt, loader, steps: int) -> tuple[float | None, float, float]:
+def torch_lr_finder(model, opt, loader, steps: int, lr_max: float = LR_MAX, stop: bool = True) -> tuple[float | None, float, float]:
     from torch_lr_finder import LRFinder
 
     import matplotlib
@@ -262,7 +263,7 @@ def torch_lr_finder(model, opt, loader, steps: int) -> tuple[float | None, float
     with quiet():
         f = LRFinder(model, opt, ce, device="cpu")
         t_cache = perf() - t
-        f.range_test(loader, start_lr=LR_MIN, end_lr=LR_MAX, num_iter=steps)
+        f.range_test(loader, start_lr=LR_MIN, end_lr=lr_max, num_iter=steps, diverge_th=5 if stop else math.inf)
         try:
             ax, lr = f.plot(suggest_lr=True)
             import matplotlib.pyplot as plt
@@ -301,24 +302,25 @@ def lightning_trainer(root: str, steps: int = 1):
                       limit_val_batches=0)  # fmt: skip
 
 
-def lightning_tuner(lit, loader, steps: int, root: str, trainer=None) -> tuple[float | None, float]:
+def lightning_tuner(lit, loader, steps: int, root: str, trainer=None, lr_max: float = LR_MAX,
+                    stop: bool = True) -> tuple[float | None, float]:  # fmt: skip
     from lightning.pytorch.tuner import Tuner
 
-    trainer = trainer or lightning_trainer(root)
     t = perf()
+    trainer = trainer or lightning_trainer(root)
     with quiet():
-        f = Tuner(trainer).lr_find(lit, train_dataloaders=loader, min_lr=LR_MIN, max_lr=LR_MAX, num_training=steps,
-                                   update_attr=False)  # fmt: skip
+        f = Tuner(trainer).lr_find(lit, train_dataloaders=loader, min_lr=LR_MIN, max_lr=lr_max, num_training=steps,
+                                   update_attr=False, early_stop_threshold=4.0 if stop else None)  # fmt: skip
         lr = f.suggestion() if f is not None else None
     return lr, perf() - t
 
 
-def ours_lightning(lit, loader, steps: int) -> tuple[dict, float]:
+def ours_lightning(lit, loader, steps: int, lr_max: float = LR_MAX, stop: bool = True) -> tuple[dict, float]:
     from torchrewind.integrations.lightning_tuners import lr_find as pl_lr_find
 
     t = perf()
     with quiet():
-        res = pl_lr_find(lit, loader, lr_min=LR_MIN, lr_max=LR_MAX, num_steps=steps)
+        res = pl_lr_find(lit, loader, lr_min=LR_MIN, lr_max=lr_max, num_steps=steps, diverge=4.0 if stop else None)
     return res.suggestions, perf() - t
 
 
@@ -451,6 +453,47 @@ def section_trace(task: Task, seed: int, sweep: int, after: int, peers: dict[str
             row["training_after_equal"] = same(snapshot(rlit.model, None, rl), snapshot(lit.model, None, loader))
             out[name] = row
     return out
+
+
+def section_overhead(ts: list[Task], rounds: int, steps: int, peers: dict[str, bool], root: str) -> dict[str, Any]:
+    """Each finder's whole call for exactly ``steps`` steps (lr 1e-7..1e-2, early stop off: no finder stops early)
+    against ``steps`` plain training steps on the same batches, interleaved per round; median of per-round ratios."""
+    lr_max = 1e-2
+    runs: dict[str, Callable[[Task, int], float]] = {}
+
+    def plain(task: Task, seed: int) -> float:
+        model, opt, loader = setup(task, seed)
+        t = perf()
+        train_steps(model, opt, loader, steps)
+        return perf() - t
+
+    runs["plain loop"] = plain
+    runs["torchrewind lr_find"] = lambda task, seed: ours(*setup(task, seed), steps, lr_max, False)[1]
+    if peers["torch-lr-finder"]:
+        runs["torch-lr-finder"] = lambda task, seed: torch_lr_finder(*setup(task, seed), steps, lr_max, False)[1]
+    if peers["lightning"]:
+        def pl_ours(task: Task, seed: int) -> float:
+            model, _, loader = setup(task, seed)
+            return ours_lightning(lightning_module(task, model), loader, steps, lr_max, False)[1]
+
+        def pl_theirs(task: Task, seed: int) -> float:
+            model, _, loader = setup(task, seed)
+            return lightning_tuner(lightning_module(task, model), loader, steps, root, None, lr_max, False)[1]
+
+        runs["torchrewind (Lightning entry)"] = pl_ours
+        runs["Lightning Tuner.lr_find"] = pl_theirs
+    ratios: dict[str, list[float]] = {k: [] for k in runs if k != "plain loop"}
+    secs: dict[str, list[float]] = {k: [] for k in runs}
+    for task in ts:
+        for r in range(rounds):
+            t = {k: fn(task, r) for k, fn in runs.items()}
+            for k, v in t.items():
+                secs[k].append(v)
+                if k != "plain loop":
+                    ratios[k].append(v / t["plain loop"])
+    return {"steps": steps, "tasks": [t.name for t in ts], "rounds": rounds,
+            "x_plain": {k: statistics.median(v) for k, v in ratios.items()},
+            "median_s": {k: statistics.median(v) for k, v in secs.items()}}  # fmt: skip
 
 
 def flat_state(kind: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -602,17 +645,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if 3 in want:
         print("\n## 3. Wall time")
-        walls: dict[str, list[float]] = {}
-        for r in sec["rows"]:
-            for k, v in r["times"].items():
-                if k != "plain":
-                    walls.setdefault(k, []).append(v / r["times"]["plain"])
-            walls.setdefault("ours: hold + restore only", []).append(r["hold_seconds"] / r["times"]["plain"])
-        result["wall_ratio_vs_plain"] = {k: statistics.median(v) for k, v in walls.items()}
-        if walls:
-            print(f"finder call / {sweep} plain training steps on the same batches (median over tasks and seeds):")
-            for k, v in result["wall_ratio_vs_plain"].items():
-                print(f"  {k:28s} {v:.2f}x")
+        ov = section_overhead(ts[:1] if q else ts[:2], 1 if q else 3, sweep, peers, root)
+        result["overhead"] = ov
+        print(f"whole call for {ov['steps']} steps (lr 1e-7..1e-2, early stop off) / {ov['steps']} plain training steps "
+              f"on the same batches ({', '.join(ov['tasks'])}; {ov['rounds']} interleaved rounds; median of ratios):")
+        print("| finder | x plain loop | median seconds |")
+        print("|---|---|---|")
+        print(f"| plain loop | 1 | {ov['median_s']['plain loop']:.2f} |")
+        for k, v in ov["x_plain"].items():
+            print(f"| {k} | {v:.2f} | {ov['median_s'][k]:.2f} |")
         rounds = 3 if q else 11
         restore = section_restore(rounds, ["big"] if q else ["big", "many"], peers)
         result["restore"] = restore

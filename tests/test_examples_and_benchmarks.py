@@ -91,7 +91,7 @@ BENCHMARKS = {
     "bench_disk.py": (["rollback"], {"rollback_s", "exact"}),
     "bench_ddp.py": (["## DDP overhead", "replicas identical: True"], {"rows", "world_size"}),
     "bench_tuners.py": (["## 1. Suggestions", "## 2. Leaves no trace", "## 3. Wall time"],
-                        {"suggestions", "trace", "wall_ratio_vs_plain", "restore"}),
+                        {"suggestions", "trace", "overhead", "restore"}),
 }
 
 
