@@ -153,8 +153,10 @@ class Task:
 def tasks(quick: bool) -> list[Task]:
     dtr, dva = digits()
     ttr, tva, vocab = text()
-    mlp = lambda: torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),  # noqa: E731
-                                      torch.nn.ReLU(), torch.nn.Linear(128, 10))  # fmt: skip
+    def mlp() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+                                   torch.nn.ReLU(), torch.nn.Linear(128, 10))  # fmt: skip
+
     sgd = lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)  # noqa: E731
     adam = lambda p, lr: torch.optim.Adam(p, lr=lr)  # noqa: E731
     adamw = lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01)  # noqa: E731
@@ -236,7 +238,8 @@ def same(a: Any, b: Any) -> bool:
 
 
 def compare(before: dict, after: dict) -> dict[str, bool | None]:
-    return {k: (same(before[k], after[k]) if k in before and k in after else None) for k in ("params", "opt", "rng", "loader")}
+    keys = ("params", "opt", "rng", "loader")
+    return {k: (same(before[k], after[k]) if k in before and k in after else None) for k in keys}
 
 
 @contextlib.contextmanager
@@ -253,7 +256,8 @@ def ours(model, opt, loader, steps: int, lr_max: float = LR_MAX, stop: bool = Tr
     return res.suggestions, perf() - t, res.hold_seconds
 
 
-def torch_lr_finder(model, opt, loader, steps: int, lr_max: float = LR_MAX, stop: bool = True) -> tuple[float | None, float, float]:
+def torch_lr_finder(model, opt, loader, steps: int, lr_max: float = LR_MAX,
+                    stop: bool = True) -> tuple[float | None, float, float]:  # fmt: skip
     from torch_lr_finder import LRFinder
 
     import matplotlib
@@ -365,7 +369,8 @@ def section_suggestions(ts: list[Task], seeds: list[int], grid: list[float], qui
                 sugg["torch-lr-finder"], times["torch-lr-finder"], _ = torch_lr_finder(model, opt, loader, sweep)
             if peers["lightning"]:
                 model, opt, loader = setup(task, seed)
-                sugg["lightning"], times["lightning"] = lightning_tuner(lightning_module(task, model), loader, sweep, root)
+                lit = lightning_module(task, model)
+                sugg["lightning"], times["lightning"] = lightning_tuner(lit, loader, sweep, root)
             # the plain-loop baseline for the wall-time ratio: the same number of steps, same batches
             model, opt, loader = setup(task, seed)
             t = perf()
@@ -647,8 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## 3. Wall time")
         ov = section_overhead(ts[:1] if q else ts[:2], 1 if q else 3, sweep, peers, root)
         result["overhead"] = ov
-        print(f"whole call for {ov['steps']} steps (lr 1e-7..1e-2, early stop off) / {ov['steps']} plain training steps "
-              f"on the same batches ({', '.join(ov['tasks'])}; {ov['rounds']} interleaved rounds; median of ratios):")
+        print(f"whole call for {ov['steps']} steps (lr 1e-7..1e-2, early stop off) / {ov['steps']} plain training "
+              f"steps on the same batches ({', '.join(ov['tasks'])}; {ov['rounds']} interleaved rounds; median of "
+              "ratios):")
         print("| finder | x plain loop | median seconds |")
         print("|---|---|---|")
         print(f"| plain loop | 1 | {ov['median_s']['plain loop']:.2f} |")

@@ -31,7 +31,8 @@ train = TensorDataset(X[:1400], Y[:1400])
 
 def setup():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(128, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(128, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1))
     return model, opt, loader

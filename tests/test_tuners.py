@@ -1,4 +1,4 @@
-"""Tuners that leave no trace: lr_find, find_batch_size, BranchAndPick (and their Lightning / Hugging Face entry points).
+"""Tuners that leave no trace: lr_find, find_batch_size, BranchAndPick, and the Lightning / Hugging Face entry points.
 
 The key property: training after a tuner equals training without it, bit for bit. Each check builds the same seeded
 setup twice, runs the tuner on one of them, then trains both the same way (the plain loop a user writes: iterate a
@@ -776,7 +776,10 @@ def test_branch_and_pick_holds_the_state_of_each_round():
 
 @pytest.mark.parametrize(
     ("module", "blocked", "extra"),
-    [("hf_tuners", ["transformers"], "hf"), ("lightning_tuners", ["lightning", "lightning.pytorch", "pytorch_lightning"], "lightning")],
+    [
+        ("hf_tuners", ["transformers"], "hf"),
+        ("lightning_tuners", ["lightning", "lightning.pytorch", "pytorch_lightning"], "lightning"),
+    ],
 )
 def test_tuner_entry_points_import_their_framework_only_when_imported(module, blocked, extra):
     import subprocess

@@ -134,8 +134,10 @@ def lr_find(
         "args": trainer.args, "optimizer": trainer.optimizer, "lr_scheduler": trainer.lr_scheduler,
         "state": trainer.state, "control": trainer.control, "model_wrapped": trainer.model_wrapped,
     }  # fmt: skip
-    sweep_args = dict(max_steps=num_steps, save_strategy=SaveStrategy.NO, eval_strategy=IntervalStrategy.NO,
-                      logging_strategy=IntervalStrategy.NO, load_best_model_at_end=False, push_to_hub=False)  # fmt: skip
+    sweep_args = dict(
+        max_steps=num_steps, save_strategy=SaveStrategy.NO, eval_strategy=IntervalStrategy.NO,
+        logging_strategy=IntervalStrategy.NO, load_best_model_at_end=False, push_to_hub=False,
+    )  # fmt: skip
     saved_args = {k: getattr(trainer.args, k) for k in sweep_args}
     saved_handler = {a: getattr(handler, a) for a in ("model", "optimizer", "lr_scheduler", "train_dataloader")}
     saved_callbacks = list(handler.callbacks)

@@ -12,4 +12,15 @@ from .branch import BranchAndPick, BranchRound, scaled
 from .hold import StateHold
 from .lr_find import LRFindResult, LRSweep, lr_find
 
-__all__ = ["BatchSizeResult", "BatchTrial", "BranchAndPick", "BranchRound", "LRFindResult", "LRSweep", "StateHold", "find_batch_size", "lr_find", "scaled"]
+__all__ = [
+    "BatchSizeResult",
+    "BatchTrial",
+    "BranchAndPick",
+    "BranchRound",
+    "LRFindResult",
+    "LRSweep",
+    "StateHold",
+    "find_batch_size",
+    "lr_find",
+    "scaled",
+]

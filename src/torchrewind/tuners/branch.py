@@ -19,7 +19,7 @@ import math
 import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,8 @@ class BranchAndPick:
         check_choice("mode", mode, ("min", "max"), who)
         if metric is None and steps < 2:
             raise RewindValueError(
-                f"{who}: the default metric (mean loss after the first step) needs steps >= 2; pass metric= or more steps."
+                f"{who}: the default metric (mean loss after the first step) needs steps >= 2; pass metric= or more "
+                "steps."
             )
         if metric is not None and not callable(metric):
             raise RewindTypeError(f"{who}: metric must be a callable losses -> float, got {type(metric).__name__}.")
@@ -131,7 +132,9 @@ class BranchAndPick:
         valid = hparam_keys(optimizer)
         for i, c in enumerate(candidates):
             if not isinstance(c, dict) or not c:
-                raise RewindTypeError(f"{who}: candidates[{i}] must be a non-empty dict of param-group keys, got {c!r}.")
+                raise RewindTypeError(
+                    f"{who}: candidates[{i}] must be a non-empty dict of param-group keys, got {c!r}."
+                )
             bad = sorted(k for k in c if k not in valid)
             if bad:
                 raise RewindValueError(
@@ -147,8 +150,10 @@ class BranchAndPick:
         self.kept_steps = 0  # optimizer steps that stand (the winners')
         # one hold for every round (retaken at each): a dedicated Rewind is built once, so holding and restoring
         # are a memcpy each; built now, so a bad rewind= fails here and not at the first step()
-        self._hold: StateHold | None = StateHold(model, optimizer, schedulers=schedulers, scaler=scaler,
-                                                 generators=generators, rewind=rewind, steps=steps, who=who)  # fmt: skip
+        self._hold: StateHold | None = StateHold(
+            model, optimizer, schedulers=schedulers, scaler=scaler, generators=generators, rewind=rewind, steps=steps,
+            who=who,
+        )
 
     # ------------------------------------------------------------------ one decision
     def step(self, data: Iterable[Any]) -> BranchRound:

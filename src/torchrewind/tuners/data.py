@@ -65,7 +65,9 @@ def check_iterable(data: Any, who: str) -> None:
             "back afterwards), a list of batches, or another re-iterable."
         )
     if not isinstance(data, Iterable):
-        raise RewindTypeError(f"{who}: data must be iterable (a DataLoader, a list of batches), got {type(data).__name__}.")
+        raise RewindTypeError(
+            f"{who}: data must be iterable (a DataLoader, a list of batches), got {type(data).__name__}."
+        )
 
 
 def cycle(data: Iterable[Any]) -> Iterator[Any]:
@@ -94,16 +96,20 @@ def batch_maker(data: Any, who: str) -> tuple[Callable[[int], Any], int | None]:
         return data, None
     else:
         raise RewindTypeError(
-            f"{who}: data must be a callable batch_size -> batch, a Dataset, or a DataLoader; got {type(data).__name__}."
+            f"{who}: data must be a callable batch_size -> batch, a Dataset, or a DataLoader; got "
+            f"{type(data).__name__}."
         )
     try:
         limit = len(dataset)
     except TypeError:
-        raise RewindTypeError(f"{who}: the dataset has no len(); pass a callable batch_size -> batch instead.") from None
+        raise RewindTypeError(
+            f"{who}: the dataset has no len(); pass a callable batch_size -> batch instead."
+        ) from None
 
     def make(b: int) -> Any:
         # a sequential loader over the first b samples: no sampler RNG, no workers
-        loader = DataLoader(dataset, batch_size=b, shuffle=False, num_workers=0, **({"collate_fn": collate} if collate else {}))
+        extra = {"collate_fn": collate} if collate else {}
+        loader = DataLoader(dataset, batch_size=b, shuffle=False, num_workers=0, **extra)
         return next(iter(loader))
 
     return make, limit

@@ -198,7 +198,9 @@ def _modules(model: Any, who: str) -> list[torch.nn.Module]:
         return []
     mods = [model] if isinstance(model, torch.nn.Module) else list(model) if isinstance(model, Iterable) else None
     if mods is None or not all(isinstance(m, torch.nn.Module) for m in mods):
-        raise RewindTypeError(f"{who}: model must be an nn.Module, an iterable of them, or None; got {type(model).__name__}.")
+        raise RewindTypeError(
+            f"{who}: model must be an nn.Module, an iterable of them, or None; got {type(model).__name__}."
+        )
     return mods
 
 
