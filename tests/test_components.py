@@ -626,11 +626,19 @@ def test_sandbox_leaves_no_trace():
             before = full_state(model, opt, sched)
             grads = [p.grad.clone() for p in model.parameters()]
             depth = (len(rw), rw.redo_depth, rw.step, rw.held_steps())
-            with rw.sandbox():
-                for g in opt.param_groups:
-                    g["lr"] = 1.0
-                for s in range(5):
-                    it(model, opt, sched, 100 + s)
+            with rw.sandbox() as box:
+                ends = []
+                for branch in range(2):  # two branches from the same start end alike
+                    for g in opt.param_groups:
+                        g["lr"] = 1.0
+                    for s in range(5):
+                        it(model, opt, sched, 100 + s)
+                    ends.append(full_state(model, opt, sched))
+                    box.restore()
+                    assert_same(before, full_state(model, opt, sched))
+                    assert rw.step == 3
+                assert_same(ends[0], ends[1])
+                it(model, opt, sched, 7)
                 torch.rand(3)
                 with pytest.raises(RewindError, match="inside rw.sandbox"):
                     rw.undo()

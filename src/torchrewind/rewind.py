@@ -134,7 +134,7 @@ class Rewind:
         self._ring = Ring(cfg.capacity, cfg.redo)
         self._step = 0  # optimizer steps taken by the live state (restored by undo/redo)
         self._phase = _READY
-        self._sandbox: Slot | None = None  # the entry state of an active sandbox()
+        self._sandbox: Sandbox | None = None  # the active sandbox(), holding its entry state
         # The budget is a plain object (no reference back to this Rewind): the tracker asks it before moving
         # anything, and this Rewind applies its answer ("keep fewer device points") after the record in progress.
         self._budget = Budget(cfg.max_bytes, can_shrink=self.tiers.host is not None)
@@ -364,40 +364,31 @@ class Rewind:
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
     @contextmanager
-    def sandbox(self) -> Iterator[None]:
+    def sandbox(self) -> Iterator[Sandbox]:
         """Run anything (steps, lr sweeps, trial branches, extra forward passes) and leave no trace: on exit, even
         by an exception, the training state is exactly what it was at entry — parameters, buffers, optimizer state,
         hyperparameters, schedulers, scaler, RNG and ``.grad`` — and so are the history and :attr:`step`. Inside,
-        nothing is recorded (undo/redo/snapshot raise). Costs one copy of the state while it lasts.
+        nothing is recorded (undo/redo/snapshot raise); ``box.restore()`` goes back to the entry state at any time.
+        Costs one copy of the state while it lasts.
 
         Example::
 
-            with rw.sandbox():
-                for lr in (1e-3, 1e-2): ...          # try things
-            opt.step()                               # as if the block never ran
+            with rw.sandbox() as box:
+                for lr in (1e-3, 1e-2): ...; box.restore()     # try things, each from the same start
+            opt.step()                                          # as if the block never ran
         """
         self._refuse_in_step("sandbox()")
         self._settle()
         self._tracker.ensure()
-        slot = Slot()
-        grads, self._recorder.grads = self._recorder.grads, True  # a sandbox gives .grad back too
+        box = Sandbox(self)
+        box._capture()
+        self._sandbox = box
         try:
-            self._recorder.prepare(slot)
-            self._recorder.capture(slot)
-        finally:
-            self._recorder.grads = grads
-        entry = (self._step, self._phase)
-        self._sandbox = slot
-        try:
-            yield
+            yield box
         finally:
             self._sandbox = None
-            grads, self._recorder.grads = self._recorder.grads, True
-            try:
-                self._recorder.restore(slot)
-            finally:
-                self._recorder.grads = grads
-            self._step, self._phase = entry
+            box.restore()
+            box._slot = None  # frees the copy
 
     def trial(self) -> Trial:
         """A transaction: record now; an exception inside the block, or :meth:`Trial.rollback`, restores it.
@@ -599,6 +590,37 @@ class Rewind:
     def _goto(self, point: int) -> None:
         recorded, target = self._ring.plan_goto(point)
         self._move(recorded, target)
+
+
+class Sandbox:
+    """The handle of :meth:`Rewind.sandbox`: :meth:`restore` puts the entry state back (any number of times)."""
+
+    def __init__(self, rewind: Rewind) -> None:
+        self._rw = rewind
+        self._slot: Slot | None = Slot()
+        self._entry = (rewind._step, rewind._phase)
+
+    def _with_grads(self, fn: Callable[[Slot], None]) -> None:
+        rec = self._rw._recorder
+        grads, rec.grads = rec.grads, True  # a sandbox gives .grad back too
+        try:
+            fn(self._slot)
+        finally:
+            rec.grads = grads
+
+    def _capture(self) -> None:
+        rec = self._rw._recorder
+        rec.prepare(self._slot)
+        self._with_grads(rec.capture)
+
+    def restore(self) -> None:
+        """Put the state back as it was when the sandbox was entered (``.grad``, RNG and step counter included)."""
+        if self._slot is None:
+            raise RewindError("Sandbox.restore() after the with-block ended: the entry state was released.")
+        rw = self._rw
+        rw._settle()
+        self._with_grads(rw._recorder.restore)
+        rw._step, rw._phase = self._entry
 
 
 class Trial:
