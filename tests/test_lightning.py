@@ -276,12 +276,14 @@ def test_grad_scaler_skipped_step_is_logged_and_spike_rolls_back():
     cb = RewindCallback("spike", **spike_kwargs())
     module = Net("adam")
     fit(module, batches, [cb], plugins=[plugin])
-    assert cb.rewind._scaler is plugin.scaler
     ev = {e.iteration: e for e in cb.log}
     assert ev[12].kind == "rolled_back"
     assert ev[18].kind == "skipped" and "not called" in ev[18].reason and ev[18].undone == 0
     assert plugin.scaler.get_scale() == 0.5  # the scaler's back-off after the NaN batch stands (nothing undone)
     assert all(p.isfinite().all() for p in module.parameters())
+    plugin.scaler.update(123.0)  # the scaler is part of the recorded state: an undo brings its scale back
+    cb.rewind.undo()
+    assert plugin.scaler.get_scale() == 0.5
 
 
 def test_guard_none_records_every_step_for_undo():
@@ -387,6 +389,7 @@ def test_a_second_fit_gets_a_fresh_rewind_with_arenas():
     first = weakref.ref(cb.rewind)
     fit(net, make_batches(12, spike=(9,), seed=1), [cb])
     assert first() is None  # freed when the second fit started
-    tr = cb.rewind._tracker
-    assert tr.arenas and not tr.pinned_params and not tr.structure.pinned_items
+    # every parameter and Adam moment is in the arenas (one memcpy per snapshot), none copied one by one
+    tensors = [*net.parameters(), *(v for st in net.opt.state.values() for v in st.values() if torch.is_tensor(v))]
+    assert cb.rewind.state_nbytes >= sum(t.nbytes for t in tensors)
     assert "rolled_back" in [e.kind for e in cb.log]
