@@ -132,9 +132,21 @@ class RewindTrainerCallback(GuardedTraining, TrainerCallback, ExportableState):
         saved = self._resumed_state(state)
         if saved is not None:
             self._resume = self._check_state(saved)  # applied to the guard _start builds
+        elif isinstance(state.stateful_callbacks, dict):
+            # resumed from a checkpoint saved without this callback: the Trainer's next save looks our entry up
+            state.stateful_callbacks.setdefault(type(self).__name__, {})
         scaler = getattr(optimizer, "scaler", None)  # accelerate's GradScaler (fp16): its state is undone too
-        # the scheduler drives the wrapper around the optimizer: accepted
-        self._start(model, _torch_optimizer(optimizer), [scheduler] if scheduler is not None else [], scaler)
+        try:  # the scheduler drives the wrapper around the optimizer: accepted
+            self._start(model, _torch_optimizer(optimizer), [scheduler] if scheduler is not None else [], scaler)
+        except RewindError as e:
+            if saved is None or not getattr(args, "restore_callback_states_from_checkpoint", False):
+                raise
+            raise type(e)(
+                f"{e}\nWith restore_callback_states_from_checkpoint=True the Trainer replaced your "
+                "RewindTrainerCallback by one rebuilt from the options saved with the checkpoint, where only "
+                "JSON-able options survive (detector=SpikeDetector(...) falls back to the default); leave the flag "
+                "False: the callback restores its own state from the checkpoint either way."
+            ) from e
         self._scheduler, self._restore = scheduler, None
         self._global_step = state.global_step
 
