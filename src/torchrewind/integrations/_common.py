@@ -226,7 +226,7 @@ class GuardedTraining:
         self.last_step_stood = sd["last_step_stood"]
 
 
-# -- construction checks ------------------------------------------------------------------------------------------------
+# -- construction checks ---------------------------------------------------------------------------------------------
 def _history_capacity(name: str, framework: str, guard: Any, capacity: int | None, guard_kwargs: dict) -> int:
     """The Rewind's capacity; for ``"spike"`` also sets ``guard_kwargs["rollback"]``. The step the framework just
     took occupies one history slot, so a roll-back of ``rollback`` steps needs ``capacity >= rollback + 1``."""

@@ -77,7 +77,8 @@ class Guard:
 
         class LossCap(Guard):
             def decide(self, loss, grad_norm):
-                return Decision.skip("loss above 10") if loss > 10 else self.nonfinite_decision(loss, grad_norm)
+                why = self.nonfinite_reason(loss, grad_norm) or ("loss above 10" if loss > 10 else "")
+                return Decision.skip(why) if why else Decision.apply()
     """
 
     def __init__(
