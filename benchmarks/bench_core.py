@@ -20,6 +20,9 @@ one lucky sample does not decide; best / best is shown too):
     tensor as large as the training state (params + Adam exp_avg + exp_avg_sq + step, arena ``used`` bytes);
   * torchrewind round trip (snapshot + restore) >= 10x faster than the deepcopy/load_state_dict recipe on the
     many-small-tensors model.
+
+The compiled-step part (skipped with ``--quick``) times ``torch.compile(opt.step)`` with and without a Rewind and
+counts Dynamo's graphs: the step hooks are kept out of tracing, so both compile the same number of graphs.
 """
 
 from __future__ import annotations
@@ -398,6 +401,56 @@ def bench_training(
     }
 
 
+def bench_compiled(
+    name: str, make_model: Callable[[], torch.nn.Module], batch_at: Callable[[int], Any], blocks: int, per_block: int
+) -> dict[str, Any]:
+    """A compiled ``optimizer.step`` (``torch.compile(opt.step)``) with and without a Rewind: the median iteration,
+    the time of the first 10 iterations (compilation included) and the number of graphs Dynamo built."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    base = make_model()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    out: dict[str, Any] = {"task": name}
+    variants = {}
+    for key in ("compiled", "compiled_rewind"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        m = copy.deepcopy(base)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        rw = Rewind(m, opt, capacity=1) if key == "compiled_rewind" else None
+        step = torch.compile(opt.step)
+        v = {"m": m, "opt": opt, "rw": rw, "step": step, "it": 0, "samples": []}
+
+        def iteration(v: dict[str, Any] = v) -> float:
+            x, y = batch_at(v["it"])
+            v["it"] += 1
+            t0 = perf()
+            v["opt"].zero_grad()
+            loss_fn(v["m"](x), y).backward()
+            v["step"]()
+            return perf() - t0
+
+        v["iteration"] = iteration
+        t0 = perf()
+        for _ in range(10):
+            iteration()
+        out[f"{key}_first10_s"] = perf() - t0
+        out[f"{key}_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        variants[key] = v
+    keys = list(variants)
+    for b in range(blocks):
+        for key in keys[b % 2 :] + keys[: b % 2]:
+            gc.collect()
+            variants[key]["samples"].extend(variants[key]["iteration"]() for _ in range(per_block))
+    times = {key: summary(v["samples"]) for key, v in variants.items()}
+    for t in times.values():
+        del t["samples_ms"]
+    out["times"] = times
+    out["ratio"] = times["compiled_rewind"]["median_ms"] / times["compiled"]["median_ms"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def core_table(rows: list[dict[str, Any]]) -> str:
     head = (
@@ -460,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
     ap.add_argument("--repeats", type=int, default=None, help="rounds per core measurement (default 25; quick 5)")
     ap.add_argument("--no-train", action="store_true", help="skip the training-iteration overhead part")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled-step part (always skipped with --quick)")
     args = ap.parse_args(argv)
     quick = args.quick
     repeats = args.repeats or (5 if quick else 25)
@@ -506,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
             train.append(bench_training(name, mk, batch_at, blocks, per, budget))
             print(f"  measured: {name} ({perf() - t_start:.1f} s)", file=sys.stderr, flush=True)
 
+    compiled = []
+    if not quick and not args.no_compile:
+        compiled.append(bench_compiled("MLP 64-256-256-10, digits, batch 64", *digits_task(64), 8, 60))
+        print(f"  measured: compiled step ({perf() - t_start:.1f} s)", file=sys.stderr, flush=True)
+
     # ------------------------------------------------------------------ targets
     targets = []
     for r in core:
@@ -549,6 +608,19 @@ def main(argv: list[str] | None = None) -> int:
         print("## Training-iteration overhead (median ms per iteration: zero_grad + forward + backward + step)")
         print()
         print(train_table(train))
+    if compiled:
+        print()
+        print("## Compiled step: torch.compile(opt.step), with and without Rewind(capacity=1)")
+        print()
+        print("| task | compiled ms/iter | + Rewind ms/iter (ratio) | first 10 iterations s (compile incl.) | graphs |")
+        print("|---|---|---|---|---|")
+        for c in compiled:
+            T = c["times"]
+            print(
+                f"| {c['task']} | {fmt_ms(T['compiled']['median_ms'])} | {fmt_ms(T['compiled_rewind']['median_ms'])} "
+                f"(**{c['ratio']:.2f}x**) | {c['compiled_first10_s']:.1f} / {c['compiled_rewind_first10_s']:.1f} "
+                f"| {c['compiled_graphs']} / {c['compiled_rewind_graphs']} |"
+            )
     print()
     print("## Targets (judged on the median of per-round ratios; best / best in brackets)")
     print()
@@ -569,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta["loadavg_end"] = load_end
         meta["elapsed_s"] = elapsed
-        doc = {"meta": meta, "core": core, "training": train, "targets": targets}
+        doc = {"meta": meta, "core": core, "training": train, "compiled": compiled, "targets": targets}
         d = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(d, exist_ok=True)
         with open(args.json, "w") as f:

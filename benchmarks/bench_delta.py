@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r['ratio']:.2f}x | {r['encode_MBps']:.0f} | {r['decode_MBps']:.0f} |"
             )
         host = rw.tiers.host
-        full = sum(w.numel() * 8 for w in rw._slots[0].views.values()) * len(host.records)
+        full = sum(w.numel() * 8 for w in rw._ring.slots[0].views.values()) * len(host.records)
         results[f"{opt_name}/archive"] = {"ratio": full / host.nbytes, "records": len(host.records)}
         print(
             f"| {opt_name} | | whole HostArchive ({len(host.records)} records, keyframe every 8, newest raw) "

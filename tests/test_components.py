@@ -518,12 +518,12 @@ def test_no_reallocation_in_steady_state_and_nbytes():
     for i in range(6):  # every slot is written once after the optimizer state exists
         backward(model, opt, b[i])
         opt.step()
-    ptrs = [w.data_ptr() for s in rw._slots for w in s.words.values()]
+    ptrs = [w.data_ptr() for s in rw._ring.slots for w in s.words.values()]
     arena = [a.data_ptr for a in rw._tracker.arenas.values()]
     for i in range(6, 12):
         backward(model, opt, b[i])
         opt.step()
-    assert [w.data_ptr() for s in rw._slots for w in s.words.values()] == ptrs
+    assert [w.data_ptr() for s in rw._ring.slots for w in s.words.values()] == ptrs
     assert [a.data_ptr for a in rw._tracker.arenas.values()] == arena
     per = sum(a.used for a in rw._tracker.arenas.values())
     assert rw.nbytes == 4 * per  # capacity + 1 (redo) slots, each one arena copy

@@ -125,7 +125,7 @@ def test_mixed_devices_one_arena_each():
     after = full_state(None, opt)
     after["rng"] = before["rng"]
     assert_same(before, after)
-    assert all(w.device.type == k[0].type for s in rw._slots for k, w in s.words.items())
+    assert all(w.device.type == k[0].type for s in rw._ring.slots for k, w in s.words.items())
 
 
 @pytest.mark.parametrize("redo", [True, False])
@@ -170,7 +170,7 @@ def test_host_storage_pinned_slots_are_exact(overlap):
         o.zero_grad()
         m(x).square().mean().backward()
         o.step()
-    assert all(v.device.type == "cpu" and v.is_pinned() for s in rw._slots for v in s.views.values())
+    assert all(v.device.type == "cpu" and v.is_pinned() for s in rw._ring.slots for v in s.views.values())
     rw.undo()
     assert_same(full_state(m, o), before[5])
     assert rw.rollback_to(2) == 2

@@ -132,10 +132,10 @@ def test_memory_and_budget_count_the_staging_buffer():
 def test_close_stops_the_worker():
     model, o, sched, rw = build(overlap=True)
     iteration(model, o, sched, 0)
-    worker = rw._bg._pool
+    worker = rw._overlap._copy._pool
     assert worker is not None
     threads = set(worker._threads)
     rw.close()
-    assert rw._bg._pool is None and not any(t.is_alive() for t in threads)
+    assert rw._overlap._copy._pool is None and not any(t.is_alive() for t in threads)
     iteration(model, o, sched, 1)  # no hooks any more: nothing recorded, nothing started
-    assert rw._bg_job is None
+    assert not rw._overlap.busy

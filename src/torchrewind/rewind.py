@@ -1,9 +1,14 @@
-"""The public entry point: :class:`Rewind` (undo/redo/snapshot/retry) and :class:`Trial` (transactions)."""
+"""The public entry point: :class:`Rewind` (undo/redo/snapshot/retry) and :class:`Trial` (transactions).
+
+Rewind is a thin front over the core (:mod:`torchrewind.core`): a :class:`~.core.tracker.Tracker` keeps the training
+state bound to arenas, a :class:`~.core.snapshot.Recorder` copies it into and out of slots, a
+:class:`~.core.ring.Ring` says which slot holds which point, an optional
+:class:`~.core.overlap.OverlappedRecorder` records in the background, and :class:`~.tiers.Tiers` keep older points.
+"""
 
 from __future__ import annotations
 
-import warnings
-import weakref
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -11,15 +16,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .distributed import all_min, like, local, resolve_group
-from ._checks import check_bool, check_choice, check_int, check_optional_int, check_type
-from .errors import RewindError, RewindTypeError, RewindValueError
-from .core.history import Timeline
-from .core.overlap import BackgroundCopy
+from ._checks import check_int
+from .core.budget import Budget, value_nbytes
+from .core.config import Config
+from .core.overlap import OverlappedRecorder
+from .core.ring import Ring
 from .core.rng import RNGState
 from .core.snapshot import Recorder, Slot
-from .tiers import Tiers
 from .core.tracker import Tracker, iter_modules
+from .distributed import all_min, like, local, resolve_group
+from .errors import RewindError, RewindTypeError, RewindValueError
+from .tiers import Tiers
+
+# Where the live state is relative to optimizer steps (one explicit per-step state, as GradScaler keeps per optimizer):
+_READY = "ready"  # no point recorded for the next step: its pre-step hook records one (auto=True)
+_RECORDED = "recorded"  # a point was recorded since the last step: it stays the next step's boundary
+_STEPPING = "stepping"  # inside optimizer.step(), between the pre- and post-step hooks
 
 
 class Rewind:
@@ -97,39 +109,12 @@ class Rewind:
         group: Any = "auto",
         shard: bool = False,
     ) -> None:
-        who = "Rewind"
-        check_type("optimizer", optimizer, torch.optim.Optimizer, who, "a torch.optim.Optimizer")
         group = resolve_group(group)
-        check_bool("shard", shard, who)
-        check_bool("overlap", overlap, who)
-        check_bool("grads", grads, who)
-        check_bool("redo", redo, who)
-        check_bool("auto", auto, who)
-        check_bool("verify", verify, who)
-        check_choice("storage", storage, ("device", "host"), who)
-        check_choice("rng", rng, (True, False, "all"), who)
-        if tiers is not None:
-            check_type("tiers", tiers, Tiers, who, "a torchrewind.Tiers")
-            if capacity != 1 and capacity != tiers.device:
-                raise RewindValueError(
-                    f"capacity={capacity} and tiers.device={tiers.device} disagree; give the device tier's size once."
-                )
-            capacity = tiers.device
-        check_int("capacity", capacity, 1, who, " It is the number of steps that can be undone.")
-        check_optional_int("max_bytes", max_bytes, 0, who)
-        if shard:
-            if group is None:
-                raise RewindValueError(
-                    "shard=True splits snapshots across the ranks of a process group, but there is none: initialize "
-                    "torch.distributed with more than one rank (or pass group=), or use shard=False."
-                )
-            if overlap:
-                raise RewindValueError("shard=True cannot be combined with overlap=True; choose one.")
-            if any(type(p).__name__ == "DTensor" for g in optimizer.param_groups for p in g["params"]):
-                raise RewindValueError(
-                    "shard=True is for replicated state (DDP); these parameters are DTensors (FSDP2), whose "
-                    "snapshots are already per-rank shards. Use shard=False."
-                )
+        cfg = Config.check(
+            optimizer=optimizer, capacity=capacity, rng=rng, grads=grads, redo=redo, auto=auto, max_bytes=max_bytes,
+            verify=verify, overlap=overlap, storage=storage, shard=shard, generators=generators, tiers=tiers,
+            group=group,
+        )  # fmt: skip
         objects = _check_schedulers(schedulers, optimizer)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise RewindTypeError(
@@ -138,98 +123,96 @@ class Rewind:
             )
         modules = iter_modules(model)
 
+        self.config = cfg
         self.optimizer = optimizer
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self._auto = auto
-        self._grads = grads
-        self._timeline = Timeline(capacity, redo)
-        self.tiers = tiers or Tiers(device=capacity)
-        self._shrink_to: int | None = None  # max_bytes exceeded with a host tier: device points to keep
-        self._overlap = bool(overlap)
-        self._slots = [Slot() for _ in range(self._timeline.nslots)]
-        self._pending = False  # a snapshot was taken since the last step: the pre-step hook need not take one
-        self._shard = (dist.get_rank(group), dist.get_world_size(group), group) if shard else None
-        # a weak callback: no Rewind <-> Tracker cycle, so a closed, dropped Rewind frees its arenas at once (and a
-        # new Rewind on the same tensors can adopt them instead of copying them one by one)
-        budget = weakref.WeakMethod(self._check_budget)
-        self._tracker = Tracker(modules, optimizer, verify=verify, budget=lambda extra: budget()(extra))
-        self._recorder = Recorder(
-            self._tracker,
-            optimizer,
-            objects,
-            scaler,
-            RNGState(torch_rng=bool(rng), python=rng == "all", numpy=rng == "all", generators=generators),
-            grads,
-        )
-        self._recorder.host_slots = storage == "host"
-        self._recorder.shard = self._shard
-        self._hook = optimizer.register_step_pre_hook(self._pre_step)
-        self._bg = BackgroundCopy() if overlap else None
-        self._bg_job: tuple[int, int] | None = None  # (point being copied, tracker generation at the start)
-        self._staging = Slot() if overlap else None  # the background copy's target: ring slots stay intact
-        self._post_hook = optimizer.register_step_post_hook(self._post_step)
-        self._step = 0  # optimizer steps taken by the live state (restored by undo/redo)
-        self._in_step = False  # between this optimizer's pre- and post-step hooks
-        if self.tiers.disk is not None:
-            self.tiers.disk.bind_rank()  # one directory per rank once torch.distributed is up
+        self.tiers = tiers or Tiers(device=cfg.capacity)
+        self.group = group  # policies reduce what they decide on over this process group
         self._modules = modules
         self._scaler = scaler
-        self.group = group  # policies reduce what they decide on over this process group
-        self.shard = shard  # each rank keeps 1/world of every snapshot (replicated state)
+        self._ring = Ring(cfg.capacity, cfg.redo)
+        self._step = 0  # optimizer steps taken by the live state (restored by undo/redo)
+        self._phase = _READY
+        # The budget is a plain object (no reference back to this Rewind): the tracker asks it before moving
+        # anything, and this Rewind applies its answer ("keep fewer device points") after the record in progress.
+        self._budget = Budget(cfg.max_bytes, can_shrink=self.tiers.host is not None)
+        self._shard = (dist.get_rank(group), dist.get_world_size(group), group) if cfg.shard else None
+        self._budget.world = self._shard[1] if self._shard else 1
+        self._budget.grads = cfg.grads
+        rng_state = RNGState(torch_rng=bool(cfg.rng), python=cfg.rng == "all", numpy=cfg.rng == "all",
+                             generators=cfg.generators)  # fmt: skip
+        if cfg.max_bytes is not None:
+            self._budget.fixed = value_nbytes([
+                rng_state.capture(), [o.state_dict() for o in objects], vars(scaler) if scaler is not None else None,
+                [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+            ])  # fmt: skip
+        self._shape_budget()
+        self._tracker = Tracker(modules, optimizer, verify=cfg.verify, budget=self._budget)
+        self._recorder = Recorder(self._tracker, optimizer, objects, scaler, rng_state, cfg.grads)
+        self._recorder.host_slots = cfg.storage == "host"
+        self._recorder.shard = self._shard
+        self._overlap = OverlappedRecorder(self._recorder) if cfg.overlap else None
+        self._apply_budget()  # the state may not fit max_bytes even before the first record
+        if self.tiers.disk is not None:
+            self.tiers.disk.bind_rank()  # one directory per rank once torch.distributed is up
+        # Hooks never traced by torch.compile: they are Python bookkeeping around the step (a compiled
+        # ``optimizer.step`` graph-breaks at them instead of guarding on their state and recompiling every step).
+        self._hook = optimizer.register_step_pre_hook(torch.compiler.disable(self._pre_step))
+        self._post_hook = optimizer.register_step_post_hook(torch.compiler.disable(self._post_step))
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._auto:
+        if self.config.auto:
             self.ensure_recorded()
-        self._pending = False
-        self._in_step = True  # lets a framework callback that runs inside step(closure) know it is recorded
-        self._timeline.step_started()
+        self._phase = _STEPPING  # a framework callback inside step(closure) can tell the step is recorded
+        self._ring.step_started()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # overlap=True: start copying the state the next step will be undone to into the staging slot; the
-        # snapshot is completed (and swapped into the ring) just before the next step, or by an undo.
         self._step += 1
-        self._in_step = False
-        if not self._overlap or not self._auto or self._bg_job is not None:
-            return
-        try:
-            self._tracker.ensure()  # e.g. bind the optimizer state the first step created
-        except RewindError:
-            return  # reported by the next snapshot, not by the step that already happened
-        self._recorder.prepare(self._staging)
-        self._bg.start(self._recorder.arena_pairs(self._staging))
-        self._bg_job = (self._timeline.cur + 1, self._tracker.generation)  # the live point: not clean after a step
+        self._phase = _READY
+        if self._overlap is not None and self.config.auto:
+            # record the state the next step will be undone to in the background (completed before that step)
+            self._overlap.start(self._ring.cur + 1)
 
     def _settle(self) -> None:
         """Wait for a background copy and drop it (before anything else reads or writes the arenas)."""
-        if self._bg_job is not None:
-            self._bg_job = None
-            self._bg.finish()
+        if self._overlap is not None:
+            self._overlap.settle()
 
-    def _complete_background(self, point: int) -> bool:
-        """Finish the background copy as the record of the live state as ``point`` and swap it into the ring.
-        False (copy dropped) if the live state is no longer the one the copy started from."""
-        started, generation = self._bg_job
-        self._settle()
-        if started != point or self._timeline.clean:
-            return False
-        self._tracker.ensure()
-        if self._tracker.generation != generation:
-            return False  # tensors moved since the copy started
-        slot = self._staging
-        self._recorder.refresh_buffers(slot)  # forward changed them after the copy started
-        self._recorder.capture_rest(slot)
-        slot.step = self._step
-        i = self._timeline.slot(point)
-        self._slots[i], self._staging = slot, self._slots[i]  # the evicted ring buffer becomes the staging one
-        return True
+    def _refuse_in_step(self, what: str) -> None:
+        """Undo, redo, snapshot and roll-backs cannot run inside ``optimizer.step()`` (e.g. from an LBFGS
+        closure): the step is half-done and its point is already recorded. A step that raised never reached its
+        post-step hook; then the flag is stale, and the request (typically: undo the failed step) goes ahead."""
+        if self._phase != _STEPPING:
+            return
+        f = sys._getframe(1)
+        while f is not None:
+            if f.f_code.co_name == "wrapper" and f.f_locals.get("self") is self.optimizer:
+                raise RewindError(
+                    f"{what} was called inside optimizer.step() (e.g. from its closure); the step is half-done. "
+                    "Call it after the step returns."
+                )
+            f = f.f_back
+        self._phase = _READY  # the last step raised: it is over
+
+    def _apply_budget(self) -> None:
+        """Apply the budget's answer: keep fewer device points (after the record in progress, if any)."""
+        fit, self._budget.shrink_to = self._budget.shrink_to, None
+        if fit is None or fit >= self._ring.capacity:
+            return
+        self._ring = self._ring.shrunk(fit)
+        self._shape_budget()
+
+    def _shape_budget(self) -> None:
+        ring = self._ring
+        self._budget.capacity = ring.capacity
+        self._budget.redo_slot = ring.nslots > ring.capacity
+        self._budget.extra_slots = ring.nslots - ring.capacity + (self.config.overlap is True)
 
     # ------------------------------------------------------------------ the interface policies build on
     def ensure_recorded(self) -> None:
         """Make sure the next optimizer step can be undone: record the live state now, unless a point was recorded
         since the last step (that point stays the step's boundary). Policies call it before they step, so they work
-        with ``auto=False`` too.
+        with ``auto=False`` too. Inside ``optimizer.step()`` it does nothing: that step is already recorded.
 
         Example::
 
@@ -237,7 +220,7 @@ class Rewind:
             rw.ensure_recorded(); opt.step()     # undoable
             rw.ensure_recorded()                 # records again: a step was taken since
         """
-        if not self._pending:
+        if self._phase == _READY:
             self.snapshot()
 
     def drop_pending(self) -> None:
@@ -249,13 +232,14 @@ class Rewind:
             rw.ensure_recorded(); scaler.step(opt)       # may skip the step on inf gradients
             if rw.step == before: rw.drop_pending()
         """
-        self._pending = False
+        if self._phase == _RECORDED:
+            self._phase = _READY
 
     @property
     def in_step(self) -> bool:
         """True while this optimizer's ``step()`` runs (between its pre- and post-step hooks), e.g. inside a
         ``step(closure)``: the pre-step hook has already recorded the point the step will be undone to."""
-        return self._in_step
+        return self._phase == _STEPPING
 
     def revert(self) -> None:
         """Restore the point the live state derives from: the last one recorded or restored. After a step that is
@@ -267,9 +251,10 @@ class Rewind:
             rw.snapshot(); loss = model(x).sum(); loss.backward()
             if not torch.isfinite(loss): rw.revert()     # as if the forward pass never ran
         """
-        if self._timeline.cur < 0:
+        self._refuse_in_step("revert()")
+        if self._ring.cur < 0:
             raise RewindError("revert(): nothing has been recorded yet; take an optimizer step or call snapshot().")
-        self._goto(self._timeline.cur)
+        self._goto(self._ring.cur)
 
     @property
     def state_nbytes(self) -> int:
@@ -286,29 +271,26 @@ class Rewind:
             rw.snapshot()                       # top of the iteration, before forward (captures RNG for dropout)
             loss = model(x).sum(); loss.backward(); opt.step()
         """
-        tl = self._timeline
-        point = tl.cur if (tl.clean and tl.cur >= 0) else tl.cur + 1
-        if self._bg_job is not None and self._complete_background(point):
-            tl.record()
-            self._pending = True
-            self._to_lower_tiers(self._slots[tl.slot(point)])
-            if self._shrink_to is not None:
-                self._shrink_device_tier()
-            return
-        slot = self._slots[tl.slot(point)]
-        self._tracker.ensure()
-        self._recorder.prepare(slot)
-        try:
-            self._recorder.capture(slot)
-        except BaseException:
-            self._forget(point)
-            raise
-        slot.step = self._step
-        tl.record()
-        self._pending = True
+        self._refuse_in_step("snapshot()")
+        ring = self._ring
+        point = ring.live_point()
+        slot = self._overlap.complete(point, ring.clean, self._step) if self._overlap is not None else None
+        if slot is not None:
+            self._overlap.staging = ring.swap(point, slot)  # the evicted ring slot becomes the next staging slot
+        else:
+            slot = ring.slot(point)
+            self._tracker.ensure()
+            self._recorder.prepare(slot)
+            try:
+                self._recorder.capture(slot)
+            except BaseException:
+                ring.forget(point)
+                raise
+            slot.step = self._step
+        ring.record()
+        self._phase = _RECORDED
         self._to_lower_tiers(slot)
-        if self._shrink_to is not None:
-            self._shrink_device_tier()  # max_bytes was exceeded while recording (e.g. the optimizer state appeared)
+        self._apply_budget()  # max_bytes was exceeded while recording (e.g. the optimizer state appeared)
 
     def undo(self, n: int = 1) -> None:
         """Go back ``n`` steps: the state just before the ``n``-th last recorded step, bit for bit.
@@ -319,7 +301,8 @@ class Rewind:
             rw.undo()            # parameters, optimizer state, schedulers, scaler and RNG as before the step
             rw.redo()            # and forward again
         """
-        recorded, target = self._timeline.plan_undo(n)
+        self._refuse_in_step("undo()")
+        recorded, target = self._ring.plan_undo(n)
         self._move(recorded, target)
 
     def redo(self, n: int = 1) -> None:
@@ -329,7 +312,8 @@ class Rewind:
 
             rw.undo(2); rw.redo(); rw.redo()   # back where we started
         """
-        target = self._timeline.plan_redo(n)
+        self._refuse_in_step("redo()")
+        target = self._ring.plan_redo(n)
         self._move(None, target)
 
     def retry(self, closure: Callable[[], Any] | None = None, **hparams: Any) -> Any:
@@ -345,12 +329,13 @@ class Rewind:
             if evaluate() > before:
                 rw.retry(lr=lambda lr: lr * 0.5)
         """
+        self._refuse_in_step("retry()")
         groups = self.optimizer.param_groups
         for k in hparams:
             if k == "params" or any(k not in g for g in groups):
                 valid = sorted({k for g in groups for k in g if k != "params"})
                 raise RewindValueError(f"retry({k}=...): not a hyperparameter of every param group; valid: {valid}.")
-        if closure is None and not self._grads and all(p.grad is None for p in self._tracker.params):
+        if closure is None and not self.config.grads and all(p.grad is None for p in self._tracker.params):
             raise RewindError(
                 "retry() needs gradients, but every .grad is None (zero_grad() ran?). Call retry before "
                 "zero_grad(), build the Rewind with grads=True, or pass a closure that recomputes the loss."
@@ -394,6 +379,7 @@ class Rewind:
     def resync(self) -> None:
         """Re-scan the model and optimizer now (automatic in nearly all cases; see ``verify``)."""
         self._tracker.sync()
+        self._apply_budget()
 
     def rollback_to(self, step: int) -> int:
         """Restore the newest recorded state at or before optimizer step ``step`` (see :attr:`step`), from
@@ -407,6 +393,7 @@ class Rewind:
                 got = rw.rollback_to(rw.step - 100)     # e.g. 96: the newest point kept at or before
         """
         check_int("step", step, None, "rollback_to")
+        self._refuse_in_step("rollback_to()")
         self._settle()
         if step >= self._step:
             return self._step  # the live state already is the newest state at or before step
@@ -467,14 +454,13 @@ class Rewind:
 
     def _ring_points(self) -> list[tuple[int, int]]:
         """(step, point) of every point the device ring holds."""
-        tl = self._timeline
-        return [(self._slots[tl.slot(p)].step, p) for p in range(max(tl.lo, 0), tl.hi + 1)]
+        return self._ring.held()
 
     def _restart_history(self, step: int) -> None:
         """After a restore from a lower tier: a fresh device history that starts at the restored state."""
         self._step = step
-        self._timeline = Timeline(self.capacity, self._timeline.redo_enabled)
-        self._pending = False
+        self._ring = self._ring.restarted()
+        self._phase = _READY
         self.snapshot()
 
     def _to_lower_tiers(self, slot: Slot) -> None:
@@ -587,25 +573,38 @@ class Rewind:
 
     def close(self) -> None:
         """Stop recording (removes the step hooks). Tensors stay where they are and keep their values; undo/redo
-        still work. Drop the Rewind too and its arenas are freed: a new Rewind on the same tensors then adopts them
-        into its own arenas."""
+        still work. Drop the Rewind too and its arenas are freed as soon as no tensor lives in them (a new Rewind on
+        the same tensors moves them into its own arenas)."""
         self._hook.remove()
         self._post_hook.remove()
         if self.tiers.host is not None:
             self.tiers.host.close()
         if self.tiers.disk is not None:
             self.tiers.disk.wait()
-        if self._bg is not None:
-            self._settle()
-            self._bg.close()
+        if self._overlap is not None:
+            self._overlap.close()
 
     def __len__(self) -> int:
         """How many steps can be undone now."""
-        return self._timeline.undo_depth()
+        return self._ring.undo_depth()
 
     def __bool__(self) -> bool:
         # A Rewind is always truthy (``if rw:`` means "is there a Rewind"), even with nothing to undo yet.
         return True
+
+    @property
+    def capacity(self) -> int:
+        """How many steps the device ring can undo (``capacity=``, or fewer if ``max_bytes`` made it shrink)."""
+        return self._ring.capacity
+
+    @property
+    def shard(self) -> bool:
+        """Whether each rank keeps 1/world of every snapshot (``shard=True``, replicated state)."""
+        return self.config.shard
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self.config.max_bytes
 
     @property
     def step(self) -> int:
@@ -615,12 +614,12 @@ class Rewind:
     @property
     def redo_depth(self) -> int:
         """How many undone steps :meth:`redo` can go forward."""
-        return self._timeline.redo_depth()
+        return self._ring.redo_depth()
 
     @property
     def nbytes(self) -> int:
         """Bytes of history held (snapshot buffers), on top of the live training state."""
-        return sum(s.nbytes for s in self._slots) + (self._staging.nbytes if self._staging is not None else 0)
+        return self._ring.nbytes + (self._overlap.staging.nbytes if self._overlap is not None else 0)
 
     def __repr__(self) -> str:
         return (
@@ -631,83 +630,35 @@ class Rewind:
     # ------------------------------------------------------------------ internals
     def _move(self, recorded: int | None, target: int) -> None:
         """Record the live state as point ``recorded`` (if not None), then restore point ``target``."""
-        tl = self._timeline
-        copied = self._bg_job is not None and recorded is not None and self._complete_background(recorded)
+        ring = self._ring
+        done = None
+        if recorded is not None and self._overlap is not None:
+            done = self._overlap.complete(recorded, ring.clean, self._step)
+            if done is not None:
+                self._overlap.staging = ring.swap(recorded, done)
         self._settle()
-        if recorded is not None and not copied:
-            slot = self._slots[tl.slot(recorded)]
+        if recorded is not None and done is None:
+            slot = ring.slot(recorded)
             self._tracker.ensure()
             self._recorder.prepare(slot)
         try:
-            if recorded is not None and not copied:
+            if recorded is not None and done is None:
                 self._recorder.capture(slot)
                 slot.step = self._step
-            restored = self._slots[tl.slot(target)]
+            restored = ring.slot(target)
             self._recorder.restore(restored)
         except BaseException:
             if recorded is not None:
-                self._forget(recorded)
+                ring.forget(recorded)
             raise
-        tl.moved(recorded, target)
+        ring.moved(recorded, target)
         self._step = restored.step
-        self._pending = False
-        self._in_step = False
-
-    def _forget(self, point: int) -> None:
-        """A write into ``point``'s slot failed half-way: the point previously in that slot is gone."""
-        tl = self._timeline
-        tl.lo = max(tl.lo, point - tl.nslots + 1)
+        self._phase = _READY
+        self._apply_budget()
 
     def _goto(self, point: int) -> None:
-        recorded, target = self._timeline.plan_goto(point)
+        recorded, target = self._ring.plan_goto(point)
         self._move(recorded, target)
-
-    def _check_budget(self, extra: dict[torch.device, int]) -> None:
-        if self.max_bytes is None:
-            return
-        live = sum(a.used for a in self._tracker.arenas.values()) if hasattr(self, "_tracker") else 0
-        per_slot = live + sum(extra.values())
-        if self._shard is not None:
-            per_slot = -(-per_slot // self._shard[1])  # each rank keeps 1/world of the arena bytes
-        nslots = self._timeline.nslots + self._overlap  # overlap: one more buffer for the background copy
-        need = per_slot * nslots
-        if need > self.max_bytes:
-            fit = self.max_bytes // per_slot - (nslots - self.capacity) if per_slot else 0
-            if self.tiers.host is not None and fit >= 1:
-                # evict to the next tier instead of failing: fewer device points; older ones stay in the host tier
-                warnings.warn(
-                    f"torchrewind: the history would need {need:,} bytes, over max_bytes={self.max_bytes:,}: the "
-                    f"device tier keeps {fit} undo point(s) instead of {self.capacity}; older points are reachable "
-                    "in the host tier with rollback_to().",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._shrink_to = fit
-                if self._timeline.hi < 0:
-                    self._shrink_device_tier()  # nothing recorded yet: at once
-                return  # else after the record in progress (snapshot() calls _shrink_device_tier)
-            raise RewindValueError(
-                f"history would need {need:,} bytes ({nslots} snapshots x {per_slot:,} bytes), over "
-                f"max_bytes={self.max_bytes:,}. Lower capacity (at most {max(fit, 0)} fits"
-                + (", or pass redo=False to save one snapshot" if self._timeline.nslots > self.capacity else "")
-                + ") or raise max_bytes."
-            )
-
-
-    def _shrink_device_tier(self) -> None:
-        """Apply a pending max_bytes eviction: keep only the live point (if recorded) in a smaller ring. Point numbers
-        stay; the dropped points' slots are freed (their states are in the host tier if it archived them)."""
-        fit, self._shrink_to = self._shrink_to, None
-        if fit is None or fit >= self.capacity:
-            return
-        old, old_slots = self._timeline, self._slots
-        tl = Timeline(fit, old.redo_enabled)
-        slots = [Slot() for _ in range(tl.nslots)]
-        if old.cur >= 0 and old.clean:
-            tl.lo = tl.hi = tl.cur = old.cur
-            tl.clean = True
-            slots[tl.slot(old.cur)] = old_slots[old.slot(old.cur)]
-        self._timeline, self._slots, self.capacity = tl, slots, fit
 
 
 class Trial:
@@ -720,13 +671,14 @@ class Trial:
 
     def __enter__(self) -> Trial:
         self._rw.snapshot()
-        self._point = self._rw._timeline.cur
+        self._point = self._rw._ring.cur
         return self
 
     def rollback(self) -> None:
         """Restore the state recorded when the block was entered."""
         if self._point is None:
             raise RewindError("rollback() outside of the with-block: use `with rw.trial() as t:`.")
+        self._rw._refuse_in_step("Trial.rollback()")
         self._rw._goto(self._point)
         self.rolled_back = True
 

@@ -1,9 +1,15 @@
 """Arenas: one contiguous byte buffer per device that the tracked tensors live in.
 
 Why: a snapshot of N separate tensors costs N kernel launches / N Python calls, which dominates for models made
-of many small tensors. Re-homing every tracked tensor as a view into one flat buffer per device (with
-``Tensor.set_``, which keeps object identity, like FSDP's flat parameters) makes a snapshot or a restore a single
-memcpy per device, whatever the number of tensors.
+of many small tensors. Re-homing every tracked tensor into one flat buffer per device (through ``t.data``, which
+keeps object identity, like FSDP's flat parameters) makes a snapshot or a restore a single memcpy per device,
+whatever the number of tensors.
+
+Each re-homed tensor gets a storage object of its own that aliases its bytes of the arena (made with DLPack: one
+allocation, many non-overlapping storages). Serializers group tensors by storage, so ``torch.save``, ``pickle`` and
+``copy.deepcopy`` see ordinary tensors: each writes only its own bytes, and mixed dtypes in one arena are fine. Every
+such storage holds one reference to the arena's buffer, so the buffer lives as long as any of its tensors does, and
+its use count still drops the moment a tensor stops living in it: the O(1) change detector.
 
 Positions (:class:`Entry`) are append-only: an entry's bytes never move while any snapshot may refer to them, so
 a snapshot taken before the arena grew is a byte-prefix of the current arena and restores with one copy.
@@ -16,6 +22,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 ALIGN = 64  # bytes; keeps every tensor cache-line aligned and valid for vectorised/fused kernels
 _WORD = torch.int64  # arenas are copied as 8-byte words: byte-wise copy_ is measurably slower on CPU
@@ -35,6 +42,34 @@ def owns_storage(t: torch.Tensor) -> bool:
         return False
     # 1 for t itself + 1 for the storage object `st` we are holding right now.
     return storage_use_count(st) == 2
+
+
+def home_tensor(storage: torch.UntypedStorage, offset: int, dtype: torch.dtype, shape: Any, stride: Any) -> torch.Tensor:
+    """A tensor with a storage of its own aliasing ``storage`` from byte ``offset`` (see the module docstring).
+
+    The DLPack capsule's owner is a view of ``storage``: the new storage keeps the arena's buffer alive, and counts
+    once in its use count for as long as it exists."""
+    view = torch.empty(0, dtype=dtype, device=storage.device)
+    view.set_(storage, offset // view.element_size(), shape, stride)
+    return from_dlpack(to_dlpack(view))
+
+
+_LIVE: weakref.WeakSet[Arena] = weakref.WeakSet()  # arenas of live Rewinds
+
+
+class LiveArenas:
+    """The memory ranges of every live arena, looked up once per scan: a tensor living in one of them belongs to a
+    (possibly other, live) Rewind and must not be moved — two Rewinds would keep moving it back and forth. Tensors of
+    a dropped Rewind's arena are free to move: a new Rewind adopts them."""
+
+    def __init__(self) -> None:
+        self._ranges = [(a.device, a.data_ptr, a.data_ptr + a.used) for a in list(_LIVE) if a.used]
+
+    def holds(self, t: torch.Tensor) -> bool:
+        if not self._ranges:
+            return False
+        ptr, dev = t.untyped_storage().data_ptr(), t.device
+        return any(d == dev and lo <= ptr < hi for d, lo, hi in self._ranges)
 
 
 class Entry:
@@ -87,34 +122,29 @@ class Entry:
         """True when ``t`` currently lives at this position."""
         return (
             t.device == self.arena.device
-            and t.untyped_storage().data_ptr() == self.arena.data_ptr
-            and t.storage_offset() * t.element_size() == self.offset
+            and t.storage_offset() == 0
+            and t.untyped_storage().data_ptr() == self.arena.data_ptr + self.offset
             and self.fits(t)
         )
 
     def view(self) -> torch.Tensor:
-        """A new tensor object living at this position."""
-        t = torch.empty(0, dtype=self.dtype, device=self.arena.device)
-        t.set_(self.arena.storage, self.offset // t.element_size(), self.shape, self.stride)
-        return t
+        """A new tensor object living at this position (with a storage of its own)."""
+        return home_tensor(self.arena.storage, self.offset, self.dtype, self.shape, self.stride)
 
     def move_in(self, t: torch.Tensor) -> None:
         """Copy ``t``'s value into this position and make ``t`` live here (same Python object)."""
         with torch.no_grad():
-            here = self.view()
-            here.copy_(t)
-            rehome(t, self.arena.storage, self.offset // t.element_size(), self.shape, self.stride)
-            del here
+            home = self.view()
+            home.copy_(t)
+            rehome(t, home)
 
 
-def rehome(t: torch.Tensor, storage: torch.UntypedStorage, offset: int, shape: Any, stride: Any) -> None:
-    """Make ``t`` (the same Python object) live at ``storage`` from element ``offset``.
+def rehome(t: torch.Tensor, home: torch.Tensor) -> None:
+    """Make ``t`` (the same Python object) live in ``home``'s memory.
 
     Through ``.data`` rather than ``Tensor.set_``: ``set_`` on a leaf that requires grad drops its AccumulateGrad
     node, and with it every hook registered there, e.g. DDP's reducer hooks (gradients would silently stop being
     all-reduced). ``.data`` keeps the node, like ``set_data`` does for FSDP's flat parameters."""
-    home = torch.empty(0, dtype=t.dtype, device=storage.device)
-    home.set_(storage, offset, shape, stride)
     t.data = home
 
 
@@ -140,6 +170,7 @@ class Arena:
         self.entries: list[Entry] = []
         self._words: torch.Tensor | None = None
         self.baseline = storage_use_count(self.storage)
+        _LIVE.add(self)
 
     @property
     def nbytes(self) -> int:
@@ -175,7 +206,7 @@ class Arena:
             for e in self.entries:
                 obj = e.obj()
                 if obj is not None:
-                    rehome(obj, new, e.offset // obj.element_size(), e.shape, e.stride)
+                    rehome(obj, home_tensor(new, e.offset, e.dtype, e.shape, e.stride))
         self.storage = new
         self.data_ptr = new.data_ptr()
         self._words = None
@@ -189,10 +220,15 @@ class Arena:
         return e
 
     def has_foreign_views(self) -> bool:
-        """True when something other than our own tensors references this storage (e.g. a view someone made of a
-        tracked tensor): then the storage must never be reallocated, or that view would silently detach."""
-        own = 1 + (self._words is not None) + sum(e.obj() is not None for e in self.entries)
-        return storage_use_count(self.storage) != own
+        """True when something other than our own tensors references this memory (e.g. a view someone made of a
+        tracked tensor, or a tensor that left its container but is still held): then the buffer must never be
+        reallocated, or that view would silently detach. O(entries): called only before growing a chunk."""
+        live = [e.obj() for e in self.entries]
+        live = [t for t in live if t is not None]
+        if storage_use_count(self.storage) != 1 + (self._words is not None) + len(live):
+            return True  # a storage of ours outlives its tensor (held elsewhere), or a raw view of the buffer
+        # each tensor's own storage: itself, plus the storage object asked for here
+        return any(storage_use_count(t.untyped_storage()) != 2 for t in live)
 
     def changed(self) -> bool:
         """O(1): did any tensor stop living here (or a foreign view appear) since :meth:`rebaseline`?"""

@@ -18,6 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ..errors import RewindError
+from .snapshot import Recorder, Slot
+
 
 def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for dst, src in pairs:
@@ -74,3 +77,62 @@ class BackgroundCopy:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+class OverlappedRecorder:
+    """``Rewind(overlap=True)``: the record of the state after a step is copied in the background into a staging
+    slot (ring slots stay intact until it is complete), started by the post-step hook and completed — buffers
+    re-copied, the small state captured — just before the next step or by an undo. A copy whose state changed since
+    it started (an undo, a re-bound tensor) is dropped and the point is recorded the ordinary way."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+        self._copy = BackgroundCopy()
+        self.staging = Slot()  # the copy's target; swapped with the ring slot it completes
+        self._job: tuple[int, int] | None = None  # (point being copied, tracker generation at the start)
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    def start(self, point: int) -> None:
+        """After a step: begin copying the live state, to become ``point``."""
+        if self._job is not None:
+            return
+        tracker = self._recorder.tracker
+        try:
+            tracker.ensure()  # e.g. bind the optimizer state the first step created
+        except RewindError:
+            return  # reported by the next snapshot, not by the step that already happened
+        self._recorder.prepare(self.staging)
+        self._copy.start(self._recorder.arena_pairs(self.staging))
+        self._job = (point, tracker.generation)
+
+    def settle(self) -> None:
+        """Wait for a copy in flight and drop it (before anything else reads or writes the arenas)."""
+        if self._job is not None:
+            self._job = None
+            self._copy.finish()
+
+    def complete(self, point: int, clean: bool, step: int) -> Slot | None:
+        """Finish the copy as the record of the live state as ``point`` (the live state has taken ``step`` steps).
+        Returns the filled slot, or None (copy dropped) if the live state is no longer the one it started from."""
+        if self._job is None:
+            return None
+        started, generation = self._job
+        self.settle()
+        if started != point or clean:
+            return None
+        tracker = self._recorder.tracker
+        tracker.ensure()
+        if tracker.generation != generation:
+            return None  # tensors moved since the copy started
+        slot = self.staging
+        self._recorder.refresh_buffers(slot)  # forward changed them after the copy started
+        self._recorder.capture_rest(slot)
+        slot.step = step
+        return slot
+
+    def close(self) -> None:
+        self.settle()
+        self._copy.close()

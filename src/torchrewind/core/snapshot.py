@@ -7,6 +7,7 @@ for arena tensors (and reuse same-shaped buffers for everything else).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,35 +16,54 @@ from ..distributed import broadcast_from, local
 from ..errors import RewindError
 from .rng import RNGState
 from .tracker import Structure, Tracker
+from .budget import value_nbytes
 from .values import copy_tensor, copy_value, restore_value
 
 
+@dataclass(slots=True, eq=False)
 class Slot:
-    """Storage for one recorded state. ``words[k]`` mirrors arena ``k`` (a (device, chunk) key) byte for byte."""
+    """Storage for one recorded state. ``words[k]`` mirrors arena ``k`` (a (device, chunk) key) byte for byte; the
+    other fields are "the rest": everything but the arenas."""
 
-    __slots__ = ("words", "used", "views", "structure", "pinned", "misc", "groups", "objects", "scaler", "rng",
-                 "grads", "step")  # fmt: skip
+    words: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    used: dict[tuple, int] = field(default_factory=dict)
+    views: dict[tuple, torch.Tensor] = field(default_factory=dict)  # words[:used], cached: no view per snapshot
+    structure: Structure | None = None
+    pinned: dict[Any, torch.Tensor] = field(default_factory=dict)
+    misc: dict[Any, Any] = field(default_factory=dict)
+    groups: list = field(default_factory=list)
+    objects: list = field(default_factory=list)
+    scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    grads: list | None = None
+    step: int = 0  # optimizer steps the recorded state had taken (Rewind.step)
 
-    def __init__(self) -> None:
-        self.words: dict[tuple, torch.Tensor] = {}
-        self.used: dict[tuple, int] = {}
-        self.views: dict[tuple, torch.Tensor] = {}  # words[:used], cached to avoid a view per snapshot
-        self.structure: Structure | None = None
-        self.pinned: dict[Any, torch.Tensor] = {}
-        self.misc: dict[Any, Any] = {}
-        self.groups: list = []
-        self.objects: list = []
-        self.scaler: dict[str, Any] | None = None
-        self.rng: dict[str, Any] = {}
-        self.grads: list | None = None
-        self.step = 0  # optimizer steps the recorded state had taken (Rewind.step)
+    def copy_rest(self, to_cpu: bool = False) -> Slot:
+        """A new slot with a copy of everything but the arena words (the ring reuses its slots' buffers in place,
+        so a lower tier keeping a point needs its own copy). ``to_cpu``: tensors copied to host memory."""
+        dev = "cpu" if to_cpu else None
+        return Slot(
+            structure=self.structure,
+            pinned={k: t.detach().to(dev or t.device, copy=True) for k, t in self.pinned.items()},
+            misc=copy_value(self.misc),
+            groups=[(g, plist, ptuple, copy_value(hp)) for g, plist, ptuple, hp in self.groups],
+            objects=copy_value(self.objects),
+            scaler=copy_value(self.scaler),
+            rng=copy_value(self.rng),
+            grads=None if self.grads is None else [None if g is None else g.detach().clone() for g in self.grads],
+            step=self.step,
+        )
 
     @property
     def nbytes(self) -> int:
+        """Everything this slot holds: arena words, one-by-one tensors, gradients, and by-value state (Python values
+        and the tensors inside them, RNG states, hyperparameters, schedulers' and the scaler's state)."""
         n = sum(w.numel() * 8 for w in self.words.values())
         n += sum(t.numel() * t.element_size() for t in self.pinned.values())
         if self.grads:
             n += sum(g.numel() * g.element_size() for g in self.grads if g is not None)
+        if self.structure is not None:
+            n += value_nbytes([self.misc, [hp for *_, hp in self.groups], self.objects, self.scaler, self.rng])
         return n
 
 

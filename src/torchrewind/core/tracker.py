@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
-from .arena import Arena, Entry, owns_storage, span_bytes, storage_use_count
+from ..distributed import local
 from ..errors import RewindError, RewindTypeError
+from .arena import Arena, Entry, LiveArenas, owns_storage
+from .budget import Budget, value_nbytes
 
 ARENA, PINNED, MISC, ALIAS = "arena", "pinned", "misc", "alias"
 
@@ -55,27 +57,9 @@ def _plain_dense(t: torch.Tensor) -> bool:
     )
 
 
-def _movable(t: torch.Tensor) -> bool:
-    return _plain_dense(t) and owns_storage(t)
-
-
-def _orphans(tensors: list[torch.Tensor]) -> set[int]:
-    """ids of tracked tensors that share a storage only with each other, without overlapping: e.g. the arena of a
-    Rewind that was closed and dropped (a new Rewind on the same model would otherwise copy them one by one).
-    Nothing else can see that memory, so moving each of them out breaks no alias."""
-    groups: dict[int, dict[int, torch.Tensor]] = {}
-    for t in tensors:
-        if _plain_dense(t) and t._base is None and t.numel() and not owns_storage(t):
-            groups.setdefault(t.untyped_storage().data_ptr(), {})[id(t)] = t
-    out: set[int] = set()
-    for group in groups.values():
-        ts = list(group.values())
-        if storage_use_count(ts[0].untyped_storage()) != len(ts) + 1:  # + the storage object asked
-            continue  # someone else (a live Rewind, a view, autograd) uses this memory too
-        spans = sorted((t.storage_offset() * t.element_size(), span_bytes(t)) for t in ts)
-        if all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])):
-            out.update(group)
-    return out
+def _movable(t: torch.Tensor, live: LiveArenas) -> bool:
+    """A tensor we may re-home: plain, dense, non-empty, sole user of its storage, and not in a live arena."""
+    return _plain_dense(t) and t.numel() > 0 and owns_storage(t) and not live.holds(t)
 
 
 def _pinnable(t: torch.Tensor) -> bool:
@@ -122,12 +106,12 @@ class Tracker:
         optimizer: torch.optim.Optimizer,
         *,
         verify: bool,
-        budget: Any,
+        budget: Budget | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.modules = modules
         self.verify = verify or not is_trusted(optimizer)
-        self._budget = budget  # callable(extra_bytes_by_device) -> None, raises when over budget
+        self._budget = budget  # asked before anything moves: admits, shrinks or refuses the history
         self.params: list[torch.Tensor] = []
         self._param_index: dict[int, int] = {}
         self._names: dict[int, str] = {}
@@ -265,7 +249,7 @@ class Tracker:
             for p in g["params"]:
                 self._add_param(p)
         containers, order = self._containers()
-        adopt = _orphans([*self.params, *(v for c, _ in containers for v in c.values() if isinstance(v, torch.Tensor))])
+        live = LiveArenas()
 
         moves: list[tuple[Entry | None, Any, torch.Tensor]] = []  # (existing entry or None, key, tensor)
         evict: list[torch.Tensor] = []
@@ -286,7 +270,7 @@ class Tracker:
                         "Rewind (call rw.close() on this one)."
                     )
                 moves.append((e, key, p))
-            elif _movable(p) or id(p) in adopt:
+            elif _movable(p, live):
                 moves.append((None, key, p))
             elif _pinnable(p):
                 pinned_params.append((key, p))
@@ -313,7 +297,7 @@ class Tracker:
                 if e is not None and e.obj() is v and e.is_home(v):
                     items.append((name, ARENA, e, key))
                     claimed.add(id(e))
-                elif _movable(v) or id(v) in adopt:
+                elif _movable(v, live):
                     if e is not None and e.fits(v) and id(e) not in claimed:
                         old = e.obj()
                         if old is not None and old is not v:
@@ -334,8 +318,8 @@ class Tracker:
         for e, key, t in moves:
             if e is None:
                 extra[t.device] = Arena.plan(t, extra.get(t.device, 0))
-        if extra:
-            self._budget(extra)
+        if self._budget is not None and self._budget.max_bytes is not None:
+            self._budget.admit(self._slot_bytes(extra, items_per, pinned_params))
         target = {dev: self._open_arena(dev, n) for dev, n in extra.items()}
 
         if moves or evict:
@@ -365,6 +349,19 @@ class Tracker:
             new = old  # unchanged: keep the object so snapshots sharing it restore without reconciliation
         self._adopt(new)
         self.pinned_params = pinned_params
+
+    def _slot_bytes(self, extra: dict[torch.device, int], items_per: list, pinned_params: list) -> int:
+        """Bytes one snapshot of the state being bound will hold (see :mod:`.budget`)."""
+        arena = sum(a.used for a in self.arenas.values()) + sum(extra.values())
+        loose = sum(local(t).numel() * t.element_size() for _, t in pinned_params)
+        for c, items in items_per:
+            for name, kind, ref, key in items:
+                if kind == PINNED:
+                    loose += local(ref).numel() * ref.element_size()
+                elif kind == MISC:
+                    loose += value_nbytes(c[name])
+        params = sum(local(p).numel() * p.element_size() for p in self.params)
+        return self._budget.slot_bytes(arena, loose, params)
 
     def _adopt(self, s: Structure) -> None:
         """Make ``s`` the live structure: container-held tensors are referenced weakly, removed ones are parked."""
