@@ -106,6 +106,17 @@ class SpikeDetector:
         return {"window": self.window, "threshold": self.threshold, "warmup": self.warmup, "min_rel": self.min_rel,
                 "method": self.method, "alpha": self.alpha}  # fmt: skip
 
+    def stats(self) -> dict[str, Any]:
+        """The statistics alone (window of values, count, EMA mean and variance): what an undo restores, since a
+        guard has its Rewind record them at every undo point."""
+        return {"values": list(self.values), "count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_stats(self, stats: dict[str, Any]) -> None:
+        """Restore :meth:`stats` (as recorded, unchecked; :meth:`load_state_dict` checks a saved state first)."""
+        self.values = deque(stats["values"], maxlen=self.window)
+        self.count, self.mean, self.var = stats["count"], stats["mean"], stats["var"]
+        self._cached = None
+
     def state_dict(self) -> dict[str, Any]:
         """The statistics (window of values, count, EMA mean and variance) and the settings, as plain data.
 
@@ -114,8 +125,7 @@ class SpikeDetector:
             torch.save(det.state_dict(), "det.pt")
             det2 = SpikeDetector(); det2.load_state_dict(torch.load("det.pt"))
         """
-        return {**header(self, self.settings()), "values": list(self.values), "count": self.count,
-                "mean": self.mean, "var": self.var}  # fmt: skip
+        return {**header(self, self.settings()), **self.stats()}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Restore :meth:`state_dict`. ``strict``: the settings must equal this detector's (a window of another size
@@ -132,9 +142,7 @@ class SpikeDetector:
         # mean/var may have overflowed to inf on absurd values: any float is a state update() can produce
         mean = float(check_type("mean", sd["mean"], (int, float), who, "a number"))
         var = float(check_type("var", sd["var"], (int, float), who, "a number"))
-        self.values = deque((float(v) for v in values), maxlen=self.window)
-        self.count, self.mean, self.var = count, mean, var
-        self._cached = None
+        self.load_stats({"values": [float(v) for v in values], "count": count, "mean": mean, "var": var})
 
 
 def _median(xs: list[float]) -> float:

@@ -52,7 +52,7 @@ class Decision:
 
     @classmethod
     def apply(cls, reason: str = "") -> Decision:
-        return cls("apply", reason)
+        return _APPLY if not reason and cls is Decision else cls("apply", reason)
 
     @classmethod
     def skip(cls, reason: str) -> Decision:
@@ -61,6 +61,9 @@ class Decision:
     @classmethod
     def roll_back(cls, reason: str, steps: int, skip_batches: int = 0) -> Decision:
         return cls("roll_back", reason, steps, skip_batches)
+
+
+_APPLY = Decision("apply")  # the common case, allocated once
 
 
 class Guard:

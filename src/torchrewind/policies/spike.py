@@ -179,9 +179,9 @@ class _TrackedDetectors:
         self.loss, self.grad = guard.detector, guard.grad_detector
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss.state_dict(), "grad": self.grad.state_dict() if self.grad else None}
+        return {"loss": self.loss.stats(), "grad": self.grad.stats() if self.grad else None}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.loss.load_state_dict(sd["loss"], strict=False)
+        self.loss.load_stats(sd["loss"])
         if self.grad is not None and sd["grad"] is not None:
-            self.grad.load_state_dict(sd["grad"], strict=False)
+            self.grad.load_stats(sd["grad"])
