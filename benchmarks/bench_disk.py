@@ -1,29 +1,45 @@
 #!/usr/bin/env python
-"""The disk tier on a ~100M-parameter model with Adam: save stall, save time, and a 100-step rollback from disk.
+"""The disk tier against what users would pick instead: training stall, training time lost, time to durable, and a
+restore from a cold page cache, all in one run.
 
 Usage::
 
-    python benchmarks/bench_disk.py            # ~100M params (1.2 GB of state), a few minutes, ~8 GB RAM
-    python benchmarks/bench_disk.py --quick    # ~10M params
+    python benchmarks/bench_disk.py                 # ~100M params + Adam (1.2 GB per checkpoint), ~8 GB RAM
+    python benchmarks/bench_disk.py --params 25e6   # smaller
+    python benchmarks/bench_disk.py --quick         # ~5M params, smoke run
     python benchmarks/bench_disk.py --json out.json
 
-A stack of Linear layers (no forward needed: gradients are set at random and ``Adam.step()`` runs) trains under
-``Rewind(tiers=Tiers(device=1, disk=DiskCheckpoints(every=50)))`` for 150 steps, so checkpoints exist at steps 0, 50,
-100, 150. Reported, in one run: the training stall of an asynchronous save (time until ``save`` returns: the
-tensors are copied to host memory), the time until the checkpoint is complete on disk, the bytes on disk, and
-``rw.rollback_to(step - 100)`` (checksums + DCP load + ``load_state_dict`` + re-binding the state), checked bitwise
-against the state recorded at that step. Baseline in the same run: ``torch.save`` of the same state tree and
-``torch.load(weights_only=True)`` + ``load_state_dict``.
+A stack of Linear layers trains with Adam on fixed random gradients (the step is memory-bound, like a real one's
+optimizer phase). In each round every method saves the same state once, interleaved, then restores it:
+
+* ``torch.save`` of ``{"model": sd, "optimizer": opt_sd}`` + fsync; restore: ``torch.load(weights_only=True)`` +
+  ``load_state_dict``;
+* safetensors ``save_file`` of the flattened tensors + fsync; restore: ``load_file`` + ``load_state_dict``;
+* torch.distributed.checkpoint ``save`` and ``async_save`` (one ``DefaultStager`` reused across saves, so its staging
+  buffers are cached; files fsynced by DCP); restore: ``dcp.load`` in place;
+* torchrewind ``DiskCheckpoints`` (async; fsync, atomic rename, block checksums), saving from ``rw.snapshot()``
+  (its stall is the disk tier's ``save`` call; the device ring's own snapshot is not counted); restore:
+  ``rw.rollback_to(step)`` (checksums verified, state loaded in place, device history restarted: one more ring
+  snapshot), checked bit for bit.
+
+Reported, medians over rounds, in seconds: **stall** (until the save call returns), **training time lost** (the
+stall plus how much longer the training steps that ran while the background write was going took than steps without
+one, measured in the same round), **durable** (until the files are fsynced), **restore** after dropping the files
+from the page cache (``posix_fadvise(DONTNEED)``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import sys
 import tempfile
+import threading
 import time
+import warnings
 
 import torch
 
@@ -32,80 +48,241 @@ from torchrewind import DiskCheckpoints, Rewind, Tiers
 perf = time.perf_counter
 
 
+def drop_cache(path: str) -> None:
+    """Evict a checkpoint's files from the page cache (they are fsynced, so the pages are clean)."""
+    for root, _, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [path])]:
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def wait_done(done, finished: list) -> None:
+    """Poll a background save every millisecond and note when it is durable (not at the end of a training step)."""
+    while not done():
+        time.sleep(0.001)
+    finished[0] = perf()
+
+
+def flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v
+    return out
+
+
+def load_flat(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    sd = opt.state_dict()
+    for i, st in sd["state"].items():
+        for k in st:
+            st[k] = tensors[f"opt.{i}.{k}"]
+    opt.load_state_dict(sd)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--params", type=float, default=None, help="parameters (default 100e6; --quick: 5e6)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick: 1)")
+    ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
-    width, layers = (1120, 8) if args.quick else (3536, 8)  # 8 x 3536^2 = 100M params
-    steps, every = (30, 10) if args.quick else (150, 50)
-    back = every * 2
+    params = args.params or (5e6 if args.quick else 100e6)
+    rounds = args.rounds or (1 if args.quick else 3)
+    layers = 8
+    width = int((params / layers) ** 0.5)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    root = tempfile.mkdtemp(prefix="torchrewind-bench-")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3  # fixed gradients: the benchmark is about the state, not the model
+    root = tempfile.mkdtemp(prefix="torchrewind-bench-", dir=args.dir)
+    results: dict = {}
     try:
-        ck = DiskCheckpoints(f"{root}/ckpt", every=every, keep_last=10)
-        rw = Rewind(model, opt, tiers=Tiers(device=1, disk=ck))
-        saves: list[tuple[float, float]] = []
-        real_save = ck.save
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        def timed_save(step: int, tree: object) -> None:
+        ck = DiskCheckpoints(f"{root}/torchrewind", every=1, keep_last=2)
+        rw = Rewind(model, opt, tiers=Tiers(device=1, disk=ck), auto=False, redo=False)
+        opt.step()  # Adam's state exists from here on
+        stager = DefaultStager(StagingOptions(False, False, False, False))
+
+        def steps(k: int) -> list[float]:
+            out = []
+            for _ in range(k):
+                t0 = perf()
+                opt.step()
+                out.append(perf() - t0)
+            return out
+
+        def state() -> dict:
+            return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+        # each method: save() -> (a "done?" callable or None when blocking), restore(); all write fresh files
+        def m_torch_save(i):
+            path = f"{root}/torch-{i}.pt"
+            torch.save(state(), path)
+            fsync_file(path)
+            return None, path, lambda: load_torch(path)
+
+        def load_torch(path):
+            sd = torch.load(path, weights_only=True)
+            model.load_state_dict(sd["model"])
+            opt.load_state_dict(sd["optimizer"])
+
+        def m_safetensors(i):
+            from safetensors.torch import load_file, save_file
+
+            path = f"{root}/st-{i}.safetensors"
+            save_file(flat(model, opt), path)
+            fsync_file(path)
+            return None, path, lambda: load_flat(model, opt, load_file(path))
+
+        def m_dcp(i):
+            path = f"{root}/dcp-{i}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.save(state(), checkpoint_id=path, no_dist=True)
+            return None, path, lambda: load_dcp(path)
+
+        def load_dcp(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(state(), checkpoint_id=path, no_dist=True)  # in place, into the live tensors
+
+        def m_dcp_async(i):
+            path = f"{root}/dcpa-{i}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = dcp.async_save(state(), checkpoint_id=path, async_stager=stager, no_dist=True)
+            fut = getattr(r, "upload_completion", r)
+            return fut.done, path, lambda: load_dcp(path)
+
+        recorded = {}
+
+        def record() -> int:
+            rw.snapshot()  # DiskCheckpoints(every=1): saves this step in the background
+            return rw.step
+
+        def reference() -> None:  # the state the next save holds (cloned before the timed save)
+            recorded[rw.step] = {k: v.clone() for k, v in flat(model, opt).items()}
+
+        reference()
+        prev = [record()]
+        ck.wait()
+
+        real_save, save_time = ck.save, [0.0]
+
+        def timed_save(step: int, tree: object) -> None:  # the disk tier's own stall (the ring snapshot is not)
             t0 = perf()
             real_save(step, tree)
-            stall = perf() - t0
-            ck.wait()
-            saves.append((stall, perf() - t0))
+            save_time[0] = perf() - t0
 
         ck.save = timed_save  # type: ignore[method-assign]
-        recorded = {}
-        target = steps - back
-        for p in model.parameters():
-            p.grad = torch.randn_like(p)  # fixed gradients: the benchmark is about the state, not the model
-        for i in range(steps + 1):
-            if i == target:
-                recorded = {k: v.clone() for k, v in model.state_dict().items()}
-                recorded["exp_avg"] = opt.state[next(iter(model.parameters()))]["exp_avg"].clone()
-            opt.step()
-        ck.save = real_save  # type: ignore[method-assign]
-        disk_bytes = sum(f.stat().st_size for f in ck._path(ck.steps()[-1]).iterdir())  # the newest checkpoint
-        t0 = perf()
-        got = rw.rollback_to(target)
-        t_rollback = perf() - t0
-        exact = all(torch.equal(v, model.state_dict()[k]) for k, v in recorded.items() if k != "exp_avg")
-        exact = exact and torch.equal(recorded["exp_avg"], opt.state[next(iter(model.parameters()))]["exp_avg"])
-        # baseline: torch.save / torch.load(weights_only=True) of the same tree
-        tree = rw._state_tree()
-        t0 = perf()
-        torch.save(tree, f"{root}/plain.pt")
-        t_plain_save = perf() - t0
-        t0 = perf()
-        loaded = torch.load(f"{root}/plain.pt", weights_only=True)
-        model.load_state_dict(loaded["model"][0])
-        opt.load_state_dict(loaded["optimizer"])
-        t_plain_load = perf() - t0
+
+        def m_torchrewind(i):
+            # restore the previous round's checkpoint (same size): the device ring holds only the newest point
+            step, back = record(), prev[0]
+            prev[0] = step
+            return (lambda: not ck.saving), ck.path(back), lambda: rewind_to(back)
+
+        def rewind_to(step):
+            ck.wait()
+            got = rw.rollback_to(step)
+            assert got == step, got
+            prev[0] = step
+
+        methods = {"torch.save + fsync": m_torch_save, "safetensors save_file + fsync": m_safetensors,
+                   "DCP save": m_dcp, "DCP async_save, stager reused": m_dcp_async,
+                   "torchrewind DiskCheckpoints": m_torchrewind}  # fmt: skip
+        try:
+            import safetensors  # noqa: F401
+        except ImportError:
+            print("- skipped safetensors: pip install safetensors")
+            del methods["safetensors save_file + fsync"]
+        rows = {name: {"stall": [], "lost": [], "durable": [], "restore": []} for name in methods}
+        exact = True
+        base = statistics.median(steps(5))
+        for r in range(rounds):
+            for name, save in methods.items():
+                base = statistics.median(steps(3) + [base])  # a fresh baseline next to each save
+                if name.startswith("torchrewind"):
+                    reference()
+                t0 = perf()
+                done, path, restore = save(f"{r}")
+                stall = perf() - t0
+                if name.startswith("torchrewind"):
+                    t0 += stall - save_time[0]  # count from the disk tier's save call, not the ring snapshot
+                    stall = save_time[0]
+                during = []
+                finished = [perf()]
+                if done is not None:
+                    watch = threading.Thread(target=wait_done, args=(done, finished))
+                    watch.start()
+                    while watch.is_alive():
+                        during += steps(1)
+                    watch.join()
+                    if name.startswith("torchrewind"):
+                        ck.wait()
+                durable = finished[0] - t0
+                lost = stall + sum(during) - base * len(during)
+                drop_cache(str(path))
+                t0 = perf()
+                restore()
+                t_restore = perf() - t0
+                if name.startswith("torchrewind"):
+                    exact = exact and all(torch.equal(v, recorded[rw.step][k]) for k, v in flat(model, opt).items())
+                row = rows[name]
+                row["stall"].append(stall)
+                row["lost"].append(max(lost, stall))
+                row["durable"].append(durable)
+                row["restore"].append(t_restore)
+                if not name.startswith("torchrewind"):
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        nbytes = sum(t.numel() * t.element_size() for t in flat(model, opt).values())
         rw.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    stall = sorted(s for s, _ in saves)[len(saves) // 2]
-    total = sorted(t for _, t in saves)[len(saves) // 2]
     print(f"# torchrewind disk benchmark{' (quick)' if args.quick else ''}: torch {torch.__version__}")
     print()
-    print(f"{n / 1e6:.0f}M parameters + Adam state: {disk_bytes / 1e9:.2f} GB per checkpoint on "
-          f"disk ({len(saves)} saves, every {every} steps; medians).")  # fmt: skip
+    print(f"{n / 1e6:.0f}M parameters + Adam state ({nbytes / 1e9:.2f} GB per checkpoint); Adam step without a save "
+          f"{base * 1e3:.0f} ms; {rounds} round(s), medians, seconds:")  # fmt: skip
     print()
-    print("| operation | torchrewind disk tier | baseline: torch.save / torch.load(weights_only=True) |")
-    print("|---|---|---|")
-    print(f"| save: training stall (async) | {stall:.2f} s | {t_plain_save:.2f} s (blocking) |")
-    print(f"| save: complete on disk (checksummed, atomic) | {total:.2f} s | |")
-    print(f"| rollback {steps} -> {target} (got {got}): restore, verified | {t_rollback:.2f} s "
-          f"({'bitwise exact' if exact else 'NOT EXACT'}) | {t_plain_load:.2f} s (load + load_state_dict) |")  # fmt: skip
+    print("| method | stall | training time lost | durable | restore, cold cache | vs torchrewind (lost / durable / "
+          "restore) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
+    ours = med["torchrewind DiskCheckpoints"]
+    for name, m in med.items():
+        print(f"| {name} | {m['stall']:.2f} | {m['lost']:.2f} | {m['durable']:.2f} | {m['restore']:.2f} | "
+              f"{m['lost'] / ours['lost']:.2f} / {m['durable'] / ours['durable']:.2f} / "
+              f"{m['restore'] / ours['restore']:.2f} |")  # fmt: skip
+        results[name] = m
+    print()
+    print(f"- rollback from disk (torchrewind restore): {'bitwise exact' if exact else 'NOT EXACT'}")
+    if "safetensors save_file + fsync" in med:
+        st = med["safetensors save_file + fsync"]
+        for what, a, b in (("training time lost", ours["lost"], st["stall"]), ("durable", ours["durable"], st["durable"]),
+                           ("restore", ours["restore"], st["restore"])):  # fmt: skip
+            print(f"- {'PASS' if a <= b else 'MISS'}: torchrewind {what} {a:.2f} s vs safetensors {b:.2f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"params": n, "disk_bytes": disk_bytes, "stall_s": stall, "save_s": total,
-                       "rollback_s": t_rollback, "exact": exact, "plain_save_s": t_plain_save,
-                       "plain_load_s": t_plain_load, "got": got}, f, indent=1)  # fmt: skip
+            json.dump({"params": n, "bytes": nbytes, "rows": results, "rollback_s": ours["restore"], "exact": exact,
+                       "rounds": rounds}, f, indent=1)  # fmt: skip
     return 0 if exact else 1
 
 

@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-pytest.importorskip("zstandard")
+pytest.importorskip("blosc2")
 pytest.importorskip("numpy")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -123,6 +123,51 @@ def test_bad_device_level_and_missing_library(monkeypatch):
         encode(torch.zeros(8), torch.zeros(8, device="meta"))  # any non-CPU device, as a CUDA ref would be
     with pytest.raises(RewindError, match="level must be"):
         encode(torch.zeros(8), level=99)
-    monkeypatch.setitem(__import__("sys").modules, "zstandard", None)
+    monkeypatch.setitem(__import__("sys").modules, "blosc2", None)
     with pytest.raises(RewindError, match=r"pip install 'torchrewind\[delta\]'"):
         encode(torch.zeros(8))
+
+
+def test_segments_threads_and_chunks():
+    """Mixed element sizes (bf16 weights, fp32 moments, a stray odd tail), buffers larger than a chunk, several
+    threads: still bitwise, and bf16 coded as bf16 compresses better than as fp32."""
+    from torchrewind.tiers.codec import CHUNK
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(CHUNK, generator=g).to(torch.bfloat16)  # 2 MiB: two chunks
+    m = torch.randn(300_001, generator=g)
+    data = torch.cat([w.view(torch.uint8), m.view(torch.uint8), torch.tensor([1, 2, 3], dtype=torch.uint8)])
+    w2 = (w.float() + 1e-3 * torch.randn(w.shape, generator=g)).to(torch.bfloat16)
+    m2 = m + 1e-4 * torch.randn(m.shape, generator=g)
+    ref = torch.cat([w2.view(torch.uint8), m2.view(torch.uint8)])  # 3 bytes shorter than data
+    segs = [(w.numel() * 2, 2), (m.numel() * 4 + 3, 4)]
+    for threads in (1, 3):
+        enc = encode(data, ref, segments=segs, threads=threads)
+        assert len(enc.chunks) >= 4 and {c.itemsize for c in enc.chunks} == {1, 2, 4}
+        assert torch.equal(decode(enc, ref, threads=threads), data)
+    as_fp32 = encode(data, ref, itemsize=4)
+    assert torch.equal(decode(as_fp32, ref), data)
+    assert enc.nbytes < 0.9 * as_fp32.nbytes
+
+
+def test_serialized_format_is_versioned_and_checked():
+    from torchrewind.tiers.codec import FORMAT, from_bytes
+
+    a = torch.randn(50_000)
+    b = a + 1e-3 * torch.randn(50_000)
+    blob = encode(b, a).to_bytes()
+    assert torch.equal(decode(from_bytes(blob), a), b)
+    old = bytearray(blob)
+    old[4:6] = (FORMAT - 1).to_bytes(2, "little")  # what torchrewind 0.1 would have been
+    with pytest.raises(RewindError, match=f"format version {FORMAT - 1}.*another torchrewind version"):
+        from_bytes(bytes(old))
+    for cut in (3, 30, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(RewindError, match="truncated or corrupt"):
+            from_bytes(blob[:cut])
+    with pytest.raises(RewindError, match="truncated or corrupt"):
+        from_bytes(b"XXXX" + blob[4:])
+    bad = bytearray(blob)
+    bad[-100] ^= 0x10  # inside the compressed data: the CRC catches it, nothing decodes to wrong bits
+    out = torch.full_like(b, 7.0)
+    with pytest.raises(RewindError, match="fails its CRC check"):
+        decode(from_bytes(bytes(bad)), a, out=out)

@@ -58,7 +58,7 @@ def test_fsdp2_undo_is_bitwise_exact(opt):
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp", "ddp-shard"])
 def test_host_and_disk_tiers_roll_back_every_rank_to_the_same_step(wrap, tmp_path):
-    pytest.importorskip("zstandard")
+    pytest.importorskip("blosc2")
     import dist_workers
 
     spawn(dist_workers.tiers_rollback, wrap, str(tmp_path))

@@ -23,8 +23,9 @@ from .core.overlap import OverlappedRecorder
 from .core.ring import Ring
 from .core.rng import RNGState
 from .core.snapshot import Recorder, Slot
+from .tiers.state import apply_tree, check_tree, state_tree
 from .core.tracker import Tracker, iter_modules
-from .distributed import all_min, like, local, resolve_group
+from .distributed import resolve_group
 from .errors import RewindError, RewindTypeError, RewindValueError
 from .tiers import Tiers
 
@@ -385,7 +386,9 @@ class Rewind:
         """Restore the newest recorded state at or before optimizer step ``step`` (see :attr:`step`), from
         whichever tier holds it (device ring, host archive, disk), and return the step it has.
 
-        A restore from the host or disk tier starts a fresh device history there (nothing to undo or redo).
+        A restore from the host or disk tier starts a fresh device history there (nothing to undo or redo). In a
+        fresh process on a ``DiskCheckpoints(resume=True)`` directory it goes forward to the earlier run's checkpoints:
+        ``rw.rollback_to(ck.latest or 0)`` resumes after a crash, and :attr:`step` continues from there.
 
         Example::
 
@@ -395,45 +398,18 @@ class Rewind:
         check_int("step", step, None, "rollback_to")
         self._refuse_in_step("rollback_to()")
         self._settle()
-        if step >= self._step:
-            return self._step  # the live state already is the newest state at or before step
-        host, disk = self.tiers.host, self.tiers.disk
-        held = self._ring_points()
-        if disk is not None:
-            disk.wait()
-
-        def newest(limit: int) -> tuple[list, Any, int | None, int | None]:
-            ring = [(s, p) for s, p in held if s <= limit]
-            rec = host.latest_at_or_before(limit) if host is not None else None
-            on_disk = disk.latest_at_or_before(limit) if disk is not None else None
-            got = [s for s, _ in ring] + ([rec.step] if rec else []) + ([on_disk] if on_disk is not None else [])
-            return ring, rec, on_disk, max(got, default=None)
-
-        ring, rec, on_disk, best = newest(step)
-        if self.group is not None:
-            # Every rank must land on the same step (a save can have completed on one rank and not on another):
-            # take the minimum of the ranks' newest steps and retry at or before it until all ranks hold the same.
-            while True:
-                lo, neg_hi = all_min(self.group, [-1 if best is None else best, -(-1 if best is None else best)])
-                if lo == -neg_hi:
-                    break
-                ring, rec, on_disk, best = newest(int(lo)) if lo >= 0 else ([], None, None, None)
-        if best is None:
-            raise RewindError(
-                f"rollback_to({step}): no recorded state at or before step {step}; steps held: {self.held_steps()}. "
-                "Keep a deeper "
-                "history (Tiers(host=HostArchive(keep=...), disk=DiskCheckpoints(...)))."
-            )
-        if ring and max(ring)[0] == best:
-            self._goto(max(ring)[1])
-        elif rec is not None and rec.step == best:
+        found = self.tiers.find(step, self._ring_points(), self._step, self.group, self.held_steps)
+        if found.source == "ring":
+            self._goto(found.handle)
+        elif found.source == "host":
             devices = {k: a.device for k, a in self._tracker.arenas.items()}
-            self._recorder.restore(host.materialize(rec, devices))
-            self._restart_history(best)
-        else:
-            self._apply_tree(disk.load(best))
-            self._restart_history(best)
-        return best
+            self._recorder.restore(self.tiers.host.materialize(found.handle, devices))
+            self._restart_history(found.step)
+        elif found.source == "disk":
+            self._apply_tree(self.tiers.disk.load(found.step, reuse_buffer=True))
+            self.tiers.disk.loaded(found.step)  # from here on this run owns the directory's history
+            self._restart_history(found.step)
+        return found.step
 
     def held_steps(self) -> dict[str, list[int]]:
         """The steps (see :attr:`step`) of the recorded points each tier holds, ascending: what :meth:`rollback_to`
@@ -465,101 +441,18 @@ class Rewind:
 
     def _to_lower_tiers(self, slot: Slot) -> None:
         """A point was recorded in the ring: copy it to the host and disk tiers when they want it."""
-        host, disk = self.tiers.host, self.tiers.disk
-        if host is not None:
-            host.drop_after(slot.step)  # records of an undone branch are no longer reachable
-            if host.due(slot.step) and (not host.records or host.records[-1].step != slot.step):
-                self._recorder.wait_for_host(slot)
-                host.add(slot)
-        if disk is not None:
-            disk.discard_after(slot.step)
-            if disk.due(slot.step) and slot.step not in disk.steps():
-                disk.save(slot.step, self._state_tree())
+        self.tiers.record(slot, self._tracker.arenas, self._recorder.wait_for_host, self._state_tree)
 
     def _state_tree(self) -> dict[str, Any]:
         """The live state as plain state_dicts (what the disk tier writes and loads into)."""
-        rng = self._recorder.rng.capture() if self._recorder.rng.active else {}
-        if "numpy" in rng:
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            rng["numpy"] = (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)
-        return {
-            "model": [m.state_dict() for m in self._modules],
-            "optimizer": self.optimizer.state_dict(),
-            "objects": [o.state_dict() for o in self._recorder.objects],
-            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
-            "rng": rng,
-            "group_keys": [list(g) for g in self.optimizer.param_groups],
-        }
+        r = self._recorder
+        return state_tree(self._modules, self.optimizer, r.objects, self._scaler, r.rng)
 
     def _apply_tree(self, tree: dict[str, Any]) -> None:
-        for m, sd in zip(self._modules, tree["model"]):
-            live = m.state_dict()  # FSDP2: DTensors; the checkpoint holds this rank's shards as plain tensors
-            m.load_state_dict({k: like(live[k], v) if k in live else v for k, v in sd.items()})
-        if not self._load_optimizer_in_place(tree["optimizer"]):
-            self.optimizer.load_state_dict(tree["optimizer"])
-        for g, saved in zip(self.optimizer.param_groups, tree["group_keys"]):
-            order = [k for k in saved if k in g] + [k for k in g if k not in saved]
-            if list(g) != order:  # load_state_dict moves "params" last: put the keys back in their recorded order
-                items = [(k, g[k]) for k in order]
-                g.clear()
-                g.update(items)
-        for o, sd in zip(self._recorder.objects, tree["objects"]):
-            o.load_state_dict(sd)
-        if self._scaler is not None and tree["scaler"] is not None:
-            self._scaler.load_state_dict(tree["scaler"])
-        rng = dict(tree["rng"])
-        if "numpy" in rng:
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            rng["numpy"] = (kind, keys.numpy(), pos, has_gauss, gauss)
-        if "python" in rng:
-            version, state, gauss = rng["python"]
-            rng["python"] = (version, tuple(state), gauss)
-        self._recorder.rng.restore(rng)
+        r = self._recorder
+        check_tree(tree, self._modules, self.optimizer, r.objects)  # before anything changes
+        apply_tree(tree, self._modules, self.optimizer, r.objects, self._scaler, r.rng)
         self._tracker.ensure()  # bind whatever load_state_dict replaced
-
-    def _load_optimizer_in_place(self, sd: dict[str, Any]) -> bool:
-        """Write a state_dict of this optimizer into its existing state tensors (they stay in the arena: no
-        re-binding, no copies of the replaced ones). False, changing nothing, if the layout differs."""
-        opt = self.optimizer
-        groups = opt.param_groups
-        if len(groups) != len(sd["param_groups"]) or any(
-            len(g["params"]) != len(sg["params"]) for g, sg in zip(groups, sd["param_groups"])
-        ):
-            return False
-        by_id = {i: p for g, sg in zip(groups, sd["param_groups"]) for i, p in zip(sg["params"], g["params"])}
-        want = {by_id[i]: st for i, st in sd["state"].items()}
-        for p, saved in want.items():
-            live = opt.state.get(p, {})
-            for k, v in saved.items():
-                t = live.get(k)
-                t = local(t) if isinstance(t, torch.Tensor) else t  # FSDP2: compare with this rank's shard
-                if isinstance(v, torch.Tensor) and not (
-                    isinstance(t, torch.Tensor) and t.shape == v.shape and t.dtype == v.dtype
-                ):
-                    return False  # needs a new tensor (on the right device): load_state_dict's job
-        with torch.no_grad():
-            for p in [p for p in opt.state if p not in want]:
-                del opt.state[p]
-            for p, saved in want.items():
-                live = opt.state[p]
-                for k in [k for k in live if k not in saved]:
-                    del live[k]
-                for k, v in saved.items():
-                    if isinstance(v, torch.Tensor):
-                        local(live[k]).copy_(v)
-                    else:
-                        live[k] = v
-            for g, sg in zip(groups, sd["param_groups"]):
-                for k in [k for k in g if k != "params" and k not in sg]:
-                    del g[k]
-                for k, v in sg.items():
-                    if k == "params":
-                        continue
-                    if isinstance(g.get(k), torch.Tensor) and isinstance(v, torch.Tensor):
-                        g[k].copy_(v)
-                    else:
-                        g[k] = v
-        return True
 
     @property
     def nbytes_by_tier(self) -> dict[str, int]:

@@ -62,3 +62,34 @@ class RNGState:
             np.random.set_state(saved["numpy"])
         for g, s in zip(self.generators, saved.get("generators", ())):
             g.set_state(s)
+
+
+def rng_to_tree(saved: dict[str, Any]) -> dict[str, Any]:
+    """A captured RNG state as plain tensors, numbers and tuples (what a checkpoint file can hold): NumPy's key
+    array becomes an int64 tensor."""
+    out = dict(saved)
+    if "numpy" in out:
+        kind, keys, pos, has_gauss, gauss = out["numpy"]
+        out["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+    return out
+
+
+def rng_from_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`rng_to_tree`, ready for :meth:`RNGState.restore`. Generator states are cloned: they
+    may be views into a larger buffer, which ``set_rng_state``/``set_state`` do not accept."""
+    out = dict(tree)
+    if "cpu" in out:
+        out["cpu"] = out["cpu"].clone()
+    if "cuda" in out:
+        out["cuda"] = [s.clone() for s in out["cuda"]]
+    if "generators" in out:
+        out["generators"] = [s.clone() for s in out["generators"]]
+    if "numpy" in out:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = out["numpy"]
+        out["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    if "python" in out:
+        version, state, gauss = out["python"]
+        out["python"] = (version, tuple(state), gauss)
+    return out

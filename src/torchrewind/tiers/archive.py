@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..errors import RewindError
+from .._checks import check_bool, check_int, check_optional_int
+from ..errors import RewindError, RewindValueError
 from ..core.snapshot import Slot
-from ..core.values import copy_value
 
 
 @dataclass
@@ -30,6 +30,7 @@ class _Record:
     raw: dict[tuple, torch.Tensor] | None  # CPU int64 words (newest record, or compress=False)
     enc: dict[tuple, Any] = field(default_factory=dict)  # codec.Encoded per arena key (older records)
     rest: Slot = field(default_factory=Slot)  # everything but the arena words, copied
+    segments: dict = field(default_factory=dict)  # per arena key: element-size runs, for the codec
 
     @property
     def nbytes(self) -> int:
@@ -41,18 +42,47 @@ class _Record:
         return n
 
 
-def _check_int(name: str, v: Any, lo: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise RewindError(f"HostArchive: {name} must be an int >= {lo}, got {v!r}.")
-    return v
+Segments = tuple[tuple[int, int], ...]  # (nbytes, itemsize) runs covering an arena's used bytes
+
+_SMALL = 4096  # runs shorter than this (Adam's scalar `step` tensors, padding) join their neighbour
+
+
+def arena_segments(arenas: dict, slot: Any) -> dict[tuple, Segments]:
+    """Per arena key, which byte runs hold elements of which width (bf16 weights: 2, fp32 moments: 4, ...), so the
+    codec differences and shuffles each part with its own element size. Arenas a slot keeps only part of
+    (``shard=True``) are left out: the codec's default element size applies there."""
+    out = {}
+    for k, a in arenas.items():
+        v = slot.views.get(k)
+        if v is None or v.numel() * 8 != a.used:
+            continue
+        out[k] = _segments(a)
+    return out
+
+
+def _segments(arena: Any) -> Segments:
+    runs: list[list[int]] = []  # [start, itemsize]
+    for e in sorted(arena.entries, key=lambda e: e.offset):
+        k = e.dtype.itemsize if e.dtype.itemsize in (1, 2, 4, 8) else 1
+        if e.nbytes < _SMALL or (runs and runs[-1][1] == k):
+            continue  # stays in the run before it
+        runs.append([e.offset, k])
+    if not runs:
+        return ((arena.used, 4),)
+    runs[0][0] = 0
+    ends = [r[0] for r in runs[1:]] + [arena.used]
+    return tuple((end - start, k) for (start, k), end in zip(runs, ends) if end > start)
 
 
 class HostArchive:
     """Keep every ``every``-th undo point of the last ``keep`` in host RAM (compressed with ``compress=True``).
 
+    Compression runs in a background thread, its chunks on ``threads`` threads (default: half the cores, at most
+    8); ``itemsize`` is the element size assumed where the arena's layout is unknown.
+
     Example::
 
-        rw = Rewind(model, opt, capacity=2, archive=HostArchive(keep=64, every=4))
+        rw = Rewind(model, opt, tiers=Tiers(device=2, host=HostArchive(keep=64, every=4)))
         ...
         rw.rollback_to(step=120)        # newest point at or before step 120 in any tier
     """
@@ -66,17 +96,27 @@ class HostArchive:
         keyframe: int = 8,
         max_bytes: int | None = None,
         itemsize: int = 4,
+        threads: int | None = None,
     ) -> None:
-        self.keep = _check_int("keep", keep, 1)
-        self.every = _check_int("every", every, 1)
-        self.keyframe = _check_int("keyframe", keyframe, 1)
-        if max_bytes is not None:
-            _check_int("max_bytes", max_bytes, 0)
-        self.max_bytes = max_bytes
-        self.compress = bool(compress)
-        self.itemsize = itemsize
+        who = "HostArchive"
+        self.keep = check_int("keep", keep, 1, who)
+        self.every = check_int("every", every, 1, who)
+        self.keyframe = check_int("keyframe", keyframe, 1, who)
+        self.max_bytes = check_optional_int("max_bytes", max_bytes, 0, who)
+        self.compress = check_bool("compress", compress, who)
+        check_int("itemsize", itemsize, 1, who)
+        if itemsize not in (1, 2, 4, 8):
+            raise RewindValueError(f"HostArchive: itemsize must be 1, 2, 4 or 8, got {itemsize}.")
+        self.itemsize = itemsize  # element size where the arena layout is unknown
+        check_optional_int("threads", threads, 1, who)
+        self.threads = threads
         if self.compress:
-            from . import codec  # noqa: F401  (fail now, with the codec's install hint, not at the first step)
+            from . import codec
+
+            codec._blosc2()  # fail now, with the install hint, not at the first step
+            if self.threads is None:
+                self.threads = codec.default_threads()
+        self.threads = self.threads or 1
         self.records: list[_Record] = []
         self._seq = 0
         # Compression runs in one worker thread (the codec releases the GIL), off the training loop's path.
@@ -133,20 +173,22 @@ class HostArchive:
                 self.records[-1].enc = {}
             self._recycle(gone)
 
-    def add(self, slot: Slot) -> None:
-        """Archive the recorded point in ``slot`` (call right after it was captured)."""
+    def add(self, slot: Slot, segments: dict[tuple, Segments] | None = None) -> None:
+        """Archive the recorded point in ``slot`` (call right after it was captured). ``segments``: per arena, its
+        element-size runs (:func:`arena_segments`), for a better compression ratio."""
         self.drop_after(slot.step - 1)
         if len(self._jobs) > 1:
             self.wait()  # compression falls behind: wait rather than pile up raw copies
         raw = {k: self._buffer(k, v).copy_(v) for k, v in slot.views.items() if k in slot.used}
-        rec = _Record(slot.step, self._seq, dict(slot.used), raw, rest=_copy_rest(slot))
+        rec = _Record(slot.step, self._seq, dict(slot.used), raw, rest=slot.copy_rest(to_cpu=True), segments=segments or {})
         self._seq += 1
         if self.compress and self.records and self.records[-1].raw is not None:
             prev = self.records[-1]
             ref = None if prev.seq % self.keyframe == 0 else raw
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchrewind-archive")
-            self._jobs.append((prev, self._worker.submit(_encode_all, prev.raw, ref, self.itemsize)))
+            job = self._worker.submit(_encode_all, prev.raw, ref, self.itemsize, prev.segments, self.threads)
+            self._jobs.append((prev, job))
         self.records.append(rec)
         while len(self.records) > self.keep or (
             self.max_bytes is not None and len(self.records) > 1 and self.nbytes > self.max_bytes
@@ -168,10 +210,10 @@ class HostArchive:
         from .codec import decode
 
         if rec.seq % self.keyframe == 0:
-            return {k: decode(e) for k, e in rec.enc.items()}
+            return {k: decode(e, threads=self.threads) for k, e in rec.enc.items()}
         if newer is None:
             newer = self._decode(i + 1)
-        return {k: decode(e, newer.get(k)) for k, e in rec.enc.items()}
+        return {k: decode(e, newer.get(k), threads=self.threads) for k, e in rec.enc.items()}
 
     def materialize(self, rec: _Record, devices: dict[tuple, torch.device]) -> Slot:
         """A slot holding ``rec``'s state, its words on the arenas' devices, ready for ``Recorder.restore``."""
@@ -184,7 +226,7 @@ class HostArchive:
         words = self._decode(j)
         for k in range(j - 1, i - 1, -1):
             words = self._decode(k, newer=words)
-        slot = copy_rest_into(Slot(), rec.rest)
+        slot = rec.rest.copy_rest()
         for k, w in words.items():
             dev = devices.get(k)
             if dev is None:
@@ -195,26 +237,12 @@ class HostArchive:
         return slot
 
 
-def _encode_all(raw: dict[tuple, torch.Tensor], ref: dict[tuple, torch.Tensor] | None, itemsize: int) -> dict:
+def _encode_all(
+    raw: dict[tuple, torch.Tensor], ref: dict[tuple, torch.Tensor] | None, itemsize: int, segments: dict, threads: int
+) -> dict:
     from .codec import encode
 
-    return {k: encode(w, None if ref is None else ref.get(k), itemsize=itemsize) for k, w in raw.items()}
-
-
-def _copy_rest(src: Slot) -> Slot:
-    """Everything of a slot but its arena words, copied (the ring reuses its slots' buffers in place)."""
-    return copy_rest_into(Slot(), src, to_cpu=True)
-
-
-def copy_rest_into(dst: Slot, src: Slot, to_cpu: bool = False) -> Slot:
-    dev = "cpu" if to_cpu else None
-    dst.structure = src.structure
-    dst.pinned = {k: t.detach().to(dev or t.device, copy=True) for k, t in src.pinned.items()}
-    dst.misc = copy_value(src.misc)
-    dst.groups = [(g, plist, ptuple, copy_value(hp)) for g, plist, ptuple, hp in src.groups]
-    dst.objects = copy_value(src.objects)
-    dst.scaler = copy_value(src.scaler)
-    dst.rng = copy_value(src.rng)
-    dst.grads = None if src.grads is None else [None if g is None else g.detach().clone() for g in src.grads]
-    dst.step = src.step
-    return dst
+    return {
+        k: encode(w, None if ref is None else ref.get(k), itemsize=itemsize, segments=segments.get(k), threads=threads)
+        for k, w in raw.items()
+    }

@@ -1,96 +1,178 @@
 """Bitwise-lossless compression of snapshot buffers as deltas against a neighbouring snapshot.
 
-Pipeline (encode; decode runs it backwards):
+Pipeline (encode; decode runs it backwards), per chunk of ~1 MiB:
 
-1. **XOR** with the reference snapshot's bytes (same layout, possibly shorter or longer: only the common prefix is
-   XOR-ed). Between two training steps most float bits do not change — the sign, the exponent and the top of the
-   mantissa — so the XOR is mostly zero bytes.
-2. **Byte-plane shuffle** with ``itemsize`` (4 for float32 state): byte ``j`` of every element goes to plane ``j``,
-   so the (near-)zero high bytes form long runs.
-3. **zstd** (``zstandard``, level 1 by default): fast, and well kept.
+1. **Integer difference + zigzag** against the reference snapshot's bytes, on unsigned integers as wide as the
+   elements (``itemsize``: 4 for float32, 2 for bf16/fp16, from the arena's layout when the caller gives one). Between
+   two training steps a float's bits change by a small integer (sign, exponent and the top of the mantissa stay), so
+   ``zigzag(new - old)`` has zero high bytes; unlike XOR, a carry into the next bit does not flip a run of bits.
+   Only the common prefix of the two buffers is differenced (the arena may have grown).
+2. **Byte shuffle + zstd level 1** by ``blosc2`` (byte ``j`` of every element in one stream, each stream compressed
+   on its own, incompressible streams stored raw). blosc2 releases the GIL, so chunks are coded by ``threads``
+   threads in parallel.
+3. A CRC-32 of every compressed chunk, checked before it is decoded: a corrupted or truncated buffer raises
+   :class:`RewindError` instead of decoding to wrong bits.
 
-XOR and the shuffle are integer array ops, so every bit pattern (NaN payloads, -0.0, denormals, any dtype) comes
-back exactly.
+Integer arithmetic on the raw bits: every bit pattern (NaN payloads, -0.0, denormals, any dtype) comes back exactly.
+:meth:`Encoded.to_bytes` serializes with a magic number and a format version; a buffer of another version is refused.
 
-Measured (``benchmarks/bench_delta.py`` histories: MLP 64-1024-1024-10 on digits, 100 steps after 200; each snapshot
-against its newer neighbour; one core, best of 3 CPU time, MB/s of uncompressed input, XOR included):
+Measured (``benchmarks/bench_delta.py --warmup 40 --snapshots 8``: 18 histories, MLP / Transformer / CNN, fp32 /
+bf16 / fp16, Adam and SGD, each snapshot coded against its newer neighbour; ratios, all bitwise lossless; four of
+the columns):
 
-=====================================  ==============  ==============
-pipeline                               Adam (13.5 MB)  SGD+mom (9 MB)
-=====================================  ==============  ==============
-XOR+planes, zstd -1/-1/1/1 (this)      1.66x, ~480     1.51x, ~470
-XOR+planes, zstd 1 on every plane      1.71x,  314     1.56x,  413
-XOR+planes, zstd -1 on every plane     1.58x,  531     1.46x,  570
-XOR+planes, lz4 block                  1.52x,  545     1.40x,  737
-XOR+planes, zlib 1                     1.66x,   46     1.52x,   51
-XOR, blosc2 zstd 1 + shuffle           1.71x,  460     1.56x,  435
-XOR, blosc2 lz4 5 + shuffle            1.49x,  862     1.38x,  848
-XOR, no shuffle, zstd 1                1.52x, ~360     1.41x, ~310
-planes, no XOR, zstd 1                 1.20x           1.17x
-=====================================  ==============  ==============
+====================================================  =========  =========  =========  =========
+pipeline                                              MLP fp32   MLP bf16   Trf fp32   Trf bf16
+                                                      Adam       Adam       Adam       Adam
+====================================================  =========  =========  =========  =========
+subtract+zigzag, blosc2 shuffle + zstd 1 (this)       1.51       3.11       1.42       2.53
+XOR, blosc2 shuffle + zstd 1                          1.45       2.72       1.39       2.28
+ZipNN delta (XOR)                                     1.43       2.53       1.37       2.18
+XOR, numpy planes, zstd -1 on low planes (format 1)   1.45       2.35       1.36       1.96
+zstd 1 on the raw bytes                               1.08       1.28       1.10       1.31
+====================================================  =========  =========  =========  =========
 
-Only zstd (or blosc2's zstd) keeps SGD at >= 1.5x; lz4 is faster but misses the ratio; zlib is 10x too slow to be a
-fallback, hence the hard ``RewindError`` without zstandard. Encode speed depends on how busy the machine is: the
-table's runs shared the 2 cores (250-350 MB/s wall clock then); later quiet runs of ``bench_delta.py`` gave
-719-867 MB/s (Adam) and 829-842 MB/s (SGD) encode, 1.3-1.6 GB/s decode. zstd's literal coding of the third plane
-(bits 16-23) is the largest single cost (~30%); reusing the work arrays instead of allocating them per call measured
-no gain (glibc reuses the freed blocks).
+This codec has the best ratio on all 18 histories. Subtraction beats XOR on every one (fp32 +2-4%, bf16/fp16
++5-16%); zstd's fast mode (-1) on the low planes cost bf16 a quarter of its ratio (it turns off Huffman coding of
+literals, and in bf16 the low byte is the top of the mantissa, not noise). Alternatives measured on the same kind of
+histories and dropped: numpy planes with raw-or-zstd-1 per plane chosen by the entropy of a sample (same ratio as
+blosc2's own raw fallback for incompressible streams, slower), blosc2 bitshuffle (within 1%, slower), lz4 (-10 to
+-30% ratio), whole-buffer instead of 1 MiB chunks (same ratio, slower: chunks stay in cache).
 
 Example::
 
-    enc = encode(new_words, ref=old_words)      # int64/uint8 CPU tensors
+    enc = encode(new_words, ref=old_words, segments=[(n_bytes, 4)])   # 1-D CPU tensors, any dtype
     assert torch.equal(decode(enc, ref=old_words), new_words)
-    print(enc.nbytes / (new_words.numel() * 8))
+    print(enc.nbytes / (new_words.numel() * new_words.element_size()))
 """
 
 from __future__ import annotations
 
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from .._checks import check_int
+from ..errors import RewindError, RewindTypeError, RewindValueError
 
 try:
     import numpy as np
 except ImportError:  # pragma: no cover - numpy comes with the delta extra
     np = None
 
-from ..errors import RewindError
-
+FORMAT = 2  # 1: XOR + numpy planes + zstandard (torchrewind 0.1); 2: subtract + zigzag + blosc2, CRC per chunk
 LEVEL = 1
+CHUNK = 1 << 20  # bytes per independently coded chunk (cache-sized; the unit of parallelism)
+MAGIC = b"TRWD"
+INSTALL = "pip install 'torchrewind[delta]'"
+_UINT = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
 
-def _zstd():
+def default_threads() -> int:
+    """Half the cores (the training loop keeps the other half), at most 8, at least 1."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _blosc2():
     try:
-        import zstandard
+        import blosc2
 
         if np is None:
             raise ImportError("numpy")
     except ImportError:
         raise RewindError(
-            "compressed history needs the zstandard and numpy packages: pip install 'torchrewind[delta]' "
-            "(or use HostArchive(compress=False))."
+            f"compressed history needs the blosc2 and numpy packages: {INSTALL} (or use HostArchive(compress=False))."
         ) from None
-    return zstandard
+    return blosc2
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One independently coded piece: bytes [start, start+length) of the buffer, elements of ``itemsize`` bytes,
+    the first ``ref_length`` of them differenced against the reference; ``crc`` is the CRC-32 of ``data``."""
+
+    start: int
+    length: int
+    itemsize: int
+    ref_length: int
+    crc: int
+    data: bytes
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One compressed buffer: a zstd frame per byte plane plus one for the tail, the original length and dtype."""
+    """One compressed buffer: its chunks, the original length and dtype, and how much of the reference it used."""
 
-    frames: tuple[bytes, ...]
+    chunks: tuple[Chunk, ...]
     length: int
     dtype: torch.dtype
-    itemsize: int
-    ref_length: int  # bytes XOR-ed with the reference (0: no reference)
+    ref_length: int  # bytes differenced with the reference (0: no reference)
+    version: int = FORMAT
 
     @property
     def nbytes(self) -> int:
-        return sum(len(f) for f in self.frames)
+        return sum(len(c.data) for c in self.chunks) + 32 * len(self.chunks)
+
+    def to_bytes(self) -> bytes:
+        """A self-describing byte string (magic, format version, chunk table, CRCs): see :func:`from_bytes`."""
+        dt = str(self.dtype).removeprefix("torch.").encode()
+        head = struct.pack("<4sHQQB", MAGIC, self.version, self.length, self.ref_length, len(dt)) + dt
+        table = [struct.pack("<I", len(self.chunks))]
+        table += [struct.pack("<QQBQIQ", c.start, c.length, c.itemsize, c.ref_length, c.crc, len(c.data))
+                  for c in self.chunks]  # fmt: skip
+        return b"".join([head, *table, *(c.data for c in self.chunks)])
+
+
+def from_bytes(buf: bytes | bytearray | memoryview) -> Encoded:
+    """Parse :meth:`Encoded.to_bytes`. Refuses another format version, a truncated buffer or a bad chunk table."""
+    mv = memoryview(buf)
+
+    def bad(why: str) -> RewindError:
+        return RewindError(f"codec: not a valid compressed buffer ({why}); it is truncated or corrupt.")
+
+    fixed = struct.calcsize("<4sHQQB")
+    if len(mv) < fixed:
+        raise bad(f"{len(mv)} bytes")
+    magic, version, length, ref_length, ndt = struct.unpack_from("<4sHQQB", mv, 0)
+    if magic != MAGIC:
+        raise bad("wrong magic number")
+    if version != FORMAT:
+        raise RewindError(
+            f"codec: this buffer has format version {version}, this torchrewind reads version {FORMAT}; it was "
+            "written by another torchrewind version and cannot be decoded by this one."
+        )
+    pos = fixed + ndt
+    dtype = getattr(torch, bytes(mv[fixed:pos]).decode(errors="replace"), None)
+    if not isinstance(dtype, torch.dtype) or len(mv) < pos + 4:
+        raise bad("bad header")
+    (n,) = struct.unpack_from("<I", mv, pos)
+    pos += 4
+    row = struct.calcsize("<QQBQIQ")
+    if len(mv) < pos + n * row:
+        raise bad("chunk table cut short")
+    rows = [struct.unpack_from("<QQBQIQ", mv, pos + i * row) for i in range(n)]
+    pos += n * row
+    chunks = []
+    for start, clen, k, rlen, crc, dlen in rows:
+        if len(mv) < pos + dlen or k not in _UINT or start + clen > length or rlen > clen:
+            raise bad("chunk out of range")
+        chunks.append(Chunk(start, clen, k, rlen, crc, bytes(mv[pos : pos + dlen])))
+        pos += dlen
+    if pos != len(mv) or sum(c.length for c in chunks) != length:
+        raise bad("length mismatch")
+    return Encoded(tuple(chunks), length, dtype, ref_length, version)
 
 
 def _bytes(t: torch.Tensor, what: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.device.type != "cpu" or not t.is_contiguous():
-        raise RewindError(f"codec: {what} must be a 1-D contiguous CPU tensor, got {_describe(t)}.")
+    if not isinstance(t, torch.Tensor):
+        raise RewindTypeError(f"codec: {what} must be a 1-D contiguous CPU tensor, got {_describe(t)}.")
+    if t.dim() != 1 or t.device.type != "cpu" or not t.is_contiguous():
+        raise RewindValueError(f"codec: {what} must be a 1-D contiguous CPU tensor, got {_describe(t)}.")
     return t.view(torch.uint8)
 
 
@@ -100,76 +182,138 @@ def _describe(t: object) -> str:
     return f"{t.dtype} shape {tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else " (non-contiguous)")
 
 
-def _xor_prefix(dst: np.ndarray, ref: np.ndarray, n: int) -> None:
-    """dst[:n] ^= ref[:n] on bytes, done on 8-byte words where possible (8x fewer elements)."""
-    w = n // 8 * 8
-    if w:
-        np.bitwise_xor(dst[:w].view(np.uint64), ref[:w].view(np.uint64), out=dst[:w].view(np.uint64))
-    if n > w:
-        np.bitwise_xor(dst[w:n], ref[w:n], out=dst[w:n])
-
-
-def _xored(b: np.ndarray, ref: np.ndarray, n: int) -> np.ndarray:
-    """A new array: b with its first n bytes XOR-ed with ref's (one pass over the words)."""
-    out = np.empty_like(b)
-    w = n // 8 * 8
-    if w:
-        np.bitwise_xor(b[:w].view(np.uint64), ref[:w].view(np.uint64), out=out[:w].view(np.uint64))
-    np.bitwise_xor(b[w:n], ref[w:n], out=out[w:n])
-    out[n:] = b[n:]
+def _plan(length: int, segments: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(start, length, itemsize) chunks: at most CHUNK bytes, one itemsize each, whole elements (a segment's tail
+    of fewer than itemsize bytes becomes an itemsize-1 chunk)."""
+    out, pos = [], 0
+    for nbytes, k in segments:
+        end = min(pos + nbytes, length)
+        body = (end - pos) // k * k
+        step = max(CHUNK // k * k, k)
+        for s in range(pos, pos + body, step):
+            out.append((s, min(step, pos + body - s), k))
+        if pos + body < end:
+            out.append((pos + body, end - pos - body, 1))
+        pos = end
+    if pos < length:
+        out.append((pos, length - pos, 1))
     return out
 
 
-def _plane_level(j: int, itemsize: int, level: int) -> int:
-    # The low bytes of a float delta are mantissa noise (~1.1x at best): zstd's fast mode gets the same ratio 4x
-    # faster there; the high bytes (sign, exponent, top of the mantissa) are where the ratio comes from.
-    return -1 if itemsize > 1 and j < itemsize // 2 else level
+def _zigzag_diff(x: np.ndarray, r: np.ndarray, k: int) -> np.ndarray:
+    """zigzag(x - r) on k-byte unsigned integers (wrapping), as a new array; r may be shorter (the rest: x)."""
+    u = np.dtype(_UINT[k])
+    xs, n = x.view(u), r.size // k
+    d = np.empty_like(xs)
+    np.subtract(xs[:n], r[: n * k].view(u), out=d[:n])
+    d[n:] = xs[n:]
+    sign = d >> u.type(8 * k - 1)
+    np.negative(sign, out=sign)  # 0 or all ones
+    d <<= u.type(1)
+    d ^= sign
+    return d
 
 
-def encode(data: torch.Tensor, ref: torch.Tensor | None = None, *, itemsize: int = 4, level: int = LEVEL) -> Encoded:
-    """Compress ``data`` (1-D CPU tensor, any dtype: its raw bytes) as a difference against ``ref``."""
+def _undo_zigzag(out: np.ndarray, r: np.ndarray, k: int) -> None:
+    """In place: out holds zigzag(x - r) (k-byte elements) and becomes x."""
+    u = np.dtype(_UINT[k])
+    o, n = out.view(u), r.size // k
+    sign = o & u.type(1)
+    np.negative(sign, out=sign)
+    o >>= u.type(1)
+    o ^= sign
+    np.add(o[:n], r[: n * k].view(u), out=o[:n])
+
+
+class _Pool:
+    """One shared thread pool per size (the codec's work releases the GIL)."""
+
+    _pools: dict[int, ThreadPoolExecutor] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def map(cls, fn, items: list, threads: int) -> list:
+        if threads <= 1 or len(items) <= 1:
+            return [fn(i) for i in items]
+        with cls._lock:
+            pool = cls._pools.get(threads)
+            if pool is None:
+                pool = cls._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="torchrewind-codec")
+        return list(pool.map(fn, items))
+
+
+def encode(
+    data: torch.Tensor,
+    ref: torch.Tensor | None = None,
+    *,
+    itemsize: int = 4,
+    segments: Sequence[tuple[int, int]] | None = None,
+    level: int = LEVEL,
+    threads: int = 1,
+) -> Encoded:
+    """Compress ``data`` (1-D CPU tensor, any dtype: its raw bytes) as a difference against ``ref``.
+
+    ``segments``: ``(nbytes, itemsize)`` runs that cover ``data`` in order (e.g. the arena's bf16 and fp32 parts);
+    without it every element is ``itemsize`` bytes. ``threads``: chunks coded in parallel."""
     if itemsize not in (1, 2, 4, 8):
-        raise RewindError(f"codec: itemsize must be 1, 2, 4 or 8, got {itemsize!r}.")
-    if not isinstance(level, int) or not -7 <= level <= 22:
-        raise RewindError(f"codec: level must be an int from -7 (fastest) to 22 (smallest), got {level!r} (default 1).")
-    zstd = _zstd()
+        raise RewindValueError(f"codec: itemsize must be 1, 2, 4 or 8, got {itemsize!r}.")
+    check_int("level", level, 1, "codec", " From 1 (fastest, the default) to 9 (smallest).")
+    if level > 9:
+        raise RewindValueError(f"codec: level must be from 1 (fastest, the default) to 9 (smallest), got {level}.")
+    check_int("threads", threads, 1, "codec")
+    b2 = _blosc2()
     b = _bytes(data, "data").numpy()
-    n = 0
-    if ref is not None:
-        r = _bytes(ref, "ref").numpy()
-        n = min(r.size, b.size)
-        b = _xored(b, r, n)
-    body = b.size // itemsize * itemsize
-    planes = np.ascontiguousarray(b[:body].reshape(-1, itemsize).T)  # byte j of every element together
-    frames = [
-        zstd.ZstdCompressor(level=_plane_level(j, itemsize, level)).compress(planes[j].data) for j in range(itemsize)
-    ]
-    frames.append(zstd.ZstdCompressor(level=level).compress(b[body:].tobytes()))
-    return Encoded(tuple(frames), data.numel() * data.element_size(), data.dtype, itemsize, n)
+    r = _bytes(ref, "ref").numpy() if ref is not None else b[:0]
+    n = min(r.size, b.size)
+    if segments is None:
+        segments = [(b.size, itemsize)]
+    elif any(k not in (1, 2, 4, 8) or s < 0 for s, k in segments):
+        raise RewindValueError(f"codec: segments must be (nbytes >= 0, itemsize in 1/2/4/8) pairs, got {segments!r}.")
+
+    def one(piece: tuple[int, int, int]) -> Chunk:
+        s, length, k = piece
+        rlen = max(0, min(length, n - s)) // k * k
+        z = _zigzag_diff(b[s : s + length], r[s : s + rlen], k)
+        blob = b2.compress2(z, typesize=k, clevel=level, codec=b2.Codec.ZSTD, filters=[b2.Filter.SHUFFLE],
+                            splitmode=b2.SplitMode.ALWAYS_SPLIT, nthreads=1)  # fmt: skip
+        return Chunk(s, length, k, rlen, zlib.crc32(blob), blob)
+
+    chunks = _Pool.map(one, _plan(b.size, segments), threads)
+    return Encoded(tuple(chunks), b.size, data.dtype, n if ref is not None else 0)
 
 
-def decode(enc: Encoded, ref: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The exact bytes that were encoded (as a tensor of the original dtype), written into ``out`` if given."""
+def decode(
+    enc: Encoded, ref: torch.Tensor | None = None, out: torch.Tensor | None = None, *, threads: int = 1
+) -> torch.Tensor:
+    """The exact bytes that were encoded (as a tensor of the original dtype), written into ``out`` if given.
+    Raises :class:`RewindError` (``out`` may then be partly written) if a chunk fails its CRC check."""
+    if not isinstance(enc, Encoded):
+        raise RewindTypeError(f"codec: decode() takes an Encoded, got {type(enc).__name__}.")
+    if enc.version != FORMAT:
+        raise RewindError(f"codec: format version {enc.version} cannot be decoded by this torchrewind ({FORMAT}).")
     if enc.ref_length and ref is None:
-        raise RewindError("codec: this buffer was encoded against a reference; pass the same ref to decode().")
-    zstd = _zstd()
-    if enc.ref_length:
-        r = _bytes(ref, "ref").numpy()
-        if r.size < enc.ref_length:
-            raise RewindError("codec: ref is shorter than the reference this buffer was encoded against.")
+        raise RewindValueError("codec: this buffer was encoded against a reference; pass the same ref to decode().")
+    b2 = _blosc2()
+    r = _bytes(ref, "ref").numpy() if enc.ref_length else None
+    if r is not None and r.size < enc.ref_length:
+        raise RewindValueError("codec: ref is shorter than the reference this buffer was encoded against.")
     if out is None:
         out = torch.empty(enc.length // enc.dtype.itemsize, dtype=enc.dtype)
     elif out.numel() * out.element_size() != enc.length:
-        raise RewindError(f"codec: out holds {out.numel() * out.element_size()} bytes, the buffer {enc.length}.")
+        raise RewindValueError(f"codec: out holds {out.numel() * out.element_size()} bytes, the buffer {enc.length}.")
     o = _bytes(out, "out").numpy()
-    k = enc.itemsize
-    body = enc.length // k * k
-    d = zstd.ZstdDecompressor()
-    if body:
-        cols = o[:body].reshape(-1, k)
-        for j in range(k):
-            cols[:, j] = np.frombuffer(d.decompress(enc.frames[j], max_output_size=body // k), dtype=np.uint8)
-    o[body:] = np.frombuffer(d.decompress(enc.frames[k], max_output_size=enc.length - body), dtype=np.uint8)
-    if enc.ref_length:
-        _xor_prefix(o, r, enc.ref_length)
+
+    def one(c: Chunk) -> None:
+        if zlib.crc32(c.data) != c.crc:
+            raise RewindError(f"codec: chunk at byte {c.start} fails its CRC check: the compressed history is corrupt.")
+        dst = o[c.start : c.start + c.length]
+        try:
+            if b2.get_cbuffer_sizes(c.data)[0] != c.length:
+                raise ValueError("wrong decoded size")
+            b2.decompress2(c.data, dst=dst, nthreads=1)  # straight into the output: no extra copy
+        except Exception as e:  # blosc2 raises RuntimeError/ValueError on a malformed frame
+            raise RewindError(f"codec: chunk at byte {c.start} cannot be decompressed ({e}); it is corrupt.") from None
+        _undo_zigzag(dst, r[c.start : c.start + c.ref_length] if c.ref_length else o[:0], c.itemsize)
+
+    _Pool.map(one, list(enc.chunks), threads)
     return out

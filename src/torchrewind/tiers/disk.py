@@ -1,47 +1,92 @@
-"""The disk tier: periodic, atomic, checksummed checkpoints of the training state for long-horizon rollback.
+"""The disk tier: periodic, atomic, checksummed checkpoints of the training state for long-horizon rollback, and for
+resuming after a crash.
 
 A checkpoint is a *state tree* (nested dicts/lists/tuples of tensors and plain Python values, e.g.
-``{"model": [sd], "optimizer": opt.state_dict(), ...}``) split in two:
+``{"model": [sd], "optimizer": opt.state_dict(), ...}``) written as three files in ``step_<n>/``:
 
-* the tensors, written with ``torch.distributed.checkpoint`` (DCP: the same code writes per-rank shards under
-  FSDP2; single-process here);
-* the skeleton (structure, Python values, dict key types) as JSON.
+* ``tensors.bin``: every tensor's bytes, 64-byte aligned, one after the other. A save first copies the tensors into
+  one reused host staging buffer (the only part that stalls training), then a background thread writes that buffer
+  with a few large sequential writes (this rank's shards under FSDP2: one directory per rank);
+* ``skeleton.json``: format version, the structure, Python values, dict key types and the tensor table;
+* ``manifest.json``: a checksum of every 64 MiB block of both files (xxh3-128 with ``xxhash`` installed, else CRC-32
+  from the standard library) and their sizes, written last.
 
-Atomicity: everything is written into ``step_<n>.tmp-<pid>/``, with a ``manifest.json`` of SHA-256 sums and sizes,
-fsynced, then renamed to ``step_<n>/`` — the rename is the completion marker, so a crash (even ``kill -9``) mid-save
-leaves only a temp directory that is ignored and removed by the next save.
+Atomicity: everything is written into ``step_<n>.tmp-<pid>/``, fsynced, then renamed to ``step_<n>/`` — the rename is
+the completion marker, so a crash (even ``kill -9``) mid-save leaves only a temp directory that is ignored and
+removed by the next save.
 
-Safety: loading never unpickles arbitrary code. Every file is checked against the manifest first; DCP's
-``.metadata`` is a pickle, so it is first parsed by a restricted unpickler that only admits DCP's own metadata
-classes, dtypes and ``torch.Size`` — anything else is refused before DCP reads it; the skeleton is JSON.
-Checksums detect corruption and torn writes; they are not signatures, so treat a checkpoint directory like code.
+Safety: nothing is unpickled (JSON and raw bytes only). Every block is checked against the manifest while it is
+read, and nothing is returned before all of them matched. Checksums detect corruption and torn writes; they are not
+signatures.
+
+Restart: a directory that already holds checkpoints belongs to an earlier run. It is never deleted silently:
+``DiskCheckpoints(dir)`` refuses it; ``resume=True`` keeps it (``rw.rollback_to(ck.latest)`` continues from the newest
+checkpoint, the live step included); ``overwrite=True`` deletes it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import ctypes
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import threading
-import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._checks import check_bool, check_int, check_optional_int
 from ..distributed import local, rank_and_world
-from ..errors import RewindError
+from ..errors import RewindError, RewindValueError
 
+FORMAT = 2  # 1: torch.distributed.checkpoint files + SHA-256 manifest (torchrewind 0.1); 2: this one
+ALIGN = 64
+BLOCK = 64 << 20  # bytes per checksummed block and per write/read call
+PAGE = 4096  # tensors.bin is padded to, and its buffers aligned at, this: O_DIRECT I/O needs both
 _DIR = re.compile(r"^step_(\d+)$")
 _TMP = re.compile(r"^step_(\d+)\.(tmp|trash)-\d+$")
+DATA, SKELETON, MANIFEST = "tensors.bin", "skeleton.json", "manifest.json"
 
 
+# ------------------------------------------------------------------------------------------------ checksums
+def _hasher() -> str:
+    try:
+        import xxhash  # noqa: F401
+
+        return "xxh3_128"
+    except ImportError:
+        return "crc32"
+
+
+def _digest(algo: str, data: Any) -> str:
+    if algo == "xxh3_128":
+        try:
+            import xxhash
+        except ImportError:
+            raise RewindError(
+                "DiskCheckpoints: this checkpoint is checksummed with xxh3 but xxhash is not installed: "
+                "pip install 'torchrewind[disk]'."
+            ) from None
+        return xxhash.xxh3_128_hexdigest(data)
+    if algo == "crc32":
+        return f"{zlib.crc32(data):08x}"
+    raise RewindError(f"DiskCheckpoints: unknown checksum {algo!r} in the manifest; not loading it.")
+
+
+def _memview(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU uint8 tensor's bytes (no numpy needed)."""
+    n = t.numel()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+# ------------------------------------------------------------------------------------------------ files
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -61,29 +106,76 @@ def _remove(path: Path) -> None:
     threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True).start()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def _open(path: Path, flags: int, direct: bool) -> int:
+    """Open with O_DIRECT where asked and supported (the bytes go from our buffer to the disk: no page-cache copy,
+    which costs the training loop CPU time and evicts its memory), else buffered (e.g. tmpfs refuses O_DIRECT)."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644)
+        except OSError:
+            if flags & os.O_CREAT and path.exists():
+                path.unlink()
+    return os.open(path, flags, 0o644)
+
+
+def _write_file(path: Path, mv: memoryview, algo: str, direct: bool = False) -> dict[str, Any]:
+    """Write ``mv`` with large sequential writes, checksum each block as it goes, fsync. Returns its manifest entry.
+    ``direct``: ``mv`` is page-aligned in address and length, so O_DIRECT may be used."""
+    fd = _open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, direct)
+    blocks = []
+    try:
+        for s in range(0, len(mv), BLOCK):
+            part = mv[s : s + BLOCK]
+            blocks.append(_digest(algo, part))
+            while part:
+                part = part[os.write(fd, part) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"size": len(mv), "blocks": blocks}
+
+
+def _read_file(path: Path, mv: memoryview, info: dict[str, Any], algo: str, threads: int, direct: bool = False) -> None:
+    """Read ``path`` into ``mv`` (blocks in parallel), verifying each block's checksum; RewindError on mismatch.
+    ``direct``: ``mv`` is page-aligned in address and length, so O_DIRECT may be used (no page-cache copy)."""
+    if len(mv) != info.get("size") or len(info.get("blocks", ())) != -(-len(mv) // BLOCK):
+        raise RewindError(f"DiskCheckpoints: {path} does not match its manifest; not loading it.")
+    fd = _open(path, os.O_RDONLY, direct)
+    try:
+        if os.fstat(fd).st_size != len(mv):
+            raise RewindError(f"DiskCheckpoints: {path} is {os.fstat(fd).st_size} bytes, expected {len(mv)} (torn write).")
+
+        def block(i: int) -> None:
+            s = i * BLOCK
+            part, off = mv[s : s + BLOCK], s
+            while part:
+                n = os.preadv(fd, [part], off)
+                if n <= 0:
+                    raise RewindError(f"DiskCheckpoints: {path} ended early (torn write).")
+                part, off = part[n:], off + n
+            if _digest(algo, mv[s : s + BLOCK]) != info["blocks"][i]:
+                raise RewindError(f"DiskCheckpoints: {path} is corrupt (checksum mismatch at byte {s}); not loading it.")
+
+        n = len(info["blocks"])
+        if threads > 1 and n > 1:
+            with ThreadPoolExecutor(min(threads, n)) as pool:
+                list(pool.map(block, range(n)))
+        else:
+            for i in range(n):
+                block(i)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ the tree <-> JSON
-def _split(tree: Any, tensors: dict[str, torch.Tensor], path: str, staging: dict[str, torch.Tensor]) -> Any:
-    """JSON skeleton of ``tree``; tensors go to ``tensors`` as host copies (the staging of an async save), reusing
-    the previous save's buffers in ``staging`` (fresh GB-sized allocations cost more than the copy itself)."""
+def _split(tree: Any, tensors: list[torch.Tensor], path: str) -> Any:
+    """JSON skeleton of ``tree``; its tensors (this rank's local parts) are appended to ``tensors``."""
     if isinstance(tree, torch.Tensor):
-        tree = local(tree)  # FSDP2: this rank's shard (each rank writes its own checkpoint)
-        if tree.layout != torch.strided:
-            raise RewindError(f"DiskCheckpoints: {path} is a {tree.layout} tensor; only dense tensors can be saved.")
-        key = f"t{len(tensors)}"
-        buf = staging.get(key)
-        if buf is None or buf.shape != tree.shape or buf.dtype != tree.dtype:
-            buf = staging[key] = torch.empty(tree.shape, dtype=tree.dtype)
-        buf.copy_(tree.detach())
-        tensors[key] = buf
-        return {"__tensor__": key}
+        tree = local(tree).detach()  # FSDP2: this rank's shard (each rank writes its own checkpoint)
+        if tree.layout != torch.strided or tree.is_quantized:
+            raise RewindValueError(f"DiskCheckpoints: {path} is a {tree.layout} tensor; only dense tensors can be saved.")
+        tensors.append(tree)
+        return {"__tensor__": len(tensors) - 1}
     if tree is None or isinstance(tree, (bool, int, str)):
         return tree
     if isinstance(tree, float):
@@ -91,22 +183,22 @@ def _split(tree: Any, tensors: dict[str, torch.Tensor], path: str, staging: dict
     if isinstance(tree, torch.dtype):
         return {"__dtype__": str(tree).removeprefix("torch.")}
     if isinstance(tree, (list, tuple)):
-        items = [_split(v, tensors, f"{path}[{i}]", staging) for i, v in enumerate(tree)]
+        items = [_split(v, tensors, f"{path}[{i}]") for i, v in enumerate(tree)]
         return items if isinstance(tree, list) else {"__tuple__": items}
     if isinstance(tree, dict):
         out = []
         for k, v in tree.items():
             if not isinstance(k, (str, int)) or isinstance(k, bool):
-                raise RewindError(f"DiskCheckpoints: {path} has a key {k!r}; only str and int keys can be saved.")
-            out.append([k, _split(v, tensors, f"{path}[{k!r}]", staging)])
+                raise RewindValueError(f"DiskCheckpoints: {path} has a key {k!r}; only str and int keys can be saved.")
+            out.append([k, _split(v, tensors, f"{path}[{k!r}]")])
         return {"__dict__": out}
-    raise RewindError(
+    raise RewindValueError(
         f"DiskCheckpoints: {path} is a {type(tree).__name__}, which cannot be saved safely (only tensors, numbers, "
         "strings, None and lists/tuples/dicts of them); keep it out of the state_dict."
     )
 
 
-def _join(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _join(skel: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(skel, list):
         return [_join(v, tensors) for v in skel]
     if isinstance(skel, dict):
@@ -115,56 +207,44 @@ def _join(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if "__float__" in skel:
             return float(skel["__float__"])
         if "__dtype__" in skel:
-            return getattr(torch, skel["__dtype__"])
+            return _dtype(skel["__dtype__"])
         if "__tuple__" in skel:
             return tuple(_join(v, tensors) for v in skel["__tuple__"])
         return {k: _join(v, tensors) for k, v in skel["__dict__"]}
     return skel
 
 
-# ------------------------------------------------------------------------------------------------ safe metadata
-# Exactly the globals a DCP .metadata pickle contains. Names must match exactly: with protocol >= 4 pickle resolves
-# dotted names attribute by attribute, so allowing "any name of module M" would admit "os.system" via M's imports.
-_ALLOWED = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "StorageMeta", "MetadataIndex", "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}  # fmt: skip
+def _dtype(name: Any) -> torch.dtype:
+    dt = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dt, torch.dtype):
+        raise RewindError(f"DiskCheckpoints: unknown dtype {name!r} in the checkpoint; not loading it.")
+    return dt
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what DCP's ``.metadata`` legitimately contains."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in _ALLOWED.get(module, ()) or (
-            module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
-        ):
-            return super().find_class(module, name)
-        raise RewindError(f"DiskCheckpoints: checkpoint metadata refers to {module}.{name}; refusing to load it.")
-
-
-def _read_metadata(path: Path) -> Any:
-    return _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[list], int]:
+    """[dtype, shape, offset, nbytes] per tensor (64-byte aligned, contiguous) and the total bytes."""
+    table, off = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        table.append([str(t.dtype).removeprefix("torch."), list(t.shape), off, n])
+        off += (n + ALIGN - 1) // ALIGN * ALIGN
+    return table, off
 
 
 # ------------------------------------------------------------------------------------------------ the tier
 class DiskCheckpoints:
     """Every ``every``-th step's state on disk; keeps the last ``keep_last`` plus every ``keep_every``-th.
 
-    A save copies the tensors into host staging buffers (kept and reused: one host copy of the state) and, with
-    ``async_save``, writes them in a background thread while training goes on.
+    A save copies the tensors into one host staging buffer (kept and reused) and, with ``async_save``, writes it in a
+    background thread while training goes on. A directory that already holds checkpoints is refused unless you say
+    what to do with them: ``resume=True`` continues the earlier run (restore with ``rw.rollback_to(ck.latest)``
+    before training), ``overwrite=True`` deletes them.
 
     Example::
 
-        ck = DiskCheckpoints("ckpt/", every=50, keep_last=10)
+        ck = DiskCheckpoints("ckpt/", every=50, keep_last=10, resume=True)
         rw = Rewind(model, opt, tiers=Tiers(device=2, disk=ck))
-        rw.rollback_to(rw.step - 100)      # loads the newest checkpoint at or before that step
+        start = rw.rollback_to(ck.latest or 0)   # after a crash: the newest checkpoint (0 in a fresh directory)
     """
 
     def __init__(
@@ -175,22 +255,36 @@ class DiskCheckpoints:
         keep_last: int = 10,
         keep_every: int | None = None,
         async_save: bool = True,
+        resume: bool = False,
+        overwrite: bool = False,
+        threads: int | None = None,
     ) -> None:
-        for name, v in (("every", every), ("keep_last", keep_last)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise RewindError(f"DiskCheckpoints: {name} must be an int >= 1, got {v!r}.")
-        if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
-            raise RewindError(f"DiskCheckpoints: keep_every must be an int >= 1 or None, got {keep_every!r}.")
+        who = "DiskCheckpoints"
+        check_int("every", every, 1, who)
+        check_int("keep_last", keep_last, 1, who)
+        check_optional_int("keep_every", keep_every, 1, who)
+        check_bool("async_save", async_save, who)
+        check_bool("resume", resume, who)
+        check_bool("overwrite", overwrite, who)
+        check_optional_int("threads", threads, 1, who)
+        if resume and overwrite:
+            raise RewindValueError("DiskCheckpoints: resume=True and overwrite=True contradict each other; pick one.")
+        if not isinstance(directory, (str, os.PathLike)):
+            raise RewindValueError(f"DiskCheckpoints: directory must be a path, got {type(directory).__name__}.")
         self.root = Path(directory)
         self.every, self.keep_last, self.keep_every = every, keep_last, keep_every
         self.async_save = async_save
+        self.resume, self.overwrite = resume, overwrite
+        self.threads = threads or max(1, min(4, os.cpu_count() or 1))  # parallel block reads on restore
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._staging: dict[str, torch.Tensor] = {}
+        self._staging: torch.Tensor | None = None  # reused host buffer: save's source, load's destination
         self._pending: int | None = None  # step of the save in flight
-        self.dir = self.root
+        self.dir: Path | None = None
         self._newest: int | None = None
+        self._earlier: set[int] = set()  # steps of an earlier run (resume=True) not restored from yet
+        self._resumed = False  # a checkpoint of this directory was loaded: its later steps may be replaced
         self.bind_rank()
 
     def bind_rank(self) -> None:
@@ -200,10 +294,26 @@ class DiskCheckpoints:
         if self._thread is not None:
             return  # a save is in flight: its directory stays
         rank, world = rank_and_world()
-        self.dir = self.root / f"rank{rank}" if world > 1 else self.root
-        self.dir.mkdir(parents=True, exist_ok=True)
+        d = self.root / f"rank{rank}" if world > 1 else self.root
+        if d == self.dir:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        self.dir = d
+        found = self.steps()
+        if found and not self.resume:
+            if not self.overwrite:
+                raise RewindValueError(
+                    f"DiskCheckpoints: {d} already holds checkpoints of steps {_brief(found)} (an earlier run). "
+                    "Pass resume=True to continue from them (then rw.rollback_to(ck.latest) before training), "
+                    "overwrite=True to delete them, or choose another directory."
+                )
+            for s in found:
+                _remove(self._path(s))
+            found = []
+        self._earlier = set(found)
+        self._resumed = False
         # newest complete step: lets discard_after, called at every recorded step, skip listing the directory
-        self._newest = max(self.steps(), default=None)
+        self._newest = max(found, default=None)
 
     # ------------------------------------------------------------------ queries
     def due(self, step: int) -> bool:
@@ -213,8 +323,20 @@ class DiskCheckpoints:
         """Steps of the complete checkpoints, ascending."""
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _DIR.match(p.name)) and p.is_dir())
 
+    @property
+    def latest(self) -> int | None:
+        """The newest complete checkpoint's step, or None (e.g. ``rw.rollback_to(ck.latest or 0)`` to resume)."""
+        self.wait()
+        return max(self.steps(), default=None)
+
     def latest_at_or_before(self, step: int) -> int | None:
         return max((s for s in self.steps() if s <= step), default=None)
+
+    def resumable_after(self, step: int) -> list[int]:
+        """Steps of an earlier run of this directory (``resume=True``), not replaced since, that are newer than the
+        live ``step`` — or equal to it before anything was restored (a fresh process's step 0 is only its initial
+        state): :meth:`Rewind.rollback_to` may go *forward* to them."""
+        return sorted(s for s in self._earlier if s > step or (s == step and not self._resumed))
 
     @property
     def nbytes(self) -> int:
@@ -226,6 +348,15 @@ class DiskCheckpoints:
                 pass
         return total
 
+    def path(self, step: int) -> Path:
+        """The directory of step ``step``'s checkpoint (complete once :meth:`steps` lists it)."""
+        return self._path(step)
+
+    @property
+    def saving(self) -> bool:
+        """True while a background save is being written."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _path(self, step: int) -> Path:
         return self.dir / f"step_{step:09d}"
 
@@ -233,17 +364,35 @@ class DiskCheckpoints:
     def save(self, step: int, tree: Any) -> None:
         """Write ``tree`` as step ``step``. Tensors are copied to host memory before this returns (so training can
         go on); with ``async_save`` the files are written by a background thread (:meth:`wait` for it)."""
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise RewindError(f"DiskCheckpoints.save: step must be an int >= 0, got {step!r}.")
-        self.wait()  # the previous save is complete: its staging buffers can be reused
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = _split(tree, tensors, "tree", self._staging)  # validates everything before touching the disk
+        check_int("step", step, 0, "DiskCheckpoints.save")
+        self.wait()  # the previous save is complete: the staging buffer can be reused
+        tensors: list[torch.Tensor] = []
+        skeleton = _split(tree, tensors, "tree")  # validates everything before touching the disk
+        table, total = _layout(tensors)
+        head = {"format": FORMAT, "step": step, "tensors": table, "data_bytes": total, "tree": skeleton}
+        header = json.dumps(head, allow_nan=False).encode()
+        padded = -(-total // PAGE) * PAGE
+        staging = self._buffer(padded, pin=any(t.device.type == "cuda" for t in tensors))
+        staging[total:padded].zero_()
+        with torch.no_grad():
+            for t, (_, shape, off, n) in zip(tensors, table):
+                if n:
+                    staging[off : off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
+        if any(t.device.type == "cuda" for t in tensors):
+            torch.cuda.synchronize()
+        data = staging[:padded]
         if self.async_save:
             self._pending = step
-            self._thread = threading.Thread(target=self._write_guarded, args=(step, skeleton, tensors), daemon=True)
+            self._thread = threading.Thread(target=self._write_guarded, args=(step, header, data), daemon=True)
             self._thread.start()
         else:
-            self._write(step, skeleton, tensors)
+            self._write(step, header, data)
+
+    def _buffer(self, nbytes: int, pin: bool = False) -> torch.Tensor:
+        if self._staging is None or self._staging.numel() < nbytes:
+            self._staging = None  # free the old one first: the peak stays at one buffer
+            self._staging = _aligned(nbytes, pin)
+        return self._staging
 
     def wait(self) -> None:
         """Block until a pending save is complete; re-raise its error, if any."""
@@ -255,38 +404,31 @@ class DiskCheckpoints:
             err, self._error = self._error, None
             raise RewindError(f"DiskCheckpoints: a background save failed: {err}") from err
 
-    def _write_guarded(self, step: int, skeleton: Any, tensors: dict[str, torch.Tensor]) -> None:
+    def _write_guarded(self, step: int, header: bytes, data: torch.Tensor) -> None:
         try:
-            self._write(step, skeleton, tensors)
+            self._write(step, header, data)
         except BaseException as e:  # reported by wait()
             self._error = e
 
-    def _write(self, step: int, skeleton: Any, tensors: dict[str, torch.Tensor]) -> None:
-        import torch.distributed.checkpoint as dcp
-
+    def _write(self, step: int, header: bytes, data: torch.Tensor) -> None:
         with self._lock:
-            for p in self.dir.iterdir():  # leftovers of crashed saves
+            for p in self.dir.iterdir():  # leftovers of crashed saves (incomplete: never a checkpoint)
                 if _TMP.match(p.name):
                     shutil.rmtree(p, ignore_errors=True)
             tmp = self.dir / f"step_{step:09d}.tmp-{os.getpid()}"
             tmp.mkdir()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-                dcp.save({"tensors": tensors}, checkpoint_id=tmp, no_dist=True)
-            (tmp / "skeleton.json").write_text(json.dumps(skeleton, allow_nan=False))
-            files = sorted(p for p in tmp.iterdir())
-            manifest = {"step": step, "files": {p.name: {"sha256": _sha256(p), "size": p.stat().st_size}
-                                                for p in files}}  # fmt: skip
-            (tmp / "manifest.json").write_text(json.dumps(manifest))
-            for p in tmp.iterdir():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+            algo = _hasher()
+            files = {DATA: _write_file(tmp / DATA, _memview(data), algo, direct=True),
+                     SKELETON: _write_file(tmp / SKELETON, memoryview(header), algo)}  # fmt: skip
+            manifest = {"format": FORMAT, "step": step, "hash": algo, "block": BLOCK, "files": files}
+            _write_file(tmp / MANIFEST, memoryview(json.dumps(manifest).encode()), algo)
             _fsync_dir(tmp)
             final = self._path(step)
             if final.exists():
                 _remove(final)  # renamed away first: a crash now leaves the new one in .tmp, the old in .trash
             os.rename(tmp, final)  # the completion marker
             _fsync_dir(self.dir)
+            self._earlier.discard(step)
             self._newest = step if self._newest is None else max(self._newest, step)
             self._retain(step)
 
@@ -298,9 +440,22 @@ class DiskCheckpoints:
         for s in steps:
             if s not in keep:
                 _remove(self._path(s))
+                self._earlier.discard(s)
+
+    def check_recording(self, step: int) -> None:
+        """Called when the training loop records a point at ``step``: refuse to mix this run's checkpoints with an
+        earlier run's that were never restored (they would be silently replaced or, worse, restored by mistake)."""
+        if self._earlier and not self._resumed:
+            raise RewindError(
+                f"DiskCheckpoints: {self.dir} holds checkpoints of an earlier run (steps {_brief(sorted(self._earlier))}"
+                f"), but this run started recording at step {step} without restoring one. Resume first with "
+                f"rw.rollback_to(ck.latest) (newest: step {max(self._earlier)}), or build DiskCheckpoints with "
+                "overwrite=True to start afresh."
+            )
 
     def discard_after(self, step: int) -> None:
         """Delete checkpoints newer than ``step`` (a branch that was undone and replaced)."""
+        self.check_recording(step)
         if self._pending is not None and self._pending > step:
             self.wait()  # a save of the discarded branch is in flight: let it finish, then delete it
         if self._newest is None or self._newest <= step:
@@ -309,58 +464,73 @@ class DiskCheckpoints:
             for s in self.steps():
                 if s > step:
                     _remove(self._path(s))
+                    self._earlier.discard(s)
             self._newest = max(self.steps(), default=None)
 
     # ------------------------------------------------------------------ reading
-    def load(self, step: int) -> Any:
-        """The tree saved at ``step`` (tensors on the CPU). Verifies every file's checksum first."""
+    def load(self, step: int, *, reuse_buffer: bool = False) -> Any:
+        """The tree saved at ``step`` (tensors on the CPU). Every block is verified against its checksum first.
+
+        ``reuse_buffer``: the tensors are views of the staging buffer, valid until the next save (no allocation;
+        for a caller that copies them into place at once, as :meth:`Rewind.rollback_to` does)."""
         self.wait()
         if step not in self.steps():
             raise RewindError(f"DiskCheckpoints: no complete checkpoint for step {step}; available: {self.steps()}.")
         path = self._path(step)
         try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, ValueError) as e:
-            raise RewindError(f"DiskCheckpoints: {path}/manifest.json is unreadable ({e}).") from None
-        def check(name: str) -> None:
-            f, info = path / name, manifest["files"][name]
-            if not f.exists() or f.stat().st_size != info["size"] or _sha256(f) != info["sha256"]:
-                raise RewindError(f"DiskCheckpoints: {f} is missing or corrupt (checksum mismatch); not loading it.")
-
-        # The small files that steer the load (the pickled DCP metadata, the skeleton) are verified first; the
-        # tensor data (read by DCP through torch.load(weights_only=True)) is hashed in a thread while it loads,
-        # and nothing is returned before every checksum matched.
-        data = [n for n in manifest["files"] if n not in (".metadata", "skeleton.json")]
-        for name in (".metadata", "skeleton.json"):
-            check(name)
-        meta = _read_metadata(path / ".metadata")
-        names = set(manifest["files"])
-        for info in meta.storage_data.values():  # data files named by the metadata must be ones we wrote
-            if getattr(info, "relative_path", None) not in names:
-                raise RewindError(f"DiskCheckpoints: {path}/.metadata points outside the checkpoint; not loading it.")
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            hashed = pool.submit(lambda: [check(n) for n in data])
-            try:
-                tree = self._read(path, meta)
-            except Exception:
-                hashed.result()  # a corrupt file explains the failure: say so
-                raise
-            hashed.result()
+            manifest = json.loads((path / MANIFEST).read_text())
+            fmt, algo, files = manifest.get("format"), manifest.get("hash"), manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RewindError(f"DiskCheckpoints: {path}/{MANIFEST} is unreadable ({e}); not loading it.") from None
+        if fmt != FORMAT:
+            raise RewindError(
+                f"DiskCheckpoints: {path} was written in checkpoint format {fmt or 1} (an older torchrewind); this "
+                f"version reads format {FORMAT}. Load it with the torchrewind that wrote it."
+            )
+        if manifest.get("block") != BLOCK or not all(isinstance(files.get(n), dict) for n in (DATA, SKELETON)):
+            raise RewindError(f"DiskCheckpoints: {path}/{MANIFEST} is malformed; not loading it.")
+        size = files[SKELETON].get("size")
+        if not isinstance(size, int) or not 0 < size < 1 << 31:
+            raise RewindError(f"DiskCheckpoints: {path}/{MANIFEST} is malformed; not loading it.")
+        header = bytearray(size)
+        _read_file(path / SKELETON, memoryview(header), files[SKELETON], algo, 1)
+        try:
+            head = json.loads(header)
+            table, total, skel = head["tensors"], head["data_bytes"], head["tree"]
+            specs = [(_dtype(d), tuple(int(x) for x in shape), int(off), int(n)) for d, shape, off, n in table]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RewindError(f"DiskCheckpoints: {path}/{SKELETON} is malformed ({e}); not loading it.") from None
+        if head.get("format") != FORMAT or not isinstance(total, int) or total < 0:
+            raise RewindError(f"DiskCheckpoints: {path}/{SKELETON} is malformed; not loading it.")
+        for dt, shape, off, n in specs:
+            if off < 0 or off % ALIGN or off + n > total or n != math.prod(shape) * dt.itemsize:
+                raise RewindError(f"DiskCheckpoints: {path}/{SKELETON} has a tensor out of range; not loading it.")
+        size = files[DATA].get("size")
+        if size != -(-total // PAGE) * PAGE:
+            raise RewindError(f"DiskCheckpoints: {path}/{DATA} does not match its manifest; not loading it.")
+        buf = self._buffer(size) if reuse_buffer else _aligned(size)
+        _read_file(path / DATA, _memview(buf[:size]), files[DATA], algo, self.threads, direct=True)
+        tensors = [buf[off : off + n].view(dt).view(shape) if n else torch.empty(shape, dtype=dt)
+                   for dt, shape, off, n in specs]  # fmt: skip
+        try:
+            tree = _join(skel, tensors)
+        except (IndexError, KeyError, TypeError, ValueError) as e:
+            raise RewindError(f"DiskCheckpoints: {path}/{SKELETON} is malformed ({e}); not loading it.") from None
         return tree
 
-    def _read(self, path: Path, meta: Any) -> Any:
-        import torch.distributed.checkpoint as dcp
+    def loaded(self, step: int) -> None:
+        """Called after the state of ``step`` was restored from this directory: from here on this run owns it (an
+        earlier run's later checkpoints are replaced as the new branch records, like an undone branch)."""
+        self._resumed = True
 
-        class Reader(dcp.FileSystemReader):
-            def read_metadata(self) -> Any:  # the metadata we already parsed safely: DCP would pickle.load it
-                return meta
 
-        tensors = {}
-        for fqn, md in meta.state_dict_metadata.items():
-            if not hasattr(md, "size") or not fqn.startswith("tensors."):
-                raise RewindError(f"DiskCheckpoints: unexpected entry {fqn!r} in {path}/.metadata; not loading it.")
-            tensors[fqn.split(".", 1)[1]] = torch.empty(tuple(md.size), dtype=md.properties.dtype)  # "tensors.t17"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load({"tensors": tensors}, storage_reader=Reader(path), no_dist=True)
-        return _join(json.loads((path / "skeleton.json").read_text()), tensors)
+def _aligned(nbytes: int, pin: bool = False) -> torch.Tensor:
+    """A page-aligned host buffer of ``nbytes`` bytes (pinned for CUDA state: faster device-to-host copies)."""
+    pin = pin and torch.cuda.is_available()
+    base = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pin)
+    off = (-base.data_ptr()) % PAGE
+    return base[off : off + nbytes]  # the view keeps the allocation alive
+
+
+def _brief(steps: list[int]) -> str:
+    return str(steps) if len(steps) <= 6 else f"[{steps[0]}, {steps[1]}, ..., {steps[-1]}] ({len(steps)} in all)"
