@@ -72,8 +72,8 @@ class Guard:
     decision out for :meth:`step` (the guard takes the step) and :meth:`after_step` (a framework took it).
 
     Shared by every guard: the non-finite checks (``check_grads``: gradient norm; ``check_params``: parameters after
-    the step, undone if any is non-finite), the count of iterations in a row whose step was not applied (more than
-    ``max_consecutive`` raise), batch skipping (:meth:`wrap`), the framework hooks, the log, and
+    the step, undone if any is non-finite), the count of iterations in a row whose step was not applied
+    (``max_consecutive`` of them raise), batch skipping (:meth:`wrap`), the framework hooks, the log, and
     :meth:`state_dict`.
 
     Example (a custom guard)::
