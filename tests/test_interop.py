@@ -349,14 +349,11 @@ def test_max_bytes_counts_everything_a_snapshot_holds(kind):
 
 def test_max_bytes_counts_fsdp2_shards():
     """FSDP2 parameters are DTensors, copied one by one through their local shards: counted too."""
-    import os
-
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # an in-process store: no port to take, no MASTER_* left in os.environ for later tests' subprocesses
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         m = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4))
         fully_shard(m)
