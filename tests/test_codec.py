@@ -171,3 +171,38 @@ def test_serialized_format_is_versioned_and_checked():
     out = torch.full_like(b, 7.0)
     with pytest.raises(RewindError, match="fails its checksum"):
         decode(from_bytes(bytes(bad)), a, out=out)
+
+
+def test_checksum_kinds_and_missing_xxhash(monkeypatch):
+    """xxh3 per chunk where xxhash is installed, CRC-32 otherwise; a buffer names its checksum, survives
+    serialization, and one checksummed with xxh3 is refused with the install hint when xxhash is missing."""
+    import sys
+
+    from torchrewind.tiers.codec import from_bytes
+
+    pytest.importorskip("xxhash")
+    a = torch.randn(70_000)
+    b = a + 1e-3 * torch.randn(70_000)
+    fast = encode(b, a)
+    assert fast.checksum == "xxh3_64" and torch.equal(decode(from_bytes(fast.to_bytes()), a), b)
+    monkeypatch.setitem(sys.modules, "xxhash", None)
+    slow = encode(b, a)
+    assert slow.checksum == "crc32" and torch.equal(decode(from_bytes(slow.to_bytes()), a), b)
+    with pytest.raises(RewindError, match=r"xxh3, which needs xxhash: pip install 'torchrewind\[delta\]'"):
+        decode(fast, a)
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_references_ending_anywhere_in_a_chunk(itemsize):
+    """The reference may end inside a chunk, at a chunk boundary, or before the first element: the referenced part
+    is differenced, the rest coded on its own, bit for bit."""
+    from torchrewind.tiers.codec import CHUNK
+
+    g = torch.Generator().manual_seed(itemsize)
+    data = torch.randint(0, 256, (2 * CHUNK + 5 * 8 + 3,), dtype=torch.uint8, generator=g)
+    for n in (0, itemsize - 1, 7, CHUNK - 3, CHUNK, CHUNK + 9, 2 * CHUNK, data.numel(), data.numel() + 9):
+        ref = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        ref[: min(n, data.numel())] = data[: min(n, data.numel())] ^ 1  # small differences where it overlaps
+        enc = encode(data, ref, itemsize=itemsize)
+        assert enc.ref_length == min(n, data.numel())
+        assert torch.equal(decode(enc, ref), data)

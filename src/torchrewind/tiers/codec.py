@@ -237,8 +237,14 @@ def _describe(t: object) -> str:
 def _plan(length: int, segments: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """(start, length, itemsize) chunks: at most CHUNK bytes, one itemsize each, whole elements (a segment's tail
     of fewer than itemsize bytes becomes an itemsize-1 chunk)."""
+    merged: list[list[int]] = []
+    for nbytes, k in segments:  # neighbours of one element size code as one run: no short chunk at the seam
+        if merged and merged[-1][1] == k:
+            merged[-1][0] += nbytes
+        else:
+            merged.append([nbytes, k])
     out, pos = [], 0
-    for nbytes, k in segments:
+    for nbytes, k in merged:
         end = min(pos + nbytes, length)
         body = (end - pos) // k * k
         step = max(CHUNK // k * k, k)
