@@ -27,7 +27,7 @@ from .tiers.state import apply_tree, check_tree, state_tree
 from .core.tracker import Tracker, iter_modules
 from .distributed import resolve_group
 from .errors import RewindError, RewindTypeError, RewindValueError
-from .tiers import Checkpoint, Tiers, restore_plan
+from .tiers import Checkpoint, Tiers, copy_images, restore_plan
 
 # Where the live state is relative to optimizer steps (one explicit per-step state, as GradScaler keeps per optimizer):
 _READY = "ready"  # no point recorded for the next step: its pre-step hook records one (auto=True)
@@ -470,11 +470,7 @@ class Rewind:
             if plan is not None:
                 copies, tree = plan
                 del plan
-                with torch.no_grad():
-                    while copies:  # popped and dropped: no view of an arena may outlive this (its use count
-                        dst, src = copies.pop()  # is how the tracker notices changes)
-                        dst.copy_(src)
-                        del dst, src
+                copy_images(copies)  # the verified images into the arenas, one copy each
         apply_tree(tree, self._modules, self.optimizer, r.objects, self._scaler, r.rng)
         self._tracker.ensure()  # bind whatever load_state_dict replaced
 

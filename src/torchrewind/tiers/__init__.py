@@ -12,7 +12,7 @@ from .._checks import check_int, check_type
 from ..distributed import all_min
 from ..errors import RewindError, RewindTypeError
 from .archive import HostArchive, arena_segments
-from .disk import Checkpoint, DiskCheckpoints, restore_plan
+from .disk import Checkpoint, DiskCheckpoints, copy_images, restore_plan
 
 
 @dataclass(frozen=True)
@@ -121,4 +121,4 @@ class Tiers:
         return best
 
 
-__all__ = ["Checkpoint", "DiskCheckpoints", "Found", "HostArchive", "Tiers", "restore_plan"]
+__all__ = ["Checkpoint", "DiskCheckpoints", "Found", "HostArchive", "Tiers", "copy_images", "restore_plan"]
