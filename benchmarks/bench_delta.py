@@ -22,7 +22,8 @@ codec and blosc2 with 1 and ``--threads`` threads (wall clock: what threads buy)
 
 Peers (a row is skipped, with a message, when its package is missing): zstd level 1 on the raw bytes
 (``zstandard``), ZipNN's delta mode (``zipnn``), XOR + blosc2 (zstd 1, byte shuffle; XOR in place into the output
-buffer: its fastest form; ``blosc2``), and torchrewind 0.1's codec (XOR + numpy byte planes + zstd -1/1).
+buffer, and XORed into a reused buffer before encoding: its fastest form; ``blosc2``), and torchrewind 0.1's codec
+(XOR + numpy byte planes + zstd -1/1).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ cpu = time.process_time  # CPU seconds of every thread of this process: per-core
 
 
 def model_and_data(kind: str):
+    if kind == "MLP-4M":  # for speed on a state of realistic size (52 MB with Adam in fp32)
+        m = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+        return m, lambda g: torch.randn(64, 64, generator=g)
     if kind == "MLP":
         m = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
         return m, lambda g: torch.randn(64, 64, generator=g)
@@ -117,11 +121,15 @@ def xor_blosc2(threads: int = 1):
     import numpy as np
 
     u = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+    scratch = {}  # the XOR goes into a buffer reused across calls (no allocation): its fastest form too
 
     def enc(a, b, segs, k):
-        x = a.numpy().view(u[k]) ^ b.numpy().view(u[k])
-        return blosc2.compress2(x, typesize=k, clevel=1, codec=blosc2.Codec.ZSTD, filters=[blosc2.Filter.SHUFFLE],
-                                nthreads=threads)  # fmt: skip
+        x = scratch.get(a.numel())
+        if x is None:
+            x = scratch[a.numel()] = np.empty(a.numel(), np.uint8)
+        np.bitwise_xor(a.numpy().view(u[k]), b.numpy().view(u[k]), out=x.view(u[k]))
+        return blosc2.compress2(x.view(u[k]), typesize=k, clevel=1, codec=blosc2.Codec.ZSTD,
+                                filters=[blosc2.Filter.SHUFFLE], nthreads=threads)  # fmt: skip
 
     def dec(e, b, k, out):
         o = out.numpy()
@@ -202,6 +210,71 @@ def _med_ratio(xs: list[float], ys: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(xs, ys))
 
 
+TIMERS = ("enc", "dec", "enc_wall", "dec_wall")
+
+
+def measure(hists: dict, rows: dict, rounds: int) -> dict:
+    """Every codec on every history, interleaved, ``rounds`` times: bytes and MB/s (per CPU-second and wall)."""
+    stats: dict = {name: {h: {"raw": 0, "stored": 0, **{t: [] for t in TIMERS}} for h in hists} for name in rows}
+    for _ in range(rounds):
+        for h, (hist, dt) in hists.items():
+            k = dt.itemsize
+            out = torch.empty_like(hist[0][0])
+            for name, (enc, dec, size, *extra) in rows.items():
+                if extra:
+                    extra[0]["dtype"] = dt
+                te = td = we = wd = 0.0
+                raw = stored = 0
+                for i in range(len(hist) - 1):
+                    (a, segs), (b, _) = hist[i], hist[i + 1]
+                    c0, w0 = cpu(), perf()
+                    e = enc(a, b, segs, k)
+                    c1, w1 = cpu(), perf()
+                    d = dec(e, b, k, out)
+                    c2, w2 = cpu(), perf()
+                    te, td, we, wd = te + c1 - c0, td + c2 - c1, we + w1 - w0, wd + w2 - w1
+                    if not torch.equal(d.view(torch.uint8), a):
+                        raise SystemExit(f"NOT LOSSLESS: {name} on {h}")
+                    raw += a.numel()
+                    stored += size(e)
+                s = stats[name][h]
+                s["raw"], s["stored"] = raw, stored
+                for t, v in zip(TIMERS, (te, td, we, wd)):
+                    s[t].append(raw / max(v, 1e-9) / 1e6)
+    return stats
+
+
+def speed_table(stats: dict, hists: dict, rows: dict, threads: int, what: str) -> dict:
+    print()
+    print(f"Speed on {what}, MB/s of input: median over histories of each history's median over rounds; 'vs "
+          "torchrewind': the peer's speed / torchrewind's one-thread speed in the same round (median over rounds; "
+          "range over histories). Per core = per CPU-second of the process:")  # fmt: skip
+    print()
+    print("| codec | encode per core | decode per core | encode wall | decode wall | encode per core vs torchrewind "
+          "| decode per core vs torchrewind |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    speed: dict = {}
+    for name in rows:
+        med = {t: statistics.median(statistics.median(stats[name][h][t]) for h in hists) for t in TIMERS}
+        rel = {t: [_med_ratio(stats[name][h][t], stats[BASE][h][t]) for h in hists] for t in ("enc", "dec")}
+        speed[name] = {**med, "enc_vs": statistics.median(rel["enc"]), "dec_vs": statistics.median(rel["dec"])}
+        print(f"| {name} | {med['enc']:.0f} | {med['dec']:.0f} | {med['enc_wall']:.0f} | {med['dec_wall']:.0f} | "
+              f"{min(rel['enc']):.2f}-{max(rel['enc']):.2f} (median {speed[name]['enc_vs']:.2f}) | "
+              f"{min(rel['dec']):.2f}-{max(rel['dec']):.2f} (median {speed[name]['dec_vs']:.2f}) |")  # fmt: skip
+    if threads > 1:
+        print()
+        print(f"Thread scaling (wall clock, {threads} threads / 1 thread, same round, median over histories; a "
+              "shared machine gives only what its other jobs leave):")  # fmt: skip
+        for name in (BASE, XOR):
+            many = f"{name}, {threads} threads"
+            if many in rows:
+                up = {t: statistics.median(_med_ratio(stats[many][h][t], stats[name][h][t]) for h in hists)
+                      for t in ("enc_wall", "dec_wall")}  # fmt: skip
+                speed[f"scaling/{name}"] = up
+                print(f"- {name}: encode {up['enc_wall']:.2f}x, decode {up['dec_wall']:.2f}x")
+    return speed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -228,33 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             for dt in dtypes:
                 hists[f"{kind} {str(dt)[6:]} {opt_name}"] = (history(kind, dt, opt_name, warmup, n), dt)
     rows = peers(args.threads)
-    timers = ("enc", "dec", "enc_wall", "dec_wall")
-    stats: dict = {name: {h: {"raw": 0, "stored": 0, **{t: [] for t in timers}} for h in hists} for name in rows}
-    for r in range(rounds):
-        for h, (hist, dt) in hists.items():
-            k = dt.itemsize
-            out = torch.empty_like(hist[0][0])
-            for name, (enc, dec, size, *extra) in rows.items():
-                if extra:
-                    extra[0]["dtype"] = dt
-                te = td = we = wd = 0.0
-                raw = stored = 0
-                for i in range(len(hist) - 1):
-                    (a, segs), (b, _) = hist[i], hist[i + 1]
-                    c0, w0 = cpu(), perf()
-                    e = enc(a, b, segs, k)
-                    c1, w1 = cpu(), perf()
-                    d = dec(e, b, k, out)
-                    c2, w2 = cpu(), perf()
-                    te, td, we, wd = te + c1 - c0, td + c2 - c1, we + w1 - w0, wd + w2 - w1
-                    if not torch.equal(d.view(torch.uint8), a):
-                        raise SystemExit(f"NOT LOSSLESS: {name} on {h}")
-                    raw += a.numel()
-                    stored += size(e)
-                s = stats[name][h]
-                s["raw"], s["stored"] = raw, stored
-                for t, v in zip(timers, (te, td, we, wd)):
-                    s[t].append(raw / max(v, 1e-9) / 1e6)
+    stats = measure(hists, rows, rounds)
     results: dict = {}
     print("Compression ratio (full / stored; every snapshot decoded bit for bit):")
     print()
@@ -267,40 +314,22 @@ def main(argv: list[str] | None = None) -> int:
         for h in hists:
             s = stats[name][h]
             ratio = s["raw"] / s["stored"]
-            results[f"{name}/{h}"] = {"ratio": ratio, **{t: statistics.median(s[t]) for t in timers}}
+            results[f"{name}/{h}"] = {"ratio": ratio, **{t: statistics.median(s[t]) for t in TIMERS}}
             cells.append(f"{ratio:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     wins = [h for h in hists if all(stats[BASE][h]["stored"] <= stats[n][h]["stored"] for n in rows)]
     print()
     print(f"- torchrewind has the best ratio on {len(wins)} of {len(hists)} histories")
-    print()
-    print("Speed, MB/s of input: median over histories of each history's median over rounds; 'vs torchrewind': "
-          "the peer's speed / torchrewind's one-thread speed in the same round (median over rounds; range over "
-          "histories). Per core = per CPU-second of the process:")  # fmt: skip
-    print()
-    print("| codec | encode per core | decode per core | encode wall | decode wall | encode per core vs torchrewind "
-          "| decode per core vs torchrewind |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    speed: dict = {}
-    for name in rows:
-        med = {t: statistics.median(statistics.median(stats[name][h][t]) for h in hists) for t in timers}
-        rel = {t: [_med_ratio(stats[name][h][t], stats[BASE][h][t]) for h in hists] for t in ("enc", "dec")}
-        speed[name] = {**med, "enc_vs": statistics.median(rel["enc"]), "dec_vs": statistics.median(rel["dec"])}
-        print(f"| {name} | {med['enc']:.0f} | {med['dec']:.0f} | {med['enc_wall']:.0f} | {med['dec_wall']:.0f} | "
-              f"{min(rel['enc']):.2f}-{max(rel['enc']):.2f} (median {speed[name]['enc_vs']:.2f}) | "
-              f"{min(rel['dec']):.2f}-{max(rel['dec']):.2f} (median {speed[name]['dec_vs']:.2f}) |")  # fmt: skip
-    results["speed"] = speed
-    if args.threads > 1:
+    results["speed"] = speed_table(stats, hists, rows, args.threads, "these histories (0.4-3.6 MB each)")
+    if not args.quick:  # a state of realistic size: per-call costs no longer weigh
+        big = {f"MLP-4M {str(dt)[6:]} Adam": (history("MLP-4M", dt, "Adam", 10, 4), dt)
+               for dt in (torch.float32, torch.bfloat16)}  # fmt: skip
+        stats = measure(big, rows, rounds)
         print()
-        print(f"Thread scaling (wall clock, {args.threads} threads / 1 thread, same round, median over histories):")
-        for name in (BASE, XOR):
-            many = f"{name}, {args.threads} threads"
-            if many not in rows:
-                continue
-            up = {t: statistics.median(_med_ratio(stats[many][h][t], stats[name][h][t]) for h in hists)
-                  for t in ("enc_wall", "dec_wall")}  # fmt: skip
-            results[f"scaling/{name}"] = up
-            print(f"- {name}: encode {up['enc_wall']:.2f}x, decode {up['dec_wall']:.2f}x")
+        print("Ratios, 4.3M-parameter MLP + Adam: " + "; ".join(
+            f"{name}: " + " / ".join(f"{stats[name][h]['raw'] / stats[name][h]['stored']:.2f}" for h in big)
+            for name in rows if not name.endswith("threads")) + " (fp32 / bf16)")  # fmt: skip
+        results["speed_4M"] = speed_table(stats, big, rows, args.threads, "a 4.3M-parameter MLP + Adam (52 / 26 MB)")
     # the whole archive, as HostArchive stores it (keyframes every 8 records, newest raw)
     print()
     for opt_name in ("Adam", "SGD"):
