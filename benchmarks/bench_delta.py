@@ -71,7 +71,8 @@ def history(kind: str, dtype: torch.dtype, opt_name: str, warmup: int, n: int) -
     m, data = model_and_data(kind)
     m = m.to(dtype)
     if opt_name == "Adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-4 if dtype == torch.float16 else 1e-8)
+        eps = 1e-4 if dtype == torch.float16 else 1e-8
+        opt: torch.optim.Optimizer = torch.optim.Adam(m.parameters(), lr=1e-3, eps=eps)
     else:
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
     host = HostArchive(keep=n, compress=False)

@@ -86,8 +86,8 @@ def test_pipelined_save_of_large_and_small_tensors(tmp_path, async_save):
     from torchrewind.tiers.disk import BLOCK
 
     g = torch.Generator().manual_seed(0)
-    t = {"big": torch.randn(BLOCK // 4 * 2 + 1000, generator=g), "small": [torch.randn(7, generator=g) for _ in range(50)],
-         "odd": torch.randn(3, 5, generator=g).t(), "half": torch.randn(BLOCK // 2 + 1, generator=g).half()}  # fmt: skip
+    t = {"big": torch.randn(BLOCK // 4 * 2 + 1000, generator=g), "odd": torch.randn(3, 5, generator=g).t(),
+         "small": [torch.randn(7, generator=g) for _ in range(50)], "half": torch.randn(BLOCK // 2 + 1).half()}
     ck = DiskCheckpoints(tmp_path, every=1, async_save=async_save)
     ck.save(1, t)
     ck.save(2, t)

@@ -65,7 +65,9 @@ try:
 except ImportError:  # pragma: no cover - numpy comes with the delta extra
     np = None
 
-FORMAT = 3  # 1: XOR + numpy planes + zstandard (0.1); 2: subtract + zigzag + blosc2, CRC-32 per chunk; 3: xxh3 or CRC-32
+# 1: XOR + numpy planes + zstandard (torchrewind 0.1); 2: subtract + zigzag + blosc2, CRC-32 per chunk;
+# 3: subtract + per-byte offset + blosc2, xxh3 (or CRC-32) per chunk
+FORMAT = 3
 LEVEL = 1
 CHUNK = 1 << 20  # bytes per independently coded chunk (the unit of parallelism)
 MAGIC = b"TRWD"
