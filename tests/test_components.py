@@ -11,7 +11,7 @@ import pytest
 import torch
 from statecheck import assert_same, full_state
 
-from torchrewind import Rewind
+from torchrewind import Rewind, RewindError
 from torchrewind.core.values import tensors_bitwise_equal
 
 lrs = torch.optim.lr_scheduler
@@ -594,3 +594,84 @@ def test_a_new_rewind_on_a_closed_ones_tensors(old):
     if view is not None:
         assert view.data_ptr() == model.fc1.weight.data_ptr()  # the alias was kept
         assert torch.equal(view, model.fc1.weight.detach().view(-1))
+
+
+def test_sandbox_leaves_no_trace():
+    """Steps, lr edits, forward passes (BatchNorm), RNG draws and zero_grad inside rw.sandbox(): on exit the state,
+    the gradients, the step counter and the history are as at entry, and training continues bit for bit as a twin
+    that never entered the sandbox."""
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.2),
+                                    torch.nn.Linear(16, 3))  # fmt: skip
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+        return model, opt, sched, Rewind(model, opt, schedulers=[sched], capacity=2)
+
+    def it(model, opt, sched, seed):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+    def run(sandbox: bool):
+        model, opt, sched, rw = build()  # seeds the global RNG (dropout draws from it)
+        for s in range(3):
+            it(model, opt, sched, s)
+        out = {}
+        if sandbox:
+            before = full_state(model, opt, sched)
+            grads = [p.grad.clone() for p in model.parameters()]
+            depth = (len(rw), rw.redo_depth, rw.step, rw.held_steps())
+            with rw.sandbox() as box:
+                ends = []
+                for branch in range(2):  # two branches from the same start end alike
+                    for g in opt.param_groups:
+                        g["lr"] = 1.0
+                    for s in range(5):
+                        it(model, opt, sched, 100 + s)
+                    ends.append(full_state(model, opt, sched))
+                    box.restore()
+                    assert_same(before, full_state(model, opt, sched))
+                    assert rw.step == 3
+                assert_same(ends[0], ends[1])
+                it(model, opt, sched, 7)
+                torch.rand(3)
+                with pytest.raises(RewindError, match="inside rw.sandbox"):
+                    rw.undo()
+                rw.ensure_recorded()  # a no-op inside
+                opt.zero_grad()
+            assert_same(before, full_state(model, opt, sched))
+            assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+            assert (len(rw), rw.redo_depth, rw.step, rw.held_steps()) == depth
+        for s in range(3, 6):
+            it(model, opt, sched, s)
+        out["end"] = full_state(model, opt, sched)
+        rw.undo(2)
+        out["undone"] = full_state(model, opt, sched)
+        return out
+
+    plain, boxed = run(False), run(True)
+    assert_same(plain["end"], boxed["end"])
+    assert_same(plain["undone"], boxed["undone"])
+
+
+def test_sandbox_restores_after_an_exception():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rw = Rewind(model, opt)
+    for batch in batches(2):
+        backward(model, opt, batch)
+        opt.step()
+    before = full_state(model, opt)
+    with pytest.raises(ValueError, match="boom"):
+        with rw.sandbox():
+            backward(model, opt, batches(1, seed=9)[0])
+            opt.step()
+            raise ValueError("boom")
+    assert_same(before, full_state(model, opt))
+    assert rw.step == 2 and not rw.in_step

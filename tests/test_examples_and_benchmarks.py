@@ -62,6 +62,17 @@ def test_example_hf_spike_guard():
     assert float(re.search(r"SpikeGuard:    final loss ([\d.]+)", out).group(1)) < 3.0
 
 
+def test_example_lr_find(tmp_path):
+    png = tmp_path / "lr.png"
+    out = run("examples/lr_find.py", "--plot", str(png))
+    assert "with vs without lr_find: bitwise identical: True" in out, out
+    lr = float(re.search(r"suggested lr \(valley\): ([\d.e-]+)", out).group(1))
+    assert 1e-4 < lr < 1.0
+    assert re.search(r"find_batch_size: \d+ fits a 1 MiB step", out)
+    assert float(re.search(r"held-out accuracy ([\d.]+)%", out).group(1)) > 80
+    assert png.stat().st_size > 1000
+
+
 @pytest.mark.distributed
 def test_example_ddp_spike_guard():
     out = run("examples/ddp_spike_guard.py")
@@ -79,6 +90,9 @@ BENCHMARKS = {
     "bench_delta.py": (["whole HostArchive"], {"adam/archive", "sgd/archive"}),
     "bench_disk.py": (["rollback"], {"rollback_s", "exact"}),
     "bench_ddp.py": (["## DDP overhead", "replicas identical: True"], {"rows", "world_size"}),
+    "bench_suite.py": (["## Suite sanity", "Every task learns with Adam"], {"settings", "rows", "verdicts", "results"}),
+    "bench_tuners.py": (["## 1. Suggestions", "## 2. Leaves no trace", "## 3. Wall time"],
+                        {"suggestions", "trace", "overhead", "restore"}),
 }
 
 
@@ -95,5 +109,11 @@ def test_benchmark_quick_runs(tmp_path, script):
         assert len(res["settings"]["seeds"]) >= 3
     if script == "bench_disk.py":
         assert res["exact"] is True  # the rollback from disk was bitwise exact
+    if script == "bench_suite.py":  # every task ran with both optimizers, none raised
+        assert len({r["task"] for r in res["rows"]}) >= 12 and {r["config"] for r in res["rows"]} == {"adam", "sgd"}
+        assert not [r["key"] for r in res["results"] if r["error"]]
     if script == "bench_ddp.py":
         assert res["world_size"] == 2 and res["replicas_identical"] is True  # the guards kept the ranks in step
+    if script == "bench_tuners.py":  # ours leaves no trace, whatever the peers do
+        for rows in res["trace"].values():
+            assert all(v is not False for k, v in rows["torchrewind lr_find"].items()), rows

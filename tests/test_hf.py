@@ -29,6 +29,7 @@ from transformers import (  # noqa: E402
 )
 
 from torchrewind import NonFiniteGuard, Rewind, RewindError, SpikeDetector, SpikeGuard  # noqa: E402
+from torchrewind.core.values import values_equal  # noqa: E402
 from torchrewind.integrations.hf import RewindTrainer, RewindTrainerCallback  # noqa: E402
 
 SEED, B, LR, WD = 7, 4, 1e-2, 0.01
@@ -295,3 +296,98 @@ def test_ddp_ranks_take_the_same_decisions(tmp_path, shard):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert f"world 2 shard: {shard} group: True" in out.stdout and "rolled_back" in out.stdout, out.stdout
     assert "identical: True same decisions: True" in out.stdout, out.stdout
+
+
+# -- resume: the callback's state travels in the checkpoint's trainer_state.json --------------------------------------
+def resume_args(tmp_path, steps: int) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="steps",
+                             save_steps=12, logging_strategy="no", max_steps=steps, per_device_train_batch_size=B,
+                             dataloader_num_workers=0, seed=SEED, learning_rate=LR, weight_decay=WD,
+                             disable_tqdm=True)  # fmt: skip
+
+
+def resume_callback(guard="spike", **kw):
+    # warmup 16: a detector restarted at the resume would still be warming up 10 steps later
+    return RewindTrainerCallback(guard, **({} if guard != "spike" else dict(
+        detector=SpikeDetector(window=16, warmup=16), rollback=2, skip_batches=1, cooldown=2, ramp=2)), **kw)
+
+
+def train_resumable(out, data, steps, cb, resume=None):
+    torch.manual_seed(resume is not None)  # another init when resuming: the weights come from the checkpoint
+    model = Net()
+    trainer = SeqTrainer(model=model, args=resume_args(out, steps), train_dataset=data,
+                         data_collator=default_data_collator, callbacks=[cb])  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def test_train_resumed_from_a_checkpoint_takes_the_same_decisions(tmp_path):
+    """save_steps=12, then a new Trainer, model and callback with train(resume_from_checkpoint=checkpoint-12): the
+    same decisions (event log) and the same final state, bit for bit, as the run never interrupted, including the
+    spike 10 steps after the resume that a restarted detector would let through."""
+    import json
+    import shutil
+
+    steps = 30
+    data = dataset(steps, spike=(22,), nan=(5,))
+    ref_cb = resume_callback()
+    ref_model, ref_trainer = train_resumable(tmp_path / "ref", data, steps, ref_cb)
+    kinds = [e.kind for e in ref_cb.log]
+    assert kinds[5] == "skipped" and kinds[22] == "rolled_back"
+
+    ckpt = tmp_path / "ref" / "checkpoint-12"
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["RewindTrainerCallback"]
+    assert saved["torchrewind"]["global_step"] == 12 and saved["args"]["guard"] == "spike"
+    cb = resume_callback()
+    model, trainer = train_resumable(tmp_path / "run", data, steps, cb, resume=str(ckpt))
+    assert values_equal(cb.log.records(), ref_cb.log.records())
+    assert cb.guard.steps == ref_cb.guard.steps and trainer.state.global_step == steps
+    assert_same(model, trainer.optimizer.optimizer, trainer.lr_scheduler,
+                ref_model, ref_trainer.optimizer.optimizer, ref_trainer.lr_scheduler)  # fmt: skip
+
+    # the same resume without the callback's state: the detector warms up again and the spike goes through
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare)
+    st = json.loads((bare / "trainer_state.json").read_text())
+    del st["stateful_callbacks"]["RewindTrainerCallback"]
+    (bare / "trainer_state.json").write_text(json.dumps(st))
+    cb = resume_callback()
+    train_resumable(tmp_path / "bare_run", data, steps, cb, resume=str(bare))
+    assert cb.log[10].kind == "accepted" and cb.log[10].loss > 100
+
+
+def test_resume_with_another_guard_is_refused_before_any_step(tmp_path):
+    data = dataset(12)
+    train_resumable(tmp_path, data, 12, resume_callback())
+    for cb, match in [(resume_callback("nonfinite"), "guarding with SpikeGuard, this one guards with NonFiniteGuard"),
+                      (resume_callback(max_rollbacks=5), "max_rollbacks: 20 saved, 5 here")]:  # fmt: skip
+        with pytest.raises(RewindError, match=match):
+            train_resumable(tmp_path / "again", data, 24, cb, resume=str(tmp_path / "checkpoint-12"))
+        assert cb.guard is None and cb.rewind is None  # refused before a step (no hooks left on the optimizer)
+
+
+def test_restore_callback_states_from_checkpoint(tmp_path):
+    """With the Trainer's restore_callback_states_from_checkpoint=True it replaces the callback by one rebuilt from
+    the saved JSON-able options: that one resumes as well; options that are objects (a SpikeDetector) do not survive
+    the rebuild, and the mismatch is refused with a hint to leave the flag off."""
+    data = dataset(24, spike=(20,))
+
+    def run(out, cb, resume=None):
+        torch.manual_seed(1)
+        a = resume_args(out, 24)
+        a.restore_callback_states_from_checkpoint = True
+        trainer = SeqTrainer(model=Net(), args=a, train_dataset=data, data_collator=default_data_collator,
+                             callbacks=[cb])  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    ref = RewindTrainerCallback("spike", rollback=2, skip_batches=1)
+    run(tmp_path / "a", ref)
+    trainer = run(tmp_path / "b", RewindTrainerCallback("spike", rollback=2, skip_batches=1),
+                  resume=str(tmp_path / "a" / "checkpoint-12"))  # fmt: skip
+    (rebuilt,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, RewindTrainerCallback)]
+    assert values_equal(rebuilt.log.records(), ref.log.records()) and ref.log[20].kind == "rolled_back"
+
+    run(tmp_path / "c", resume_callback())
+    with pytest.raises(RewindError, match="(?s)window: 16 saved, 50 here.*leave the flag False"):
+        run(tmp_path / "d", resume_callback(), resume=str(tmp_path / "c" / "checkpoint-12"))

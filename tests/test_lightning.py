@@ -17,6 +17,7 @@ import lightning.pytorch as L  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from torchrewind import NonFiniteGuard, Rewind, RewindError, SpikeDetector, SpikeGuard  # noqa: E402
+from torchrewind.core.values import values_equal  # noqa: E402
 from torchrewind.integrations.lightning import RewindCallback  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # num_workers, batch-size inference, ...
@@ -276,12 +277,14 @@ def test_grad_scaler_skipped_step_is_logged_and_spike_rolls_back():
     cb = RewindCallback("spike", **spike_kwargs())
     module = Net("adam")
     fit(module, batches, [cb], plugins=[plugin])
-    assert cb.rewind._scaler is plugin.scaler
     ev = {e.iteration: e for e in cb.log}
     assert ev[12].kind == "rolled_back"
     assert ev[18].kind == "skipped" and "not called" in ev[18].reason and ev[18].undone == 0
     assert plugin.scaler.get_scale() == 0.5  # the scaler's back-off after the NaN batch stands (nothing undone)
     assert all(p.isfinite().all() for p in module.parameters())
+    plugin.scaler.update(123.0)  # the scaler is part of the recorded state: an undo brings its scale back
+    cb.rewind.undo()
+    assert plugin.scaler.get_scale() == 0.5
 
 
 def test_guard_none_records_every_step_for_undo():
@@ -387,6 +390,102 @@ def test_a_second_fit_gets_a_fresh_rewind_with_arenas():
     first = weakref.ref(cb.rewind)
     fit(net, make_batches(12, spike=(9,), seed=1), [cb])
     assert first() is None  # freed when the second fit started
-    tr = cb.rewind._tracker
-    assert tr.arenas and not tr.pinned_params and not tr.structure.pinned_items
+    # every parameter and Adam moment is in the arenas (one memcpy per snapshot), none copied one by one
+    tensors = [*net.parameters(), *(v for st in net.opt.state.values() for v in st.values() if torch.is_tensor(v))]
+    assert cb.rewind.state_nbytes >= sum(t.nbytes for t in tensors)
     assert "rolled_back" in [e.kind for e in cb.log]
+
+
+# -- resume: the callback's state travels in Lightning's checkpoint ---------------------------------------------------
+class FaultyNet(Net):
+    """Faults by optimizer step (trainer.global_step survives a resume): the loss x1000 at ``spike`` (inputs x1000
+    would not do with BatchNorm, which normalizes them away), a NaN input at ``nan``."""
+
+    def __init__(self, spike=(), nan=(), **kw):
+        super().__init__(**kw)
+        self.spike, self.nan = set(spike), set(nan)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step in self.nan:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        loss = F.cross_entropy(self.net(x), y)
+        return loss * 1000.0 if self.global_step in self.spike else loss
+
+
+def resume_kwargs():
+    # warmup 16: a detector restarted at the resume would still be warming up 10 steps later
+    return dict(detector=SpikeDetector(window=16, warmup=16), rollback=2, skip_batches=1, cooldown=3, ramp=3)
+
+
+def fit_ckpt(module, batches, cb, root, epochs, ckpt_path=None):
+    """fit() with Lightning's default checkpointing left on (a ModelCheckpoint at every epoch's end)."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_epochs=epochs, num_sanity_val_steps=0, callbacks=[cb],
+                        default_root_dir=str(root))  # fmt: skip
+    trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["mlp", "batchnorm"])
+def test_fit_resumed_from_the_default_checkpoint_takes_the_same_decisions(tmp_path, bn):
+    """fit() for one epoch with the default ModelCheckpoint, then a new Trainer, module and callback resumed with
+    fit(ckpt_path=...): the same decisions (event log), counters and final state, bit for bit, as two epochs never
+    interrupted, including the spike 10 steps after the resume that a restarted detector would let through."""
+    n, faults = 24, dict(spike=(17, 34), nan=(5,))  # 34: 10 steps into the second epoch
+    batches = make_batches(n)
+    ref_cb = RewindCallback("spike", **resume_kwargs())
+    ref = FaultyNet(**faults, opt="sgd", sched="step", bn=bn)
+    ref_trainer = fit_ckpt(ref, batches, ref_cb, tmp_path / "ref", epochs=2)
+    kinds = [e.kind for e in ref_cb.log]
+    assert kinds[17] == kinds[34] == "rolled_back" and kinds[5] == "skipped"
+
+    first = FaultyNet(**faults, opt="sgd", sched="step", bn=bn)
+    fit_ckpt(first, batches, RewindCallback("spike", **resume_kwargs()), tmp_path / "run", epochs=1)
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["RewindCallback"]  # plain data: the safe loader reads it
+    assert saved["guard"]["detector"]["count"] >= 16 and len(saved["guard"]["log"]["events"]) == n
+
+    cb = RewindCallback("spike", **resume_kwargs())
+    module = FaultyNet(**faults, opt="sgd", sched="step", bn=bn)
+    trainer = fit_ckpt(module, batches, cb, tmp_path / "run", epochs=2, ckpt_path=ckpt)
+    assert values_equal(cb.log.records(), ref_cb.log.records())
+    assert trainer.global_step == ref_trainer.global_step == 2 * n and cb.guard.steps == ref_cb.guard.steps
+    assert_same_training(module, ref.net, ref.opt, [s for s, _ in ref.scheds])
+    assert_same(list(module.buffers()), list(ref.buffers()), "buffers")
+    for k in ("rewind/rolled_back", "rewind/skipped", "rewind/undone"):
+        assert trainer.callback_metrics[k] == ref_trainer.callback_metrics[k]  # running totals continue too
+
+    # the same resume without the callback's state: the detector warms up again and the spike goes through
+    raw = torch.load(ckpt, weights_only=True)
+    del raw["callbacks"]["RewindCallback"]
+    torch.save(raw, tmp_path / "stateless.ckpt")
+    cb = RewindCallback("spike", **resume_kwargs())
+    fit_ckpt(FaultyNet(**faults, opt="sgd", sched="step", bn=bn), batches, cb, tmp_path / "x", epochs=2,
+             ckpt_path=tmp_path / "stateless.ckpt")  # fmt: skip
+    assert [e.kind for e in cb.log][10] == "accepted" and cb.log[10].loss > 100
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: RewindCallback("nonfinite"), "guarding with SpikeGuard, this one guards with NonFiniteGuard"),
+        (lambda: RewindCallback("spike", **{**resume_kwargs(), "rollback": 3}), "rollback: 2 saved, 3 here"),
+        (lambda: RewindCallback(None), "guarding with SpikeGuard, this one guards with no guard"),
+    ],
+    ids=["other-guard", "other-settings", "no-guard"],
+)
+def test_resume_with_another_guard_is_refused_before_any_step(tmp_path, make, match):
+    batches = make_batches(8)
+    fit_ckpt(FaultyNet(opt="adam"), batches, RewindCallback("spike", **resume_kwargs()), tmp_path, epochs=1)
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    module = FaultyNet(opt="adam")
+    with pytest.raises(RewindError, match=match):
+        fit_ckpt(module, batches, make(), tmp_path / "again", epochs=2, ckpt_path=ckpt)
+    weights = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert_same([p.detach() for p in module.parameters()], [weights[k] for k, _ in module.named_parameters()])
+    # refused while Lightning restored the checkpoint (a wrong guard type: before configure_optimizers even ran)
+    # or when the guard was built (other settings): no step taken, no hooks left behind
+    opt = module.opt
+    assert opt is None or not (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks)

@@ -530,18 +530,22 @@ def test_spike_guard_replay_rollback_limited_by_history():
     """rollback=3 but the history holds fewer steps right after a roll-back: min(rollback, len(rw)) are undone."""
     data = make_data(48, SPIKE_FAULTS)
     run = GuardRun(opt="sgd", lr=0.05, capacity=4)
-    lens = []
     guard = spike_guard(run.rw)
-    orig = guard._roll_back
+    depth = []  # len(rw) before each decision: what a roll-back can undo
 
-    def spy(*a, already_undone=0):  # record the expected undo count at each roll-back decision
-        lens.append(min(3, len(run.rw)) + already_undone)
-        return orig(*a, already_undone=already_undone)
+    class Probe:  # the guard, seen from the loop
+        wrap = staticmethod(guard.wrap)
 
-    guard._roll_back = spy
-    run.train(guard, data)
+        @staticmethod
+        def step(loss):
+            depth.append(len(run.rw))
+            return guard.step(loss)
+
+    run.train(Probe, data)
     rolled = [e for e in guard.log if e.kind == "rolled_back"]
-    assert [e.undone for e in rolled] == lens
+    # + 1: a step check_params undid before the roll-back (it left the history as deep as before)
+    assert [e.undone for e in rolled] == [min(3, depth[e.iteration]) + ("parameters non-finite" in e.reason)
+                                          for e in rolled]  # fmt: skip
     assert any(e.undone < 3 for e in rolled), [e.undone for e in rolled]
     rep = GuardRun(opt="sgd", lr=0.05, capacity=4)
     rep.replay(guard.log, data)
@@ -1441,21 +1445,21 @@ BAD_SETTINGS = [
     (LineSearch, dict(shrink=1.0), "shrink must be a finite number in"),
     (LineSearch, dict(shrink=1.5), "shrink must be a finite number in"),
     (LineSearch, dict(shrink=0.0), "shrink must be a finite number in"),
-    (LineSearch, dict(grow=0.9), "grow must be a number >= 1"),
+    (LineSearch, dict(grow=0.9), r"grow must be a finite number in \[1, inf\)"),
     (LineSearch, dict(max_tries=0), "max_tries must be an int >= 1"),
     (LineSearch, dict(max_tries=2.0), "max_tries must be an int >= 1"),
     (LineSearch, dict(c=0.0), "c must be a finite number in"),
     (LineSearch, dict(c=1.0), "c must be a finite number in"),
     (BoldDriver, dict(shrink=1.0), "shrink must be a finite number in"),
-    (BoldDriver, dict(grow=0.5), "grow must be a number >= 1"),
+    (BoldDriver, dict(grow=0.5), r"grow must be a finite number in \[1, inf\)"),
     (BoldDriver, dict(max_tries=0), "max_tries must be an int >= 1"),
-    (BoldDriver, dict(tolerance=-0.1), "tolerance must be a number >= 0"),
+    (BoldDriver, dict(tolerance=-0.1), r"tolerance must be a finite number in \[0, inf\)"),
     (SpikeDetector, dict(window=2), "window must be an int >= 3"),
     (SpikeDetector, dict(warmup=0), "warmup must be an int >= 1"),
     (SpikeDetector, dict(window=10, warmup=11), r"warmup \(11\) cannot exceed window \(10\)"),
-    (SpikeDetector, dict(method="median"), "method must be 'mad' or 'ema'"),
-    (SpikeDetector, dict(threshold=0), "threshold must be > 0"),
-    (SpikeDetector, dict(threshold=math.nan), "threshold must be > 0"),
+    (SpikeDetector, dict(method="median"), "method must be one of 'mad', 'ema'"),
+    (SpikeDetector, dict(threshold=0), r"threshold must be a number in \(0, inf\)"),
+    (SpikeDetector, dict(threshold=math.nan), r"threshold must be a number in \(0, inf\)"),
     (SpikeDetector, dict(alpha=0.0), "alpha must be a finite number in"),
     (SpikeDetector, dict(alpha=1.0), "alpha must be a finite number in"),
 ]
@@ -1467,10 +1471,12 @@ def test_contradictory_settings(cls, kw, msg):
     backprop(m, o)
     o.step()
     before = full_state(m, o)
+    tracked = []
+    rw.track = tracked.append  # (instance attribute: sees what a guard asks the Rewind to track)
     with pytest.raises(RewindError, match=msg):
         cls(**kw) if cls is SpikeDetector else cls(rw, **kw)
     assert_same(before, full_state(m, o))
-    assert len(rw) == 1 and rw._recorder.objects == []  # a refused SpikeGuard tracks nothing
+    assert len(rw) == 1 and tracked == []  # a refused SpikeGuard tracks nothing
 
 
 
@@ -1650,3 +1656,350 @@ def test_trajectory_plot_writes_png(tmp_path):
     fig, ax = plt.subplots()
     assert make_log(EVENTS).plot(ax=ax) is fig  # drawing into a given axes, nothing saved
     plt.close(fig)
+
+
+# =============================================================================================== pieces and decisions
+
+
+def test_lr_factor_one_means_no_cooldown():
+    m, o, rw = tiny(lr=0.1)
+    guard = SpikeGuard(rw, detector=det(), lr_factor=1.0, min_lr_factor=1.0, rollback=1)
+    for i in range(6):
+        backprop(m, o)
+        guard.step(quiet(i))
+    backprop(m, o)
+    assert guard.step(100.0) is False and guard.log[-1].kind == "rolled_back"
+    assert guard.log[-1].extra["lr_factor"] == 1.0 and guard.lr_scale == 1.0
+    backprop(m, o)
+    assert guard.step(quiet(0)) and guard.log[-1].lrs == (0.1,) and guard.log[-1].reason == ""
+
+
+def test_rollback_after_a_nonfinite_step_in_a_cooldown_leaves_the_restored_lrs():
+    """A step at the cool-down lr that makes a parameter non-finite is undone, and (max_consecutive=1) the guard
+    rolls back: param_groups then hold the lrs of the restored state, the scheduler's (before the pieces were split,
+    the cool-down's lr bookkeeping put back the lr of the iteration instead)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    big = torch.nn.Parameter(torch.tensor([3e38]))  # overflows at a step of lr * 3e38 >= 0.4e38
+    o = torch.optim.SGD([*m.parameters(), big], lr=1.0)
+    sched = torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9)
+    rw = Rewind(m, o, schedulers=[sched], capacity=4)
+    guard = SpikeGuard(rw, detector=det(), rollback=2, cooldown=3, ramp=0, check_params=True, max_consecutive=1)
+
+    def step(loss, boom=False):
+        backprop(m, o)
+        if boom:
+            big.grad = torch.tensor([-3e38])
+        if guard.step(loss):
+            sched.step()
+
+    for i in range(6):
+        step(quiet(i))
+    step(100.0)  # spike: 2 steps undone, cool-down at lr x0.5
+    step(quiet(0))
+    assert guard.log[-1].reason == "cool-down lr x0.5"
+    step(quiet(1), boom=True)
+    e = guard.log[-1]
+    assert (e.kind, e.reason, e.undone) == ("rolled_back", "step made parameters non-finite: undone, 1 in a row", 3)
+    assert sched.last_epoch == guard.steps == 3 and big.isfinite().all()
+    assert o.param_groups[0]["lr"] == sched.get_last_lr()[0] == e.lrs[0]
+
+
+class CapGuard(NonFiniteGuard):
+    """A custom guard on the public base: skip any step whose loss is above a cap, else NonFiniteGuard's rule."""
+
+    def decide(self, loss, grad_norm):
+        from torchrewind.policies import Decision
+
+        return Decision.skip("loss above the cap") if loss > 5.0 else super().decide(loss, grad_norm)
+
+
+@pytest.mark.parametrize("framework", [False, True], ids=["step", "after_step"])
+def test_a_custom_decision_is_carried_out_by_the_driver(framework):
+    m, o, rw = tiny()
+    guard = CapGuard(rw, max_consecutive=5)
+    before = None
+    for i, loss in enumerate([1.0, 9.0, math.nan, 2.0]):
+        backprop(m, o)
+        if i == 1:
+            before = full_state(m, o)
+        if framework:
+            guard.before_step()
+            o.step()
+            guard.after_step(loss)
+        else:
+            guard.step(loss)
+        if i == 2:
+            assert_same(before, full_state(m, o))  # neither the capped nor the NaN step was applied
+    assert kinds(guard.log) == ["accepted", "skipped", "skipped", "accepted"]
+    assert guard.log[1].reason == "loss above the cap" and guard.log[1].undone == int(framework)
+    assert guard.consecutive == 0 and guard.steps == 2
+
+
+def test_decision_vocabulary():
+    from torchrewind.policies import Decision, Guard
+
+    assert Decision.apply() == Decision("apply", "")
+    assert Decision.roll_back("why", 3, 2) == Decision("roll_back", "why", 3, 2)
+    m, o, rw = tiny()
+    assert SpikeGuard(rw, detector=det(), rollback=2, skip_batches=1).decide(math.inf, None) == Decision.skip(
+        "non-finite loss (inf)"
+    )
+    assert NonFiniteGuard(rw).decide(1.0, math.nan) == Decision.skip("non-finite gradient")
+
+    class Odd(Guard):
+        def decide(self, loss, grad_norm):
+            return Decision("explode")
+
+    backprop(m, o)
+    with pytest.raises(RewindError, match="unknown action 'explode'"):
+        Odd(rw).step(1.0)
+
+
+# =============================================================================================== state_dict: resume
+
+RESUME_FAULTS = {5: "nan_loss", 20: "poison", 27: "inf_grad", 40: "poison", 47: "nan_loss", 48: "nan_loss"}
+
+
+def resume_guard(rw, **kw):
+    """warmup=16: a detector that restarted at a resume would still be warming up 10 iterations later."""
+    opts = dict(detector=SpikeDetector(window=16, threshold=6, warmup=16), rollback=3, skip_batches=2, cooldown=3,
+                ramp=4, max_consecutive=2, check_params=True)  # fmt: skip
+    opts.update(kw)
+    return SpikeGuard(rw, **opts)
+
+
+def guarded_loop(run: GuardRun, guard, batches, *, wrap: bool, stop: int | None = None) -> None:
+    """The README loop (guard.step; sched.step when it stands), optionally without guard.wrap (then a skip means:
+    the next batches' steps are not applied), stopping once the guard has judged ``stop`` iterations."""
+    for i, x, t, fault in guard.wrap(batches) if wrap else batches:
+        loss = forward_loss(run.model, x, t, fault)
+        run.opt.zero_grad()
+        loss.backward()
+        inject_grad(run.model, fault)
+        if guard.step(loss):
+            run.sched.step()
+        if stop is not None and guard.iteration == stop:
+            return
+
+
+def checkpoint(run: GuardRun, guard, path) -> dict:
+    """What a training script saves: model, optimizer, scheduler, the guard, the RNG; read back as plain data."""
+    torch.save({"model": run.model.state_dict(), "opt": run.opt.state_dict(), "sched": run.sched.state_dict(),
+                "guard": guard.state_dict(), "rng": torch.get_rng_state()}, path)  # fmt: skip
+    return torch.load(path, weights_only=True)  # plain data only: the safe loader reads it
+
+
+def key_sorted(state: dict) -> dict:
+    """full_state with each param group's keys in one order (optimizer.load_state_dict puts "params" last)."""
+    return {**state, "groups": [dict(sorted(g.items())) for g in state["groups"]]}
+
+
+def resumed_run(ckpt: dict, make_guard, *, load_guard: bool = True) -> tuple[GuardRun, object]:
+    run = GuardRun(opt="sgd", lr=0.05, capacity=4, seed=1)  # another init: everything comes from the checkpoint
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["opt"])
+    run.sched.load_state_dict(ckpt["sched"])
+    guard = make_guard(run.rw)
+    if load_guard:
+        guard.load_state_dict(ckpt["guard"])
+    torch.set_rng_state(ckpt["rng"])
+    return run, guard
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["wrapped-loader", "no-loader"])
+@pytest.mark.parametrize("when", ["10-before-a-spike", "right-after-a-roll-back"])
+def test_spike_guard_resumed_from_a_checkpoint_takes_the_same_decisions(tmp_path, when, wrap):
+    """Interrupted and resumed from torch.save'd model, optimizer, scheduler, RNG and guard state: the same event
+    log and the same final state, bit for bit, as the run never interrupted. Stopped 10 iterations before a spike,
+    or right after a roll-back (batches still to skip, a cool-down in progress)."""
+    data = make_data(60, RESUME_FAULTS)
+    spike = 38 if wrap else 40  # data 40; with a wrapped loader the 2 batches skipped at 20 are no iterations
+    stop = spike - 10 if when == "10-before-a-spike" else 21
+    ref = GuardRun(opt="sgd", lr=0.05, capacity=4)
+    g_ref = resume_guard(ref.rw)
+    guarded_loop(ref, g_ref, data, wrap=wrap)
+    rolled = [e.iteration for e in g_ref.log if e.kind == "rolled_back"]
+    assert 20 in rolled and spike in rolled and any(e.kind == "skipped" for e in g_ref.log), rolled
+
+    first = GuardRun(opt="sgd", lr=0.05, capacity=4)
+    g1 = resume_guard(first.rw)
+    guarded_loop(first, g1, data, wrap=wrap, stop=stop)
+    ckpt = checkpoint(first, g1, tmp_path / "ckpt.pt")
+    if stop == 21:
+        assert g1.log[-1].kind == "rolled_back" and g1.lr_scale != 1.0
+        b = ckpt["guard"]["batches"]
+        assert (b["loader"]["pending"] if wrap else b["queued"]) == 2  # the batches still to skip
+    pos = (lambda s: s["seen"] + s["skipped"])(ckpt["guard"]["batches"]["loader"]) if wrap else stop
+
+    run, guard = resumed_run(ckpt, resume_guard)
+    guarded_loop(run, guard, data[pos:], wrap=wrap)
+    assert values_equal(guard.log.records(), g_ref.log.records())  # every decision, loss, lr, reason
+    assert (guard.iteration, guard.steps, guard.rollbacks) == (g_ref.iteration, g_ref.steps, g_ref.rollbacks)
+    assert_same(key_sorted(ref.state()), key_sorted(run.state()))
+    assert values_equal(guard.state_dict(), g_ref.state_dict())
+
+    if stop == spike - 10:  # without the guard's state the detector restarts its warm-up: the spike goes through
+        run, guard = resumed_run(ckpt, resume_guard, load_guard=False)
+        guarded_loop(run, guard, data[pos:], wrap=wrap)
+        assert guard.log[10].kind == "accepted" and guard.log[10].loss > 100
+
+
+def test_nonfinite_guard_resume_keeps_the_consecutive_count(tmp_path):
+    data = make_data(12, {4: "nan_loss", 5: "inf_grad", 6: "nan_loss"})
+
+    def make(rw):
+        return NonFiniteGuard(rw, max_consecutive=3)
+
+    ref = GuardRun(opt="sgd", lr=0.05, capacity=4)
+    with pytest.raises(RewindError, match="3 consecutive iterations were not applied"):
+        guarded_loop(ref, make(ref.rw), data, wrap=False)
+    first = GuardRun(opt="sgd", lr=0.05, capacity=4)
+    g1 = make(first.rw)
+    guarded_loop(first, g1, data, wrap=False, stop=6)
+    run, guard = resumed_run(checkpoint(first, g1, tmp_path / "c.pt"), make)
+    assert guard.consecutive == 2
+    with pytest.raises(RewindError, match="3 consecutive iterations were not applied"):
+        guarded_loop(run, guard, data[6:], wrap=False)
+
+
+@pytest.mark.parametrize("cls,kw", [(LineSearch, dict(max_tries=4)), (BoldDriver, dict(max_tries=3, lr_max="initial"))])
+def test_search_resumed_from_a_checkpoint_is_exact(tmp_path, cls, kw):
+    """LineSearch/BoldDriver interrupted and resumed: same log, same state; lr_max="initial" is the original run's
+    lr, not the (grown or shrunk) lr the resumed optimizer starts with."""
+    data = make_data(24, SEARCH_FAULTS)
+    ref = SearchRun(opt="sgd", lr=1.0, sched=True)
+    p_ref = cls(ref.rw, **kw)
+    ref.train(p_ref, data)
+    first = SearchRun(opt="sgd", lr=1.0, sched=True)
+    p1 = cls(first.rw, **kw)
+    first.train(p1, data[:11])
+    torch.save({"model": first.model.state_dict(), "opt": first.opt.state_dict(), "sched": first.sched.state_dict(),
+                "search": p1.state_dict(), "rng": torch.get_rng_state()}, tmp_path / "c.pt")  # fmt: skip
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    run = SearchRun(opt="sgd", lr=1.0, sched=True, seed=3)
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["opt"])
+    run.sched.load_state_dict(ckpt["sched"])
+    assert get_lrs(run.opt) != (1.0,)  # the search moved the lr: "initial" would now resolve to another cap
+    pol = cls(run.rw, **kw)
+    pol.load_state_dict(ckpt["search"])
+    assert pol.lr_max == p1.lr_max == 1.0
+    torch.set_rng_state(ckpt["rng"])
+    run.train(pol, data[11:])
+    assert values_equal(pol.log.records(), p_ref.log.records()) and pol.stats == p_ref.stats
+    assert_same(key_sorted(ref.state()), key_sorted(run.state()))
+
+
+def guard_after_some_steps(**kw):
+    m, o, rw = tiny(capacity=4)
+    guard = SpikeGuard(rw, **{"detector": det(), "rollback": 2, "skip_batches": 1, "grad_norm": True, **kw})
+    for i in range(8):
+        backprop(m, o)
+        guard.step(100.0 if i == 6 else quiet(i))
+    return guard
+
+
+@pytest.mark.parametrize(
+    "make,state,match",
+    [
+        (lambda rw: NonFiniteGuard(rw), None, "saved by a 'SpikeGuard', not a 'NonFiniteGuard'"),
+        (lambda rw: SpikeGuard(rw, detector=det(), rollback=3, skip_batches=1, grad_norm=True), None,
+         r"other settings \(rollback: 2 saved, 3 here\)"),
+        (lambda rw: SpikeGuard(rw, detector=det(window=12), rollback=2, skip_batches=1, grad_norm=True), None,
+         r"window: 10 saved, 12 here"),
+        (lambda rw: SpikeGuard(rw, detector=det(), rollback=2, skip_batches=1, grad_norm=True, max_rollbacks=30),
+         None, r"max_rollbacks: 20 saved, 30 here"),
+        (None, lambda sd: {**sd, "version": 7}, "format version 7"),
+        (None, lambda sd: {k: v for k, v in sd.items() if k != "cooldown"}, r"lacks \['cooldown'\]"),
+        (None, lambda sd: {**sd, "steps": -1}, "steps must be an int >= 0"),
+        (None, lambda sd: {**sd, "detector": {**sd["detector"], "values": [1.0, math.nan]}}, "finite numbers"),
+        (None, lambda sd: {**sd, "log": {"events": [{"kind": "exploded"}]}}, "not an event"),
+        (None, lambda sd: {**sd, "budget": {**sd["budget"], "recent": ["x"]}}, "must be an int"),
+        (None, lambda sd: [sd], "must be a dict returned by SpikeGuard.state_dict()"),
+    ],
+    ids=["other-guard", "rollback", "detector-window", "budget", "version", "missing", "negative", "nan-value",
+         "bad-event", "bad-budget", "not-a-dict"],  # fmt: skip
+)
+def test_load_state_dict_refuses_a_mismatched_state_and_changes_nothing(make, state, match):
+    saved = guard_after_some_steps().state_dict()
+    target = guard_after_some_steps(skip_batches=1)
+    target.step(quiet(0))  # one more iteration: its state differs from the saved one
+    if make is not None:
+        target = make(target.rw)
+    before = target.state_dict()
+    bad = state(saved) if state is not None else saved
+    with pytest.raises(RewindError, match=match):
+        target.load_state_dict(bad)
+    assert values_equal(target.state_dict(), before)
+
+
+def test_load_state_dict_strict_false_keeps_the_settings():
+    saved = guard_after_some_steps().state_dict()
+    m, o, rw = tiny(capacity=4)
+    guard = SpikeGuard(rw, detector=det(window=5, warmup=3), rollback=3, skip_batches=1, grad_norm=True,
+                       max_rollbacks=40, cooldown=1)  # fmt: skip
+    guard.load_state_dict(saved, strict=False)
+    assert (guard.rollback, guard.max_rollbacks, guard.cooldown, guard.detector.window) == (3, 40, 1, 5)
+    assert guard.iteration == 8 and guard.rollbacks == 1 and list(guard.detector.values) == saved["detector"][
+        "values"][-5:]  # fmt: skip
+    assert guard.lr_cooldown.cool_left <= 1 and len(guard.log) == 8
+
+
+def test_state_dict_is_plain_data(tmp_path):
+    guard = guard_after_some_steps()
+    sd = guard.state_dict()
+    assert json.loads(json.dumps(sd)) == json.loads(json.dumps(sd, sort_keys=True))  # JSON-able, str keys
+    torch.save(sd, tmp_path / "g.pt")
+    back = torch.load(tmp_path / "g.pt", weights_only=True)
+    assert values_equal(back, sd)
+    again = guard_after_some_steps()
+    again.step(quiet(0))
+    again.load_state_dict(json.loads(json.dumps(sd)))  # through JSON (tuples become lists) as well
+    assert values_equal(again.state_dict(), sd)
+    assert [e.lrs for e in again.log] == [e.lrs for e in guard.log] and isinstance(again.log[0].lrs, tuple)
+
+
+def test_state_dict_between_before_and_after_step_is_refused():
+    m, o, rw = tiny()
+    guard = NonFiniteGuard(rw)
+    backprop(m, o)
+    guard.before_step()
+    with pytest.raises(RewindError, match="between before_step"):
+        guard.state_dict()
+    with pytest.raises(RewindError, match="between before_step"):
+        guard.load_state_dict({})
+    o.step()
+    guard.after_step(1.0)
+    assert guard.state_dict()["steps"] == 1
+
+
+@pytest.mark.parametrize("piece", ["detector", "cooldown", "budget", "trajectory", "iterator"])
+def test_piece_state_round_trips(piece):
+    from torchrewind.policies import LrCooldown, RollbackBudget
+
+    if piece == "detector":
+        a, b = SpikeDetector(window=4, warmup=2), SpikeDetector(window=4, warmup=2)
+        for x in (1.0, 2.0, 1.5, 1.2, 1.1):
+            a.update(x)
+    elif piece == "cooldown":
+        a, b = LrCooldown(0.3, 0.01, 4, 2), LrCooldown(0.3, 0.01, 4, 2)
+        a.spiked()
+        a.stepped(a.scale)
+    elif piece == "budget":
+        a, b = RollbackBudget(3, 10), RollbackBudget(3, 10)
+        for i in (1, 4, 12):
+            assert a.charge(i)
+        assert list(a.recent) == [4, 12]
+    elif piece == "trajectory":
+        a, b = make_log(EVENTS), Trajectory()
+    else:
+        a, b = SkippableIterator(range(10)), SkippableIterator(range(10))
+        next(a), a.skip(3), next(a), a.skip(2)
+    sd = a.state_dict()
+    b.load_state_dict(json.loads(json.dumps(sd)))
+    assert values_equal(b.state_dict(), sd)
+    if piece == "iterator":
+        assert sd == {"seen": 2, "skipped": 3, "pending": 2}
+    if piece == "trajectory":
+        assert values_equal(b.records(), a.records()) and b[3].lrs == (1e-3, 3e-300)

@@ -13,12 +13,16 @@ from .rewind import Rewind, Trial
 from .skipping import SkippableIterator
 from .tiers import DiskCheckpoints, HostArchive, Tiers
 from .trajectory import Event, Trajectory
+from .tuners import BatchSizeResult, BranchAndPick, LRFindResult, find_batch_size, lr_find
 
 __all__ = [
+    "BatchSizeResult",
     "BoldDriver",
+    "BranchAndPick",
     "DiskCheckpoints",
     "Event",
     "HostArchive",
+    "LRFindResult",
     "LineSearch",
     "NonFiniteGuard",
     "Rewind",
@@ -29,5 +33,7 @@ __all__ = [
     "Tiers",
     "Trajectory",
     "Trial",
+    "find_batch_size",
+    "lr_find",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,8 @@ state bound to arenas, a :class:`~.core.snapshot.Recorder` copies it into and ou
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -133,6 +134,7 @@ class Rewind:
         self._ring = Ring(cfg.capacity, cfg.redo)
         self._step = 0  # optimizer steps taken by the live state (restored by undo/redo)
         self._phase = _READY
+        self._sandbox: Sandbox | None = None  # the active sandbox(), holding its entry state
         # The budget is a plain object (no reference back to this Rewind): the tracker asks it before moving
         # anything, and this Rewind applies its answer ("keep fewer device points") after the record in progress.
         self._budget = Budget(cfg.max_bytes, can_shrink=self.tiers.host is not None)
@@ -162,6 +164,9 @@ class Rewind:
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._sandbox is not None:  # nothing is recorded inside a sandbox
+            self._phase = _STEPPING
+            return
         if self.config.auto:
             self.ensure_recorded()
         self._phase = _STEPPING  # a framework callback inside step(closure) can tell the step is recorded
@@ -170,7 +175,7 @@ class Rewind:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._step += 1
         self._phase = _READY
-        if self._overlap is not None and self.config.auto:
+        if self._overlap is not None and self.config.auto and self._sandbox is None:
             # record the state the next step will be undone to in the background (completed before that step)
             self._overlap.start(self._ring.cur + 1)
 
@@ -182,7 +187,13 @@ class Rewind:
     def _refuse_in_step(self, what: str) -> None:
         """Undo, redo, snapshot and roll-backs cannot run inside ``optimizer.step()`` (e.g. from an LBFGS
         closure): the step is half-done and its point is already recorded. A step that raised never reached its
-        post-step hook; then the flag is stale, and the request (typically: undo the failed step) goes ahead."""
+        post-step hook; then the flag is stale, and the request (typically: undo the failed step) goes ahead.
+        Nor inside :meth:`sandbox`, which records nothing."""
+        if self._sandbox is not None:
+            raise RewindError(
+                f"{what} was called inside rw.sandbox(), which records nothing and restores its entry state on exit; "
+                "leave the sandbox first."
+            )
         if self._phase != _STEPPING:
             return
         f = sys._getframe(1)
@@ -221,7 +232,7 @@ class Rewind:
             rw.ensure_recorded(); opt.step()     # undoable
             rw.ensure_recorded()                 # records again: a step was taken since
         """
-        if self._phase == _READY:
+        if self._phase == _READY and self._sandbox is None:
             self.snapshot()
 
     def drop_pending(self) -> None:
@@ -351,6 +362,33 @@ class Rewind:
                 else:
                     g[k] = new
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    @contextmanager
+    def sandbox(self) -> Iterator[Sandbox]:
+        """Run anything (steps, lr sweeps, trial branches, extra forward passes) and leave no trace: on exit, even
+        by an exception, the training state is exactly what it was at entry — parameters, buffers, optimizer state,
+        hyperparameters, schedulers, scaler, RNG and ``.grad`` — and so are the history and :attr:`step`. Inside,
+        nothing is recorded (undo/redo/snapshot raise); ``box.restore()`` goes back to the entry state at any time.
+        Costs one copy of the state while it lasts.
+
+        Example::
+
+            with rw.sandbox() as box:
+                for lr in (1e-3, 1e-2): ...; box.restore()     # try things, each from the same start
+            opt.step()                                          # as if the block never ran
+        """
+        self._refuse_in_step("sandbox()")
+        self._settle()
+        self._tracker.ensure()
+        box = Sandbox(self)
+        box._capture()
+        self._sandbox = box
+        try:
+            yield box
+        finally:
+            self._sandbox = None
+            box.restore()
+            box._slot = None  # frees the copy
 
     def trial(self) -> Trial:
         """A transaction: record now; an exception inside the block, or :meth:`Trial.rollback`, restores it.
@@ -572,6 +610,37 @@ class Rewind:
     def _goto(self, point: int) -> None:
         recorded, target = self._ring.plan_goto(point)
         self._move(recorded, target)
+
+
+class Sandbox:
+    """The handle of :meth:`Rewind.sandbox`: :meth:`restore` puts the entry state back (any number of times)."""
+
+    def __init__(self, rewind: Rewind) -> None:
+        self._rw = rewind
+        self._slot: Slot | None = Slot()
+        self._entry = (rewind._step, rewind._phase)
+
+    def _with_grads(self, fn: Callable[[Slot], None]) -> None:
+        rec = self._rw._recorder
+        grads, rec.grads = rec.grads, True  # a sandbox gives .grad back too
+        try:
+            fn(self._slot)
+        finally:
+            rec.grads = grads
+
+    def _capture(self) -> None:
+        rec = self._rw._recorder
+        rec.prepare(self._slot)
+        self._with_grads(rec.capture)
+
+    def restore(self) -> None:
+        """Put the state back as it was when the sandbox was entered (``.grad``, RNG and step counter included)."""
+        if self._slot is None:
+            raise RewindError("Sandbox.restore() after the with-block ended: the entry state was released.")
+        rw = self._rw
+        rw._settle()
+        self._with_grads(rw._recorder.restore)
+        rw._step, rw._phase = self._entry
 
 
 class Trial:

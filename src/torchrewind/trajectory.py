@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._checks import check_type
+from .errors import RewindValueError
+
 KINDS = ("accepted", "rejected", "rolled_back", "skipped", "exhausted")
 
 
@@ -79,6 +82,30 @@ class Trajectory:
 
     def records(self) -> list[dict[str, Any]]:
         return [asdict(e) for e in self.events]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The events as plain dicts (``torch.save``-able, JSON-able), for a checkpoint.
+
+        Example::
+
+            ckpt["log"] = guard.log.state_dict()
+            log = Trajectory(); log.load_state_dict(ckpt["log"])
+        """
+        return {"events": self.records()}
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Replace the events by those of :meth:`state_dict` (``strict`` is accepted for a uniform interface).
+        Refuses a malformed state before changing anything."""
+        who = "Trajectory.load_state_dict"
+        check_type("state_dict", state_dict, dict, who, "a dict returned by Trajectory.state_dict()")
+        rows = check_type("state_dict['events']", state_dict.get("events"), (list, tuple), who, "a list of events")
+        names = {f.name for f in fields(Event)}
+        events = []
+        for r in rows:
+            if not isinstance(r, dict) or set(r) != names or r["kind"] not in KINDS:
+                raise RewindValueError(f"{who}: not an event of Trajectory.state_dict(): {r!r}.")
+            events.append(Event(**{**r, "lrs": tuple(r["lrs"]), "extra": dict(r["extra"])}))
+        self.events = events
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(_num(self.records()), indent=1, allow_nan=False)

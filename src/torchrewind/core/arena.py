@@ -131,13 +131,6 @@ class Entry:
         """A new tensor object living at this position (with a storage of its own)."""
         return home_tensor(self.arena.storage, self.offset, self.dtype, self.shape, self.stride)
 
-    def move_in(self, t: torch.Tensor) -> None:
-        """Copy ``t``'s value into this position and make ``t`` live here (same Python object)."""
-        with torch.no_grad():
-            home = self.view()
-            home.copy_(t)
-            rehome(t, home)
-
 
 def rehome(t: torch.Tensor, home: torch.Tensor) -> None:
     """Make ``t`` (the same Python object) live in ``home``'s memory.

@@ -25,7 +25,7 @@ import torch
 
 from ..distributed import local
 from ..errors import RewindError, RewindTypeError
-from .arena import Arena, Entry, LiveArenas, owns_storage
+from .arena import Arena, Entry, LiveArenas, owns_storage, rehome
 from .budget import Budget, value_nbytes
 
 ARENA, PINNED, MISC, ALIAS = "arena", "pinned", "misc", "alias"
@@ -327,11 +327,16 @@ class Tracker:
         with torch.no_grad():
             for old in evict:
                 old.data = old.detach().clone(memory_format=torch.preserve_format)  # not set_: keeps grad hooks
+            placed = []
             for e, key, t in moves:
                 if e is None:
                     e = target[t.device].add(key, t)
                     self.entries[key] = e
-                e.move_in(t)
+                placed.append((e, key, t, e.view()))
+            if placed:  # every value into its new home in one call, then each tensor re-homed
+                torch._foreach_copy_([home for *_, home in placed], [t for _, _, t, _ in placed])
+            for e, key, t, home in placed:
+                rehome(t, home)
                 e.hold(t, strong=key[0] == "param")
 
         resolved = []

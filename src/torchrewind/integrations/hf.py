@@ -31,20 +31,17 @@ import torch
 
 try:
     from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import ExportableState
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "torchrewind.integrations.hf needs Hugging Face transformers and accelerate: pip install torchrewind[hf]"
     ) from e
 
-from ..errors import RewindError, RewindTypeError, RewindValueError
-from ..policies import NonFiniteGuard, SpikeGuard
-from ..rewind import Rewind
+from ..errors import RewindError, RewindTypeError
 from ..trajectory import Trajectory
-from ._common import check_guard_kwargs, check_rewind_args, history_capacity, init_state
+from ._common import GuardedTraining, json_args
 
 __all__ = ["RewindTrainer", "RewindTrainerCallback", "RewindTrainerMixin"]
-
-_GUARDS: dict[str, type[NonFiniteGuard]] = {"spike": SpikeGuard, "nonfinite": NonFiniteGuard}
 
 
 def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
@@ -62,7 +59,7 @@ def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
     return opt
 
 
-class RewindTrainerCallback(TrainerCallback):
+class RewindTrainerCallback(GuardedTraining, TrainerCallback, ExportableState):
     """Guards every optimizer step of a Hugging Face ``Trainer`` with :class:`~torchrewind.SpikeGuard` or
     :class:`~torchrewind.NonFiniteGuard`. Needs a ``Trainer`` with :class:`RewindTrainerMixin` (e.g.
     :class:`RewindTrainer`), which gives it each step's loss.
@@ -88,6 +85,10 @@ class RewindTrainerCallback(TrainerCallback):
 
     Attributes (set at ``on_train_begin``): ``rewind``, ``guard``; ``log`` exists from the start; ``last_step_stood``
     says whether the latest optimizer step stands.
+
+    Resume: the guard's state goes into every checkpoint's ``trainer_state.json`` (the callback is an
+    ``ExportableState``: ``stateful_callbacks``), and ``trainer.train(resume_from_checkpoint=...)`` restores it at
+    ``on_train_begin``; a checkpoint of another guard type or other guard settings is refused.
     """
 
     def __init__(
@@ -105,28 +106,16 @@ class RewindTrainerCallback(TrainerCallback):
                 "RewindTrainerCallback needs a transformers version whose TrainerCallback has on_pre_optimizer_step "
                 "and on_optimizer_step: pip install -U transformers"
             )
-        if guard not in _GUARDS:
-            raise RewindValueError(f"RewindTrainerCallback: guard must be one of {sorted(_GUARDS)}, got {guard!r}.")
-        name = "RewindTrainerCallback"
-        own = ("model", "optimizer", "schedulers", "scaler", "capacity", "rng")
-        check_rewind_args(name, capacity, rewind_kwargs, own)
-        capacity = history_capacity(name, "the Trainer", guard, capacity, guard_kwargs)
-        check_guard_kwargs(name, _GUARDS[guard], capacity, rng, guard_kwargs)
-        self.guard_name = guard
-        init_state(self, capacity, rng, log, rewind_kwargs, guard_kwargs)
-        self.rewind: Rewind | None
-        self.guard: NonFiniteGuard | None
+        self._configure("the Trainer", guard, capacity, rng, log, rewind_kwargs, guard_kwargs, factories=False)
         self._scheduler: Any = None
-        self._loss: torch.Tensor | float | None = None  # this optimizer step's loss, summed over micro-batches
         self._restore: tuple[dict[str, Any], list[Any]] | None = None  # scheduler + lrs to put back at on_step_end
+        self._global_step = 0  # the Trainer's global_step after the latest optimizer step, saved with the state
 
     # -- fed by RewindTrainerMixin ----------------------------------------------------------------------------
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Add one micro-batch's loss, as ``Trainer.training_step`` returns it (already divided for gradient
         accumulation), so the sum is the optimizer step's loss. :class:`RewindTrainerMixin` calls this."""
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach()  # summed on device: no sync per micro-batch
-        self._loss = loss if self._loss is None else self._loss + loss
+        self._add_loss(loss)
 
     # -- Trainer events ----------------------------------------------------------------------------------------
     def on_train_begin(
@@ -140,21 +129,26 @@ class RewindTrainerCallback(TrainerCallback):
         optimizer, scheduler, model = kwargs.get("optimizer"), kwargs.get("lr_scheduler"), kwargs.get("model")
         if optimizer is None:
             raise RewindError("RewindTrainerCallback: the Trainer passed no optimizer to on_train_begin.")
-        self.close()  # a second trainer.train(): the optimizer and scheduler may be new objects
-        opt = _torch_optimizer(optimizer)
+        saved = self._resumed_state(state)
+        if saved is not None:
+            self._resume = self._check_state(saved)  # applied to the guard _start builds
+        elif isinstance(state.stateful_callbacks, dict):
+            # resumed from a checkpoint saved without this callback: the Trainer's next save looks our entry up
+            state.stateful_callbacks.setdefault(type(self).__name__, {})
         scaler = getattr(optimizer, "scaler", None)  # accelerate's GradScaler (fp16): its state is undone too
-        self.rewind = Rewind(
-            model,
-            opt,
-            schedulers=[scheduler] if scheduler is not None else [],  # drives the wrapper around opt: accepted
-            scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
-            capacity=self.capacity,
-            rng=self.rng,
-            **self.rewind_kwargs,
-        )
-        self.guard = _GUARDS[self.guard_name](self.rewind, log=self.log, **self.guard_kwargs)
-        self._optimizer, self._scheduler = opt, scheduler
-        self._loss, self._restore, self.last_step_stood = None, None, None
+        try:  # the scheduler drives the wrapper around the optimizer: accepted
+            self._start(model, _torch_optimizer(optimizer), [scheduler] if scheduler is not None else [], scaler)
+        except RewindError as e:
+            if saved is None or not getattr(args, "restore_callback_states_from_checkpoint", False):
+                raise
+            raise type(e)(
+                f"{e}\nWith restore_callback_states_from_checkpoint=True the Trainer replaced your "
+                "RewindTrainerCallback by one rebuilt from the options saved with the checkpoint, where only "
+                "JSON-able options survive (detector=SpikeDetector(...) falls back to the default); leave the flag "
+                "False: the callback restores its own state from the checkpoint either way."
+            ) from e
+        self._scheduler, self._restore = scheduler, None
+        self._global_step = state.global_step
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -177,10 +171,9 @@ class RewindTrainerCallback(TrainerCallback):
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        loss, self._loss = self._loss, None
+        loss = self._take_loss()
         assert self.guard is not None and loss is not None  # on_pre_optimizer_step checked both
-        self.last_step_stood = self.guard.after_step(loss)  # grads still present, scheduler not stepped yet
-        if not self.last_step_stood:
+        if not self._judge(loss):  # grads still present, scheduler not stepped yet
             # The Trainer steps the scheduler next, unconditionally; the step it follows did not happen, so put the
             # scheduler (and the lrs it writes into the param groups) back at on_step_end, as a plain loop running
             # `if guard.step(loss): sched.step()` would have them.
@@ -190,6 +183,7 @@ class RewindTrainerCallback(TrainerCallback):
                                   for g in opt.param_groups])  # fmt: skip
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._global_step = state.global_step  # a checkpoint saved after this step carries it
         if self._restore is None:
             return
         sd, lrs = self._restore
@@ -202,13 +196,26 @@ class RewindTrainerCallback(TrainerCallback):
             else:
                 g["lr"] = lr
 
-    def close(self) -> None:
-        """Remove the hooks this callback put on the optimizer (the next ``on_train_begin`` calls it too)."""
-        if self.rewind is not None:
-            self.rewind.close()
-        if self.guard is not None:
-            self.guard.close()
-        self.rewind = self.guard = None
+    # -- state in the Trainer's checkpoint (trainer_state.json, stateful_callbacks) -----------------------------
+    def state(self) -> dict[str, Any]:
+        """For the ``Trainer``'s checkpoint (``ExportableState``): the guard's state under ``"torchrewind"``, with
+        the global step it belongs to. ``"args"`` lets ``restore_callback_states_from_checkpoint=True`` rebuild the
+        callback (from the JSON-able options; a rebuilt callback that differs is refused at ``on_train_begin``)."""
+        args = json_args(guard=self.guard_spec, capacity=self.capacity, rng=self.rng,
+                         rewind_kwargs=self.rewind_kwargs, **self.guard_kwargs)  # fmt: skip
+        return {"args": args, "attributes": {},
+                "torchrewind": {"global_step": self._global_step, "state": self.state_dict()}}  # fmt: skip
+
+    def _resumed_state(self, state: TrainerState) -> dict[str, Any] | None:
+        """The state saved with the checkpoint the Trainer resumes from, if it does (its global_step is the
+        checkpoint's; a fresh run starts at 0)."""
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            raise RewindError("RewindTrainerCallback: the checkpoint holds several of them; use one per Trainer.")
+        saved = saved.get("torchrewind") if isinstance(saved, dict) else None
+        if not saved or state.global_step == 0 or saved.get("global_step") != state.global_step:
+            return None
+        return saved["state"]
 
 
 class RewindTrainerMixin:

@@ -32,8 +32,8 @@ options count optimizer steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -47,20 +47,15 @@ except ImportError:  # pragma: no cover - the standalone pytorch_lightning packa
             "torchrewind.integrations.lightning needs PyTorch Lightning: pip install torchrewind[lightning]"
         ) from e
 
-from ..errors import RewindError, RewindTypeError, RewindValueError
-from ..policies import NonFiniteGuard, SpikeGuard
-from ..rewind import Rewind
+from ..errors import RewindError
+from ..policies import SpikeGuard
 from ..trajectory import Trajectory
-from ._common import check_guard_kwargs, check_rewind_args, history_capacity, init_state
+from ._common import GuardedTraining, GuardSpec
 
 __all__ = ["RewindCallback"]
 
-GuardFactory = Callable[[Rewind], NonFiniteGuard]
-_GUARDS: dict[str, type[NonFiniteGuard]] = {"spike": SpikeGuard, "nonfinite": NonFiniteGuard}
-_OWN_REWIND_ARGS = ("model", "optimizer", "schedulers", "scaler", "capacity", "rng")
 
-
-class RewindCallback(pl.Callback):
+class RewindCallback(GuardedTraining, pl.Callback):
     """Guards every optimizer step of a Lightning ``Trainer`` (automatic optimization, one optimizer) with
     :class:`~torchrewind.SpikeGuard` or :class:`~torchrewind.NonFiniteGuard`, or just records each step for undo.
 
@@ -88,11 +83,15 @@ class RewindCallback(pl.Callback):
 
     Attributes: ``log`` (from the start); ``rewind`` and ``guard`` (built at ``on_train_start``, after any checkpoint
     was restored; their step hooks are removed at ``teardown``); ``last_step_stood``.
+
+    Resume: the guard's state (detector statistics, cool-down, roll-back budget, counters, the log) goes into
+    Lightning's checkpoint through :meth:`state_dict`, and ``trainer.fit(model, ckpt_path=...)`` restores it into
+    the guard built at ``on_train_start``; a checkpoint of another guard type or other guard settings is refused.
     """
 
     def __init__(
         self,
-        guard: Union[str, GuardFactory, None] = "spike",
+        guard: GuardSpec = "spike",
         capacity: int | None = None,
         *,
         rng: bool | str = True,
@@ -101,31 +100,12 @@ class RewindCallback(pl.Callback):
         rewind_kwargs: dict[str, Any] | None = None,
         **guard_kwargs: Any,
     ) -> None:
-        name = type(self).__name__
-        if not (guard is None or guard in _GUARDS or (callable(guard) and not isinstance(guard, str))):
-            raise RewindValueError(
-                f"{name}: guard must be one of {sorted(_GUARDS)}, None, or a factory taking the Rewind and returning "
-                f"a guard; got {guard!r}."
-            )
-        check_rewind_args(name, capacity, rewind_kwargs, _OWN_REWIND_ARGS)
-        if not isinstance(guard, str) and guard_kwargs:
-            raise RewindValueError(
-                f"{name}: options {sorted(guard_kwargs)} need guard='spike' or 'nonfinite' (a factory builds its "
-                "guard itself; guard=None has none)."
-            )
-        capacity = history_capacity(name, "Lightning", guard, capacity, guard_kwargs)
-        if isinstance(guard, str):
-            check_guard_kwargs(name, _GUARDS[guard], capacity, rng, guard_kwargs)
-        self.guard_spec = guard
+        self._configure("Lightning", guard, capacity, rng, log, rewind_kwargs, guard_kwargs, factories=True)
         self.log_metrics = log_metrics
-        init_state(self, capacity, rng, log, rewind_kwargs, guard_kwargs)
-        self.rewind: Rewind | None
-        self.guard: NonFiniteGuard | None
         self._epoch_configs: list[Any] = []  # interval="epoch" scheduler configs that Lightning steps in the batch
         self._epoch_marks: list[tuple[Any, int]] = []
         self._window_open = False  # the first micro-batch of the coming optimizer step was recorded
         self._stepping = False  # on_before_optimizer_step ran in this batch: Lightning takes a step
-        self._loss: torch.Tensor | None = None  # this optimizer step's loss, summed over micro-batches
         self._totals = {"rolled_back": 0, "skipped": 0, "undone": 0}
 
     @property
@@ -161,7 +141,7 @@ class RewindCallback(pl.Callback):
             self._check_trainer(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After strategy.setup (optimizers, schedulers) and after a checkpoint's optimizer state was loaded.
+        # After strategy.setup (optimizers, schedulers) and after a checkpoint's state (ours included) was loaded.
         self._check_trainer(trainer, pl_module)
         opts = trainer.optimizers
         if len(opts) != 1:
@@ -178,36 +158,12 @@ class RewindCallback(pl.Callback):
                     f"{type(self).__name__}: the interval='epoch' scheduler {type(c.scheduler).__name__} has no int "
                     "last_epoch, so the callback cannot tell whether Lightning stepped it at an undone step."
                 )
+        if self._resume is None:
+            self._totals = dict.fromkeys(self._totals, 0)  # per fit(); a resumed fit continues the saved ones
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler: undone with the rest
-        self.close()  # a second fit(): the optimizer and schedulers are new objects
-        self.rewind = self.guard = None  # drop the old Rewind first: the new one adopts the tensors it held
-        self.rewind = Rewind(
-            pl_module,
-            opt,
-            schedulers=[c.scheduler for c in configs],
-            scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
-            capacity=self.capacity,
-            rng=self.rng,
-            **self.rewind_kwargs,
-        )
-        spec = self.guard_spec
-        if spec is None:
-            self.guard = None
-        elif isinstance(spec, str):
-            self.guard = _GUARDS[spec](self.rewind, log=self.log, **self.guard_kwargs)
-        else:
-            try:
-                self.guard = _from_factory(spec, self.rewind, type(self).__name__)
-            except BaseException:
-                self.close()  # leave the optimizer without our hooks
-                self.rewind = None
-                raise
-            self.log = self.guard.log
-        self._optimizer = opt
+        self._start(pl_module, opt, [c.scheduler for c in configs], scaler)
         self._epoch_configs = [c for c in configs if c.interval == "epoch" and not c.reduce_on_plateau]
         self._window_open = self._stepping = False
-        self._loss, self.last_step_stood = None, None
-        self._totals = dict.fromkeys(self._totals, 0)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning steps on an epoch's last batch; an epoch cut short (on_train_batch_start returned -1) must not
@@ -234,21 +190,21 @@ class RewindCallback(pl.Callback):
     ) -> None:
         loss = _loss_of(outputs)
         if loss is not None:
-            self._loss = loss if self._loss is None else self._loss + loss  # on device: no sync per micro-batch
+            self._add_loss(loss)
         if not self._stepping:
             return  # accumulating gradients: no optimizer step in this batch
         self._stepping = self._window_open = False
-        loss, self._loss = self._loss, None
+        loss = self._take_loss()
         if self.guard is None:
             return
         if loss is None:
             # training_step returned None for every micro-batch: no gradients, the step changed nothing to judge
+            self.guard.cancel()
             return
         stepped_epoch = [c for c, mark in self._epoch_marks if c.scheduler.last_epoch != mark]
         self._epoch_marks = []
         n = len(self.log)
-        self.last_step_stood = self.guard.after_step(loss)  # grads still in .grad; undoes the scheduler steps too
-        if not self.last_step_stood:
+        if not self._judge(loss):  # grads still in .grad; undoes the scheduler steps too
             for c in stepped_epoch:  # the epoch ended all the same: step its schedulers again, as Lightning did
                 pl_module.lr_scheduler_step(c.scheduler, None)
         for e in self.log.events[n:]:
@@ -268,13 +224,14 @@ class RewindCallback(pl.Callback):
         if stage == "fit":
             self.close()
 
-    def close(self) -> None:
-        """Remove the hooks this callback put on the optimizer (``.rewind`` and ``.guard`` stay for inspection; an
-        ``undo()`` still works). Called at ``teardown`` and by the next ``on_train_start``."""
-        if self.rewind is not None:
-            self.rewind.close()
-        if self.guard is not None:
-            self.guard.close()
+    # -- state in Lightning's checkpoint (state_dict / load_state_dict: GuardedTraining) ---------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        return {"totals": dict(self._totals)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        totals = state.get("totals")
+        if isinstance(totals, dict) and set(totals) == set(self._totals):
+            self._totals = {k: int(v) for k, v in totals.items()}
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:
@@ -287,19 +244,3 @@ def _loss_of(outputs: Any) -> torch.Tensor | None:
     if isinstance(outputs, (int, float)) and not isinstance(outputs, bool):
         return torch.tensor(float(outputs))
     return None
-
-
-def _from_factory(factory: GuardFactory, rewind: Rewind, name: str) -> NonFiniteGuard:
-    guard = factory(rewind)
-    if not isinstance(guard, NonFiniteGuard) or guard.rw is not rewind:
-        raise RewindTypeError(
-            f"{name}: the guard factory must return a NonFiniteGuard/SpikeGuard built on the Rewind it is given, got "
-            f"{type(guard).__name__}."
-        )
-    if isinstance(guard, SpikeGuard) and rewind.capacity < guard.rollback + 1:
-        raise RewindValueError(
-            f"{name}: SpikeGuard(rollback={guard.rollback}) needs capacity >= {guard.rollback + 1} in Lightning (the "
-            f"step just taken occupies one history slot); pass capacity={guard.rollback + 1} to {name}, or build the "
-            f"guard with rollback={rewind.capacity - 1}."
-        )
-    return guard

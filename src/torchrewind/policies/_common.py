@@ -1,16 +1,15 @@
-"""Small helpers shared by the policies."""
+"""Helpers shared by the policies: the loss as a number, the global gradient norm, agreement across ranks, and the
+argument checks every policy makes."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from ..distributed import all_sum, local, replicas, world_size
 from .._checks import check_number
-from ..errors import RewindError, RewindTypeError, RewindValueError
+from ..distributed import all_sum, local, replicas, world_size
+from ..errors import RewindTypeError, RewindValueError
 from ..rewind import Rewind
 
 
@@ -67,28 +66,6 @@ def agreed_loss(rw: Rewind, loss: object, who: str, extra: tuple[float, ...] = (
     return tuple(all_sum(group, [v / world_size(group), *extra]))
 
 
-def lrs(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
-    return tuple(float(g["lr"]) for g in optimizer.param_groups)
-
-
-def scale_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """Multiply every group's lr by ``factor`` (tensor lrs in place, keeping them tensors)."""
-    for g in optimizer.param_groups:
-        lr = g["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr.mul_(factor)
-        else:
-            g["lr"] = lr * factor
-
-
-def set_lrs(optimizer: torch.optim.Optimizer, values: Iterable[float]) -> None:
-    for g, v in zip(optimizer.param_groups, values):
-        if isinstance(g["lr"], torch.Tensor):
-            g["lr"].fill_(v)
-        else:
-            g["lr"] = v
-
-
 def check_rewind(rw: object, who: str, need: int = 1) -> Rewind:
     if not isinstance(rw, Rewind):
         raise RewindTypeError(f"{who} needs a torchrewind.Rewind as its first argument, got {type(rw).__name__}.")
@@ -100,13 +77,6 @@ def check_rewind(rw: object, who: str, need: int = 1) -> Rewind:
     return rw
 
 
-def check_lr_max(value: object, who: str) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise RewindTypeError(f"{who}: lr_max must be a positive finite number, 'initial' or None, got {value!r}.")
-    return check_number("lr_max", value, who, lo=0.0, lo_open=True)
-
-
-def check_factor(name: str, value: float, lo: float, hi: float, who: str) -> float:
-    return check_number(name, value, who, lo=lo, hi=hi, lo_open=True, hi_open=True)
+def check_factor(name: str, value: Any, who: str, *, one: bool = False) -> float:
+    """A factor in (0, 1) — or in (0, 1] with ``one=True``, where 1 means "leave it as it is"."""
+    return check_number(name, value, who, lo=0.0, hi=1.0, lo_open=True, hi_open=not one)

@@ -3,8 +3,9 @@ bold-driver rule.
 
 Both take the optimizer's proposed step, evaluate the loss at the new parameters on the same mini-batch, and if the
 step is not good enough undo it exactly (parameters, moments, step counters, schedulers, RNG) and retry with a
-smaller learning rate. The direction is whatever the optimizer proposes (SGD, Adam, RMSprop, ...), and every param
-group's learning rate is scaled by the same factor, so per-group ratios are kept.
+smaller learning rate. The direction is whatever the optimizer proposes (SGD, Adam, RMSprop, ...). A search is three
+pieces: the engine here (try, test, undo), an acceptance rule (:mod:`.acceptance`) and an lr schedule
+(:class:`~torchrewind.policies.stepsize.StepSize`).
 """
 
 from __future__ import annotations
@@ -15,54 +16,62 @@ from typing import Any
 
 import torch
 
+from .._checks import check_bool, check_int, check_type
 from ..distributed import local, replicas
-from ..errors import RewindError
+from ..errors import RewindTypeError
 from ..rewind import Rewind
 from ..trajectory import Event, Trajectory
-from ._common import agreed_loss, check_factor, check_lr_max, check_rewind, lrs, scale_lrs, set_lrs
+from ._common import agreed_loss, check_rewind
+from ._state import check_state, header, load_all
+from .acceptance import Armijo, NoIncrease
+from .lr import lrs
+from .stepsize import StepSize
 
 
-class _Backtracking:
-    """Shared engine: try the step, test it, undo and shrink the lr until it passes."""
+class Backtracking:
+    """The engine of a step-size search: take the optimizer's step, test it with ``accept`` on the same mini-batch,
+    undo it and shrink the lrs (``step_size``) until it passes or ``max_tries`` trials failed.
 
-    _who = "backtracking"
+    Example::
+
+        search = Backtracking(Rewind(model, opt), accept=Armijo(c=0.1), step_size=StepSize(shrink=0.5, grow=1.1))
+        for x, y in loader:
+            search.step(lambda: F.cross_entropy(model(x), y))
+    """
 
     def __init__(
         self,
         rewind: Rewind,
         *,
-        shrink: float,
-        grow: float,
-        max_tries: int,
-        lr_max: float | None | str,
-        same_rng: bool,
-        log: Trajectory | None,
+        accept: Any,
+        step_size: StepSize,
+        max_tries: int = 10,
+        same_rng: bool = True,
+        log: Trajectory | None = None,
     ) -> None:
-        self.rw = check_rewind(rewind, type(self).__name__)
-        if lr_max == "initial":
-            lr_max = max(lrs(self.rw.optimizer))
-        self.shrink = check_factor("shrink", shrink, 0.0, 1.0, type(self).__name__)
-        if not isinstance(grow, (int, float)) or grow < 1.0:
-            raise RewindError(f"{type(self).__name__}: grow must be a number >= 1, got {grow!r}.")
-        if not isinstance(max_tries, int) or max_tries < 1:
-            raise RewindError(f"{type(self).__name__}: max_tries must be an int >= 1, got {max_tries!r}.")
-        self.grow = float(grow)
-        self.max_tries = max_tries
+        who = type(self).__name__
+        self.rw = check_rewind(rewind, who)
+        if not callable(accept):
+            raise RewindTypeError(f"{who}: accept must be a rule like Armijo(...) or NoIncrease(...), got {accept!r}.")
+        self.accept = accept
+        self.step_size = check_type("step_size", step_size, StepSize, who, "a StepSize")
+        self.step_size.bind(self.rw.optimizer)
+        self.max_tries = check_int("max_tries", max_tries, 1, who)
+        self.same_rng = check_bool("same_rng", same_rng, who)
+        if log is not None:
+            check_type("log", log, Trajectory, who, "a torchrewind.Trajectory")
         self.optimizer = self.rw.optimizer
-        self.lr_max = check_lr_max(lr_max, type(self).__name__)  # cap on the largest group lr
-        self.same_rng = same_rng
         self.log = log if log is not None else Trajectory()
         self.iteration = 0
         self.steps = 0
         self.forwards = 0  # loss evaluations (each one forward pass)
         self.backwards = 0
+        self._theta0: list[torch.Tensor] | None = None
 
-    # -- the acceptance test -------------------------------------------------------------------------------
-    def _needs_direction(self) -> bool:
-        return False
-
-    def _accept(self, f0: float, f1: float, gd: float) -> tuple[bool, str]:
-        raise NotImplementedError
+    # the schedule's settings, as the search's own
+    shrink = property(lambda self: self.step_size.shrink)
+    grow = property(lambda self: self.step_size.grow)
+    lr_max = property(lambda self: self.step_size.lr_max)
 
     # -- one iteration -------------------------------------------------------------------------------------
     def step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
@@ -75,18 +84,18 @@ class _Backtracking:
             for x, y in loader:
                 ls.step(lambda: F.cross_entropy(model(x), y))
         """
+        who = type(self).__name__
         if not callable(loss_fn):
-            raise RewindError(f"{type(self).__name__}.step takes a callable that returns the loss, got "
-                              f"{type(loss_fn).__name__}.")  # fmt: skip
+            raise RewindTypeError(f"{who}.step takes a callable that returns the loss, got {type(loss_fn).__name__}.")
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         rng_before = _rng_state() if self.same_rng else None
         loss = loss_fn()
-        (f0,) = agreed_loss(self.rw, loss, f"{type(self).__name__}: loss_fn()")  # all ranks skip, or none
+        (f0,) = agreed_loss(self.rw, loss, f"{who}: loss_fn()")  # all ranks skip, or none
         self.forwards += 1
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-            raise RewindError(f"{type(self).__name__}: loss_fn() must return a tensor that requires grad "
-                              "(the loss of the current mini-batch).")  # fmt: skip
+            raise RewindTypeError(f"{who}: loss_fn() must return a tensor that requires grad "
+                                  "(the loss of the current mini-batch).")  # fmt: skip
         it = self.iteration
         self.iteration += 1
         if not math.isfinite(f0):
@@ -98,7 +107,7 @@ class _Backtracking:
         rng_after = _rng_state() if self.same_rng else None
         start_lrs = lrs(opt)
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        theta0 = self._copy_params(params) if self._needs_direction() else None
+        theta0 = self._copy_params(params) if self.accept.needs_direction else None
         for tries in range(1, self.max_tries + 1):
             self.rw.ensure_recorded()  # so this works with Rewind(auto=False) too
             opt.step()
@@ -107,7 +116,7 @@ class _Backtracking:
                 with torch.no_grad():
                     if rng_before is not None:
                         _set_rng_state(rng_before)  # same dropout masks as the first evaluation
-                    f1, gd = agreed_loss(self.rw, loss_fn(), f"{type(self).__name__}: loss_fn()", (gd,))
+                    f1, gd = agreed_loss(self.rw, loss_fn(), f"{who}: loss_fn()", (gd,))
             except BaseException:
                 self.rw.undo()  # an error while judging the trial: leave the state as before the step
                 raise
@@ -115,45 +124,31 @@ class _Backtracking:
                 if rng_after is not None:
                     _set_rng_state(rng_after)
             self.forwards += 1
-            ok, why = self._accept(f0, f1, gd) if math.isfinite(f1) else (False, "non-finite loss after step")
+            ok, why = self.accept(f0, f1, gd) if math.isfinite(f1) else (False, "non-finite loss after step")
             used = lrs(opt)
             if ok:
                 self.steps += 1
                 self.log.add(Event(it, self.steps, "accepted", f0, f1, used, why, extra={"tries": tries}))
-                self._grow()
+                self.step_size.grow_lrs(opt)
                 return f0
             self.rw.undo()
             if tries == self.max_tries:
-                set_lrs(opt, start_lrs)  # do not carry a collapsed lr into the next iteration
+                self.step_size.reset(opt, start_lrs)
                 self.log.add(Event(it, self.steps, "exhausted", f0, f1, used, why, undone=1,
                                    extra={"tries": tries}))  # fmt: skip
                 return f0
             self.log.add(Event(it, self.steps, "rejected", f0, f1, used, why, undone=1, extra={"tries": tries}))
-            scale_lrs(opt, self.shrink)
+            self.step_size.shrink_lrs(opt)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _copy_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """θ0, into buffers reused across iterations (undo restores θ0 exactly, so one copy serves every try)."""
-        old = getattr(self, "_theta0", None)
+        old = self._theta0
         if old is None or len(old) != len(params) or any(a.shape != p.shape for a, p in zip(old, params)):
             old = self._theta0 = [local(p.detach()).clone() for p in params]
         else:
             torch._foreach_copy_(old, [local(p.detach()) for p in params])
         return old
-
-    def _grow(self) -> None:
-        if self.grow == 1.0:
-            return
-        opt = self.optimizer
-        factor = self.grow
-        if self.lr_max is not None:
-            top = max(lrs(opt))
-            if top >= self.lr_max:
-                return
-            factor = min(factor, self.lr_max / top) if top > 0 else factor
-        scale_lrs(opt, factor)
-        if self.lr_max is not None and max(lrs(opt)) > self.lr_max:  # lr * (cap / lr) can overshoot by an ulp
-            set_lrs(opt, [min(lr, self.lr_max) for lr in lrs(opt)])
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -167,8 +162,40 @@ class _Backtracking:
             **self.log.counts(),
         }
 
+    # -- state -----------------------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The settings a saved state must match (those of the rule and the schedule: see :meth:`load_state_dict`)."""
+        rule = self.accept.settings() if hasattr(self.accept, "settings") else {"accept": type(self.accept).__name__}
+        return {**rule, "max_tries": self.max_tries, "same_rng": self.same_rng}
 
-class LineSearch(_Backtracking):
+    def state_dict(self) -> dict[str, Any]:
+        """Settings, counters (iterations, kept steps, forward and backward passes), the lr schedule's state (the
+        lr cap in force) and the log, as plain data. The learning rates themselves are in
+        ``optimizer.state_dict()``.
+
+        Example::
+
+            torch.save({"opt": opt.state_dict(), "search": ls.state_dict()}, path)
+            ls.load_state_dict(torch.load(path)["search"])
+        """
+        return {**header(self, self.settings()), "iteration": self.iteration, "steps": self.steps,
+                "forwards": self.forwards, "backwards": self.backwards, "step_size": self.step_size.state_dict(),
+                "log": self.log.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict`. ``strict``: same kind of search with the same settings (``lr_max="initial"``
+        restores the original run's cap); ``strict=False`` keeps this search's settings. Refuses a malformed or
+        mismatched state with a RewindError before changing anything."""
+        who = f"{type(self).__name__}.load_state_dict"
+        keys = ("iteration", "steps", "forwards", "backwards")
+        sd = check_state(self, state_dict, self.settings(), (*keys, "step_size", "log"), strict, who)
+        counters = {k: check_int(k, sd[k], 0, who) for k in keys}
+        load_all([(self.step_size, sd["step_size"]), (self.log, sd["log"])], strict)
+        for k, v in counters.items():
+            setattr(self, k, v)
+
+
+class LineSearch(Backtracking):
     """Backtracking line search with the Armijo condition, around any optimizer.
 
     Accepts the optimizer's step Δ when ``f(θ+Δ) ≤ f(θ) + c·∇f(θ)·Δ`` on the same mini-batch; otherwise undoes it
@@ -177,8 +204,10 @@ class LineSearch(_Backtracking):
     If Δ is not a descent direction (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss did not
     increase". After ``max_tries`` failures the state is left as before the step and the lr as it started.
     ``c`` defaults to the textbook 1e-4 (Nocedal & Wright): on the digits benchmark it beat SLS's c=0.1 with both
-    SGD and Adam. Trial evaluations call ``loss_fn`` again (with the first evaluation's RNG state, so dropout masks match); modules
-    in training mode such as BatchNorm update their running statistics at each call, as for any extra forward.
+    SGD and Adam. Trial evaluations call ``loss_fn`` again (with the first evaluation's RNG state, so dropout masks
+    match); modules in training mode such as BatchNorm update their running statistics at each call, as for any
+    extra forward. The pieces: ``accept`` (:class:`~torchrewind.policies.acceptance.Armijo`) and ``step_size``
+    (:class:`~torchrewind.policies.stepsize.StepSize`).
 
     Example::
 
@@ -199,21 +228,15 @@ class LineSearch(_Backtracking):
         same_rng: bool = True,
         log: Trajectory | None = None,
     ) -> None:
-        super().__init__(rewind, shrink=shrink, grow=grow, max_tries=max_tries, lr_max=lr_max,
-                         same_rng=same_rng, log=log)  # fmt: skip
-        self.c = check_factor("c", c, 0.0, 1.0, "LineSearch")
+        who = "LineSearch"
+        check_rewind(rewind, who)
+        super().__init__(rewind, accept=Armijo(c, who), step_size=StepSize(shrink, grow, lr_max, who),
+                         max_tries=max_tries, same_rng=same_rng, log=log)  # fmt: skip
 
-    def _needs_direction(self) -> bool:
-        return True
-
-    def _accept(self, f0: float, f1: float, gd: float) -> tuple[bool, str]:
-        if gd >= 0:
-            return f1 <= f0, "not a descent direction: required no increase"
-        bound = f0 + self.c * gd
-        return f1 <= bound, f"armijo: f1={f1:.6g} vs f0+c*g.d={bound:.6g}"
+    c = property(lambda self: self.accept.c)
 
 
-class BoldDriver(_Backtracking):
+class BoldDriver(Backtracking):
     """The bold-driver rule: keep a step that did not increase the loss (on the same mini-batch, within
     ``tolerance``) and multiply the lr by ``grow``; otherwise undo it, multiply the lr by ``shrink`` and retry.
 
@@ -236,15 +259,12 @@ class BoldDriver(_Backtracking):
         same_rng: bool = True,
         log: Trajectory | None = None,
     ) -> None:
-        super().__init__(rewind, shrink=shrink, grow=grow, max_tries=max_tries, lr_max=lr_max,
-                         same_rng=same_rng, log=log)  # fmt: skip
-        if not isinstance(tolerance, (int, float)) or tolerance < 0:
-            raise RewindError(f"BoldDriver: tolerance must be a number >= 0, got {tolerance!r}.")
-        self.tolerance = float(tolerance)
+        who = "BoldDriver"
+        check_rewind(rewind, who)
+        super().__init__(rewind, accept=NoIncrease(tolerance, who), step_size=StepSize(shrink, grow, lr_max, who),
+                         max_tries=max_tries, same_rng=same_rng, log=log)  # fmt: skip
 
-    def _accept(self, f0: float, f1: float, gd: float) -> tuple[bool, str]:
-        bound = f0 + self.tolerance * abs(f0)
-        return f1 <= bound, f"f1={f1:.6g} vs bound={bound:.6g}"
+    tolerance = property(lambda self: self.accept.tolerance)
 
 
 def _directional(params: list[torch.Tensor], theta0: list[torch.Tensor], group: Any = None) -> float:

@@ -1,0 +1,1 @@
+"""Benchmark scripts (run them as scripts) and the importable task suite, ``benchmarks.suite``."""

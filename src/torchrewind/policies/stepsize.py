@@ -1,0 +1,85 @@
+"""The learning-rate schedule of a step-size search: shrink after a rejected trial, grow after an accepted step, back
+to the iteration's start when the search gives up. Every param group is scaled by the same factor, so per-group
+ratios are kept."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._checks import check_number
+from ..errors import RewindTypeError
+from ._common import check_factor
+from ._state import check_state, header
+from .lr import lrs, scale_lrs, set_lrs
+
+
+class StepSize:
+    """×``shrink`` after a rejected trial; ×``grow`` after an accepted step, with the largest group lr capped at
+    ``lr_max`` (None: no cap; ``"initial"``: the largest lr the optimizer has when :meth:`bind` is called); the lrs
+    the iteration started with after a search that found nothing.
+
+    Example::
+
+        sizes = StepSize(shrink=0.5, grow=1.1, lr_max="initial"); sizes.bind(opt)
+        sizes.shrink_lrs(opt)          # after a rejected trial
+        sizes.grow_lrs(opt)            # after an accepted step
+    """
+
+    def __init__(self, shrink: float = 0.5, grow: float = 1.1, lr_max: float | str | None = None,
+                 who: str = "StepSize") -> None:  # fmt: skip
+        self.shrink = check_factor("shrink", shrink, who)
+        self.grow = check_number("grow", grow, who, lo=1.0)
+        self.lr_max_given = lr_max if lr_max == "initial" else _check_cap(lr_max, who)
+        self.lr_max: float | None = None if lr_max == "initial" else self.lr_max_given  # the cap in force
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Resolve ``lr_max="initial"`` to the optimizer's largest lr now."""
+        if self.lr_max_given == "initial":
+            self.lr_max = max(lrs(optimizer))
+
+    def shrink_lrs(self, optimizer: torch.optim.Optimizer) -> None:
+        scale_lrs(optimizer, self.shrink)
+
+    def grow_lrs(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.grow == 1.0:
+            return
+        factor = self.grow
+        if self.lr_max is not None:
+            top = max(lrs(optimizer))
+            if top >= self.lr_max:
+                return
+            factor = min(factor, self.lr_max / top) if top > 0 else factor
+        scale_lrs(optimizer, factor)
+        if self.lr_max is not None and max(lrs(optimizer)) > self.lr_max:  # lr * (cap / lr) can overshoot by an ulp
+            set_lrs(optimizer, [min(lr, self.lr_max) for lr in lrs(optimizer)])
+
+    def reset(self, optimizer: torch.optim.Optimizer, start: Sequence[float]) -> None:
+        """Back to the lrs the iteration started with (do not carry a collapsed lr into the next one)."""
+        set_lrs(optimizer, start)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        return {"shrink": self.shrink, "grow": self.grow, "lr_max": self.lr_max_given}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cap in force (``"initial"`` resolved when the search was built: a resumed search keeps the original
+        run's cap, not the lr it resumes with) and the settings."""
+        return {**header(self, self.settings()), "lr_max": self.lr_max}
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        who = "StepSize.load_state_dict"
+        sd = check_state(self, state_dict, self.settings(), ("lr_max",), strict, who)
+        cap = _check_cap(sd["lr_max"], who)
+        if strict or self.lr_max_given == "initial":  # strict=False with an explicit cap keeps that cap
+            self.lr_max = cap
+
+
+def _check_cap(lr_max: Any, who: str) -> float | None:
+    if lr_max is None:
+        return None
+    if not isinstance(lr_max, (int, float)) or isinstance(lr_max, bool):
+        raise RewindTypeError(f"{who}: lr_max must be a positive finite number, 'initial' or None, got {lr_max!r}.")
+    return check_number("lr_max", lr_max, who, lo=0.0, lo_open=True)
