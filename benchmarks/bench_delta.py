@@ -12,16 +12,25 @@ fp32, bf16 and fp16 with Adam and with SGD+momentum; after ``--warmup`` steps th
 (torchrewind's arenas: parameters, buffers, optimizer state, as ``HostArchive(compress=False)`` keeps them) are taken
 at each of the next ``--snapshots`` steps. Each snapshot is coded against its newer neighbour, as
 :class:`torchrewind.HostArchive` stores them, by every codec in the same run, interleaved, ``--rounds`` times; every
-snapshot is decoded and compared bit for bit. Speeds are MB/s of uncompressed input on one thread (medians), and
-ratios of each peer's speed to torchrewind's measured in the same round. Peers (a row is skipped, with a message, when
-its package is missing): zstd level 1 on the raw bytes (``zstandard``), ZipNN's delta mode (``zipnn``), XOR +
-blosc2 (zstd 1, byte shuffle; ``blosc2``), and torchrewind 0.1's codec (XOR + numpy byte planes + zstd -1/1).
+snapshot is decoded and compared bit for bit.
+
+Speed is reported two ways, medians over rounds: **per core** = MB of uncompressed input per CPU-second the process
+spent (``time.process_time``: on a shared machine this does not count time the codec waited for a core), and
+**wall** MB/s; plus the ratio of each peer's speed to torchrewind's measured in the same round. Every codec decodes
+into a buffer allocated once (as the archive's restore does) where its API allows. Thread scaling: torchrewind's
+codec and blosc2 with 1 and ``--threads`` threads (wall clock: what threads buy).
+
+Peers (a row is skipped, with a message, when its package is missing): zstd level 1 on the raw bytes
+(``zstandard``), ZipNN's delta mode (``zipnn``), XOR + blosc2 (zstd 1, byte shuffle; XOR in place into the output
+buffer, and XORed into a reused buffer before encoding: its fastest form; ``blosc2``), and torchrewind 0.1's codec
+(XOR + numpy byte planes + zstd -1/1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,9 +43,13 @@ from torchrewind import HostArchive, Rewind, Tiers
 from torchrewind.tiers import codec
 
 perf = time.perf_counter
+cpu = time.process_time  # CPU seconds of every thread of this process: per-core speed, robust to a shared machine
 
 
 def model_and_data(kind: str):
+    if kind == "MLP-4M":  # for speed on a state of realistic size (52 MB with Adam in fp32)
+        m = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+        return m, lambda g: torch.randn(64, 64, generator=g)
     if kind == "MLP":
         m = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
         return m, lambda g: torch.randn(64, 64, generator=g)
@@ -58,7 +71,8 @@ def history(kind: str, dtype: torch.dtype, opt_name: str, warmup: int, n: int) -
     m, data = model_and_data(kind)
     m = m.to(dtype)
     if opt_name == "Adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-4 if dtype == torch.float16 else 1e-8)
+        eps = 1e-4 if dtype == torch.float16 else 1e-8
+        opt: torch.optim.Optimizer = torch.optim.Adam(m.parameters(), lr=1e-3, eps=eps)
     else:
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
     host = HostArchive(keep=n, compress=False)
@@ -81,12 +95,14 @@ def history(kind: str, dtype: torch.dtype, opt_name: str, warmup: int, n: int) -
 
 
 # ------------------------------------------------------------------------------------------------ codecs
+# each codec: (encode(a, b, segments, itemsize) -> encoded, decode(encoded, b, itemsize, out) -> bytes, size(encoded))
+# a, b, out: 1-D uint8 CPU tensors; out is allocated once per history and may be used as the destination.
 def ours(threads: int):
     def enc(a, b, segs, itemsize):
         return codec.encode(a, b, segments=segs, threads=threads)
 
-    def dec(e, b, itemsize):
-        return codec.decode(e, b, threads=threads)
+    def dec(e, b, itemsize, out):
+        return codec.decode(e, b, out=out, threads=threads)
 
     return enc, dec, lambda e: e.nbytes
 
@@ -96,23 +112,31 @@ def zstd_raw():
 
     c, d = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
     return (lambda a, b, segs, k: c.compress(a.numpy().data),
-            lambda e, b, k: torch.frombuffer(bytearray(d.decompress(e)), dtype=torch.uint8), len)  # fmt: skip
+            lambda e, b, k, out: torch.frombuffer(bytearray(d.decompress(e)), dtype=torch.uint8), len)  # fmt: skip
 
 
-def xor_blosc2():
+def xor_blosc2(threads: int = 1):
+    """XOR with the neighbour, then blosc2 (zstd 1, byte shuffle) on the whole buffer; decoded straight into the
+    output and XORed there in place (no temporary): the fastest way to use it."""
     import blosc2
     import numpy as np
 
     u = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+    scratch = {}  # the XOR goes into a buffer reused across calls (no allocation): its fastest form too
 
     def enc(a, b, segs, k):
-        x = a.numpy().view(u[k]) ^ b.numpy().view(u[k])
-        return blosc2.compress2(x, typesize=k, clevel=1, codec=blosc2.Codec.ZSTD, filters=[blosc2.Filter.SHUFFLE],
-                                nthreads=1)  # fmt: skip
+        x = scratch.get(a.numel())
+        if x is None:
+            x = scratch[a.numel()] = np.empty(a.numel(), np.uint8)
+        np.bitwise_xor(a.numpy().view(u[k]), b.numpy().view(u[k]), out=x.view(u[k]))
+        return blosc2.compress2(x.view(u[k]), typesize=k, clevel=1, codec=blosc2.Codec.ZSTD,
+                                filters=[blosc2.Filter.SHUFFLE], nthreads=threads)  # fmt: skip
 
-    def dec(e, b, k):
-        x = np.frombuffer(blosc2.decompress2(e, nthreads=1), dtype=u[k]) ^ b.numpy().view(u[k])
-        return torch.from_numpy(x.view(np.uint8))
+    def dec(e, b, k, out):
+        o = out.numpy()
+        blosc2.decompress2(e, dst=o, nthreads=threads)
+        np.bitwise_xor(o.view(u[k]), b.numpy().view(u[k]), out=o.view(u[k]))
+        return out
 
     return enc, dec, len
 
@@ -130,9 +154,9 @@ def zipnn_delta():
     def enc(a, b, segs, k):
         return make(state["dtype"]).compress(a.numpy().tobytes(), delta_second_data=b.numpy().tobytes())
 
-    def dec(e, b, k):
-        out = make(state["dtype"]).decompress(e, delta_second_data=b.numpy().tobytes())
-        return torch.frombuffer(bytearray(out), dtype=torch.uint8)
+    def dec(e, b, k, out):
+        back = make(state["dtype"]).decompress(e, delta_second_data=b.numpy().tobytes())
+        return torch.frombuffer(bytearray(back), dtype=torch.uint8)
 
     return enc, dec, len, state
 
@@ -149,31 +173,107 @@ def format1():
         return [zstandard.ZstdCompressor(level=-1 if j < 2 else 1).compress(planes[j].data) for j in range(4)] + [
             x[body:].tobytes()]  # fmt: skip
 
-    def dec(e, b, k):
+    def dec(e, b, k, out):
         d = zstandard.ZstdDecompressor()
         n = b.numel() // 4 * 4
-        out = np.empty(b.numel(), np.uint8)
-        cols = out[:n].reshape(-1, 4)
+        o = out.numpy()
+        cols = o[:n].reshape(-1, 4)
         for j in range(4):
             cols[:, j] = np.frombuffer(d.decompress(e[j], max_output_size=n // 4), np.uint8)
-        out[n:] = np.frombuffer(e[4], np.uint8)
-        return torch.from_numpy(out ^ b.numpy())
+        o[n:] = np.frombuffer(e[4], np.uint8)
+        np.bitwise_xor(o, b.numpy(), out=o)
+        return out
 
     return enc, dec, lambda e: sum(map(len, e))
 
 
+BASE = "torchrewind codec"
+XOR = "XOR + blosc2 zstd 1 + shuffle"
+
+
 def peers(threads: int) -> dict:
-    rows = {"torchrewind codec": ours(1)}
-    if threads > 1:
-        rows[f"torchrewind codec, {threads} threads"] = ours(threads)
+    rows = {BASE: ours(1)}
     for name, make, pkg in (("zstd 1, raw bytes", zstd_raw, "zstandard"), ("ZipNN delta", zipnn_delta, "zipnn"),
-                            ("XOR + blosc2 zstd 1 + shuffle", xor_blosc2, "blosc2"),
+                            (XOR, xor_blosc2, "blosc2"),
                             ("torchrewind 0.1 codec (XOR + planes, zstd -1/1)", format1, "zstandard")):  # fmt: skip
         try:
             rows[name] = make()
         except ImportError:
             print(f"- skipped {name}: pip install {pkg}")
+    if threads > 1:
+        rows[f"{BASE}, {threads} threads"] = ours(threads)
+        if XOR in rows:
+            rows[f"{XOR}, {threads} threads"] = xor_blosc2(threads)
     return rows
+
+
+def _med_ratio(xs: list[float], ys: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(xs, ys))
+
+
+TIMERS = ("enc", "dec", "enc_wall", "dec_wall")
+
+
+def measure(hists: dict, rows: dict, rounds: int) -> dict:
+    """Every codec on every history, interleaved, ``rounds`` times: bytes and MB/s (per CPU-second and wall)."""
+    stats: dict = {name: {h: {"raw": 0, "stored": 0, **{t: [] for t in TIMERS}} for h in hists} for name in rows}
+    for _ in range(rounds):
+        for h, (hist, dt) in hists.items():
+            k = dt.itemsize
+            out = torch.empty_like(hist[0][0])
+            for name, (enc, dec, size, *extra) in rows.items():
+                if extra:
+                    extra[0]["dtype"] = dt
+                te = td = we = wd = 0.0
+                raw = stored = 0
+                for i in range(len(hist) - 1):
+                    (a, segs), (b, _) = hist[i], hist[i + 1]
+                    c0, w0 = cpu(), perf()
+                    e = enc(a, b, segs, k)
+                    c1, w1 = cpu(), perf()
+                    d = dec(e, b, k, out)
+                    c2, w2 = cpu(), perf()
+                    te, td, we, wd = te + c1 - c0, td + c2 - c1, we + w1 - w0, wd + w2 - w1
+                    if not torch.equal(d.view(torch.uint8), a):
+                        raise SystemExit(f"NOT LOSSLESS: {name} on {h}")
+                    raw += a.numel()
+                    stored += size(e)
+                s = stats[name][h]
+                s["raw"], s["stored"] = raw, stored
+                for t, v in zip(TIMERS, (te, td, we, wd)):
+                    s[t].append(raw / max(v, 1e-9) / 1e6)
+    return stats
+
+
+def speed_table(stats: dict, hists: dict, rows: dict, threads: int, what: str) -> dict:
+    print()
+    print(f"Speed on {what}, MB/s of input: median over histories of each history's median over rounds; 'vs "
+          "torchrewind': the peer's speed / torchrewind's one-thread speed in the same round (median over rounds; "
+          "range over histories). Per core = per CPU-second of the process:")  # fmt: skip
+    print()
+    print("| codec | encode per core | decode per core | encode wall | decode wall | encode per core vs torchrewind "
+          "| decode per core vs torchrewind |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    speed: dict = {}
+    for name in rows:
+        med = {t: statistics.median(statistics.median(stats[name][h][t]) for h in hists) for t in TIMERS}
+        rel = {t: [_med_ratio(stats[name][h][t], stats[BASE][h][t]) for h in hists] for t in ("enc", "dec")}
+        speed[name] = {**med, "enc_vs": statistics.median(rel["enc"]), "dec_vs": statistics.median(rel["dec"])}
+        print(f"| {name} | {med['enc']:.0f} | {med['dec']:.0f} | {med['enc_wall']:.0f} | {med['dec_wall']:.0f} | "
+              f"{min(rel['enc']):.2f}-{max(rel['enc']):.2f} (median {speed[name]['enc_vs']:.2f}) | "
+              f"{min(rel['dec']):.2f}-{max(rel['dec']):.2f} (median {speed[name]['dec_vs']:.2f}) |")  # fmt: skip
+    if threads > 1:
+        print()
+        print(f"Thread scaling (wall clock, {threads} threads / 1 thread, same round, median over histories; a "
+              "shared machine gives only what its other jobs leave):")  # fmt: skip
+        for name in (BASE, XOR):
+            many = f"{name}, {threads} threads"
+            if many in rows:
+                up = {t: statistics.median(_med_ratio(stats[many][h][t], stats[name][h][t]) for h in hists)
+                      for t in ("enc_wall", "dec_wall")}  # fmt: skip
+                speed[f"scaling/{name}"] = up
+                print(f"- {name}: encode {up['enc_wall']:.2f}x, decode {up['dec_wall']:.2f}x")
+    return speed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     n = args.snapshots or (4 if args.quick else 16)
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# torchrewind delta benchmark{' (quick)' if args.quick else ''}: torch {torch.__version__}, "
-          f"{n} snapshots per history after {warmup} steps, {rounds} rounds")  # fmt: skip
+          f"{n} snapshots per history after {warmup} steps, {rounds} rounds, {os.cpu_count()} cores, "
+          f"load average {load:.1f} at the start")  # fmt: skip
     print()
     kinds = ["MLP"] if args.quick else ["MLP", "Transformer", "CNN"]
     dtypes = [torch.float32, torch.bfloat16] if args.quick else [torch.float32, torch.bfloat16, torch.float16]
@@ -200,59 +302,35 @@ def main(argv: list[str] | None = None) -> int:
             for dt in dtypes:
                 hists[f"{kind} {str(dt)[6:]} {opt_name}"] = (history(kind, dt, opt_name, warmup, n), dt)
     rows = peers(args.threads)
-    stats: dict = {name: {h: {"raw": 0, "stored": 0, "enc": [], "dec": []} for h in hists} for name in rows}
-    for r in range(rounds):
-        for h, (hist, dt) in hists.items():
-            k = dt.itemsize
-            for name, (enc, dec, size, *extra) in rows.items():
-                if extra:
-                    extra[0]["dtype"] = dt
-                te = td = 0.0
-                raw = stored = 0
-                for i in range(len(hist) - 1):
-                    (a, segs), (b, _) = hist[i], hist[i + 1]
-                    t0 = perf()
-                    e = enc(a, b, segs, k)
-                    te += perf() - t0
-                    t0 = perf()
-                    d = dec(e, b, k)
-                    td += perf() - t0
-                    if not torch.equal(d.view(torch.uint8), a):
-                        raise SystemExit(f"NOT LOSSLESS: {name} on {h}")
-                    raw += a.numel()
-                    stored += size(e)
-                s = stats[name][h]
-                s["raw"], s["stored"] = raw, stored
-                s["enc"].append(raw / te / 1e6)
-                s["dec"].append(raw / td / 1e6)
-    base = "torchrewind codec"
+    stats = measure(hists, rows, rounds)
     results: dict = {}
     print("Compression ratio (full / stored; every snapshot decoded bit for bit):")
     print()
     print("| codec | " + " | ".join(hists) + " |")
     print("|---" * (len(hists) + 1) + "|")
     for name in rows:
+        if name.endswith("threads"):
+            continue  # same bytes as the one-thread row
         cells = []
         for h in hists:
             s = stats[name][h]
             ratio = s["raw"] / s["stored"]
-            results[f"{name}/{h}"] = {"ratio": ratio, "encode_MBps": statistics.median(s["enc"]),
-                                      "decode_MBps": statistics.median(s["dec"])}  # fmt: skip
+            results[f"{name}/{h}"] = {"ratio": ratio, **{t: statistics.median(s[t]) for t in TIMERS}}
             cells.append(f"{ratio:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    wins = [h for h in hists if all(stats[BASE][h]["stored"] <= stats[n][h]["stored"] for n in rows)]
     print()
-    print("Speed: median MB/s over histories and rounds, and the peer's speed / torchrewind's in the same round "
-          "(range over histories):")  # fmt: skip
-    print()
-    print("| codec | encode MB/s | decode MB/s | encode vs torchrewind | decode vs torchrewind |")
-    print("|---|---|---|---|---|")
-    for name in rows:
-        enc = [statistics.median(stats[name][h]["enc"]) for h in hists]
-        dec = [statistics.median(stats[name][h]["dec"]) for h in hists]
-        re = [statistics.median(x / y for x, y in zip(stats[name][h]["enc"], stats[base][h]["enc"])) for h in hists]
-        rd = [statistics.median(x / y for x, y in zip(stats[name][h]["dec"], stats[base][h]["dec"])) for h in hists]
-        print(f"| {name} | {statistics.median(enc):.0f} | {statistics.median(dec):.0f} | "
-              f"{min(re):.2f}-{max(re):.2f} | {min(rd):.2f}-{max(rd):.2f} |")  # fmt: skip
+    print(f"- torchrewind has the best ratio on {len(wins)} of {len(hists)} histories")
+    results["speed"] = speed_table(stats, hists, rows, args.threads, "these histories (0.4-3.6 MB each)")
+    if not args.quick:  # a state of realistic size: per-call costs no longer weigh
+        big = {f"MLP-4M {str(dt)[6:]} Adam": (history("MLP-4M", dt, "Adam", 10, 4), dt)
+               for dt in (torch.float32, torch.bfloat16)}  # fmt: skip
+        stats = measure(big, rows, rounds)
+        print()
+        print("Ratios, 4.3M-parameter MLP + Adam: " + "; ".join(
+            f"{name}: " + " / ".join(f"{stats[name][h]['raw'] / stats[name][h]['stored']:.2f}" for h in big)
+            for name in rows if not name.endswith("threads")) + " (fp32 / bf16)")  # fmt: skip
+        results["speed_4M"] = speed_table(stats, big, rows, args.threads, "a 4.3M-parameter MLP + Adam (52 / 26 MB)")
     # the whole archive, as HostArchive stores it (keyframes every 8 records, newest raw)
     print()
     for opt_name in ("Adam", "SGD"):
@@ -268,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                 stored += codec.encode(a, ref, segments=segs).nbytes
         results[f"{opt_name.lower()}/archive"] = {"ratio": full / stored, "records": len(hist)}
         print(f"- whole HostArchive, {h} ({len(hist)} records, keyframe every 8, newest raw): {full / stored:.2f}x")
+    if hasattr(os, "getloadavg"):
+        print(f"- load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -13,7 +13,7 @@ A stack of Linear layers trains with Adam on fixed random gradients (the step is
 optimizer phase). In each round every method saves the same state once, interleaved, then restores it:
 
 * ``torch.save`` of ``{"model": sd, "optimizer": opt_sd}`` + fsync; restore: ``torch.load(weights_only=True)`` +
-  ``load_state_dict``;
+  ``load_state_dict`` (the optimizer adopts the loaded tensors: no copy);
 * safetensors ``save_file`` of the flattened tensors + fsync; restore: ``load_file`` + ``load_state_dict``;
 * torch.distributed.checkpoint ``save`` and ``async_save`` (one ``DefaultStager`` reused across saves, so its staging
   buffers are cached; files fsynced by DCP); restore: ``dcp.load`` in place;
@@ -25,7 +25,10 @@ optimizer phase). In each round every method saves the same state once, interlea
 Reported, medians over rounds, in seconds: **stall** (until the save call returns), **training time lost** (the
 stall plus how much longer the training steps that ran while the background write was going took than steps without
 one, measured in the same round), **durable** (until the files are fsynced), **restore** after dropping the files
-from the page cache (``posix_fadvise(DONTNEED)``).
+from the page cache (``posix_fadvise(DONTNEED)``). Then where torchrewind's time goes (its save call, the background
+write, the verified read, the rest of the restore), and the primitives timed on the same bytes in the same rounds:
+a memcpy into a page-aligned buffer, xxh3 over it right after the copy and cold, one O_DIRECT write + fdatasync,
+a buffered write + fsync, and O_DIRECT reads with 4 threads after evicting the file.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from torchrewind import DiskCheckpoints, Rewind, Tiers
+from torchrewind.tiers import disk as disk_tier
 
 perf = time.perf_counter
 
@@ -75,6 +80,65 @@ def wait_done(done, finished: list) -> None:
     finished[0] = perf()
 
 
+def primitives(nbytes: int, root: str) -> dict[str, float]:
+    """Seconds for the building blocks of a save and a restore, on ``nbytes`` of random data."""
+    import ctypes
+
+    algo = disk_tier._hasher()  # the checksum DiskCheckpoints uses here (xxh3 with xxhash installed, else CRC-32)
+
+    def digest(m: memoryview) -> str:
+        return disk_tier._digest(algo, m)
+
+    def aligned(n: int) -> torch.Tensor:
+        base = torch.empty(n + 4096, dtype=torch.uint8)
+        off = (-base.data_ptr()) % 4096
+        return base[off : off + n]
+
+    n = -(-nbytes // 4096) * 4096
+    src, buf = torch.randint(0, 256, (n,), dtype=torch.uint8), aligned(n)
+    buf.copy_(src)  # touch every page first: no page faults in the timings
+    mv = memoryview((ctypes.c_char * n).from_address(buf.data_ptr())).cast("B")
+    block = disk_tier.BLOCK
+    out: dict[str, float] = {}
+    t0 = perf()
+    ctypes.memmove(buf.data_ptr(), src.data_ptr(), n)
+    out["copy (one memmove, one thread)"] = perf() - t0
+    t0 = perf()
+    for a in range(0, n, block):  # the save's way: each block hashed right after its copy, while it is in cache
+        ctypes.memmove(buf.data_ptr() + a, src.data_ptr() + a, min(block, n - a))
+        digest(mv[a : a + block])
+    out[f"copy + {algo} per block while hot"] = perf() - t0
+    t0 = perf()
+    digest(mv)
+    out[f"{algo} alone, from memory"] = perf() - t0
+    path = os.path.join(root, "prim.bin")
+    for name, flags in (("O_DIRECT write + fdatasync", os.O_DIRECT), ("buffered write + fsync", 0)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
+        t0 = perf()
+        for a in range(0, n, block):
+            os.pwrite(fd, mv[a : a + block], a)
+        os.fdatasync(fd) if flags else os.fsync(fd)
+        out[name] = perf() - t0
+        os.close(fd)
+    for name, verify in (("O_DIRECT read, 4 threads, cold", False), (f"... + {algo} per block (a verified read)", True)):
+        drop_cache(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+
+        def one(a: int, fd: int = fd, verify: bool = verify) -> None:
+            os.preadv(fd, [mv[a : a + block]], a)
+            if verify:
+                digest(mv[a : a + block])
+
+        t0 = perf()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(0, n, block)))
+        out[name] = perf() - t0
+        os.close(fd)
+    os.remove(path)
+    os.sync()
+    return out
+
+
 def flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {f"model.{k}": v for k, v in model.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
@@ -85,23 +149,22 @@ def flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.
 
 def load_flat(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    sd = opt.state_dict()
-    for i, st in sd["state"].items():
-        for k in st:
-            st[k] = tensors[f"opt.{i}.{k}"]
-    opt.load_state_dict(sd)
+    sd = opt.state_dict()  # its per-parameter dicts are the live ones: build new ones, do not write into them
+    state = {i: {k: tensors[f"opt.{i}.{k}"] for k in st} for i, st in sd["state"].items()}
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--params", type=float, default=None, help="parameters (default 100e6; --quick: 5e6)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick: 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick: 1)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     params = args.params or (5e6 if args.quick else 100e6)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     layers = 8
     width = int((params / layers) ** 0.5)
     torch.manual_seed(0)
@@ -116,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        ck = DiskCheckpoints(f"{root}/torchrewind", every=1, keep_last=2)
+        # keep every checkpoint until the end: deleting a 0.3 GB file (ext4 with discard) slows the next fsync,
+        # whoever makes it; the peers' files are deleted at the end of each round, outside the timed parts
+        ck = DiskCheckpoints(f"{root}/torchrewind", every=1, keep_last=rounds + 2)
         rw = Rewind(model, opt, tiers=Tiers(device=1, disk=ck), auto=False, redo=False)
         opt.step()  # Adam's state exists from here on
         stager = DefaultStager(StagingOptions(False, False, False, False))
@@ -184,15 +249,35 @@ def main(argv: list[str] | None = None) -> int:
         reference()
         prev = [record()]
         ck.wait()
+        # The optimizer state as the Rewind keeps it (moved into its arena). A peer's restore replaces it with the
+        # tensors it loaded (opt.load_state_dict; safetensors' may even share one storage, which a Rewind must then
+        # copy tensor by tensor): after each peer, untimed, its values go back into these, so every method starts
+        # from the same conditions.
+        homes = {p: dict(st) for p, st in opt.state.items()}
+
+        def home_state() -> None:
+            with torch.no_grad():
+                for p, st in list(opt.state.items()):
+                    for k, v in st.items():
+                        if homes[p][k] is not v:
+                            homes[p][k].copy_(v)
+                    opt.state[p] = dict(homes[p])
 
         real_save, save_time = ck.save, [0.0]
+        real_load, load_time = ck.read, [0.0]
 
-        def timed_save(step: int, tree: object) -> None:  # the disk tier's own stall (the ring snapshot is not)
+        def timed_save(step: int, tree: object, **kw) -> None:  # the disk tier's own stall (not the ring snapshot)
             t0 = perf()
-            real_save(step, tree)
+            real_save(step, tree, **kw)
             save_time[0] = perf() - t0
 
-        ck.save = timed_save  # type: ignore[method-assign]
+        def timed_load(step: int, **kw) -> object:  # read + verify, inside rollback_to
+            t0 = perf()
+            out = real_load(step, **kw)
+            load_time[0] = perf() - t0
+            return out
+
+        ck.save, ck.read = timed_save, timed_load  # type: ignore[method-assign]
 
         def m_torchrewind(i):
             # restore the previous round's checkpoint (same size): the device ring holds only the newest point
@@ -215,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             print("- skipped safetensors: pip install safetensors")
             del methods["safetensors save_file + fsync"]
         rows = {name: {"stall": [], "lost": [], "durable": [], "restore": []} for name in methods}
+        ours_parts: dict[str, list[float]] = {"save call (copy + checksums)": [], "background write until durable": [],
+                                              "read + verify (cold)": [], "apply + restart the device history": []}
+        prims: dict[str, list[float]] = {}
         exact = True
+        written: list[str] = []
         base = statistics.median(steps(5))
         for r in range(rounds):
             for name, save in methods.items():
@@ -246,39 +335,67 @@ def main(argv: list[str] | None = None) -> int:
                 t_restore = perf() - t0
                 if name.startswith("torchrewind"):
                     exact = exact and all(torch.equal(v, recorded[rw.step][k]) for k, v in flat(model, opt).items())
+                    for part, v in zip(ours_parts, (stall, durable - stall, load_time[0], t_restore - load_time[0])):
+                        ours_parts[part].append(v)
                 row = rows[name]
                 row["stall"].append(stall)
                 row["lost"].append(max(lost, stall))
                 row["durable"].append(durable)
                 row["restore"].append(t_restore)
                 if not name.startswith("torchrewind"):
-                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+                    written.append(str(path))
+                    home_state()
+            for path in written:
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            written.clear()
+            os.sync()  # let the deletions settle before the next round
+            for k, v in primitives(sum(t.numel() * t.element_size() for t in flat(model, opt).values()), root).items():
+                prims.setdefault(k, []).append(v)
         nbytes = sum(t.numel() * t.element_size() for t in flat(model, opt).values())
         rw.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"# torchrewind disk benchmark{' (quick)' if args.quick else ''}: torch {torch.__version__}")
     print()
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{n / 1e6:.0f}M parameters + Adam state ({nbytes / 1e9:.2f} GB per checkpoint); Adam step without a save "
-          f"{base * 1e3:.0f} ms; {rounds} round(s), medians, seconds:")  # fmt: skip
+          f"{base * 1e3:.0f} ms; {rounds} round(s), medians, seconds; {os.cpu_count()} cores, load average "
+          f"{load_start:.1f} at the start, {load_end:.1f} at the end:")  # fmt: skip
     print()
-    print("| method | stall | training time lost | durable | restore, cold cache | vs torchrewind (lost / durable / "
-          "restore) |")  # fmt: skip
+    print("| method | stall | training time lost | durable | restore, cold cache | time / torchrewind's in the same "
+          "round (lost / durable / restore) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
-    ours = med["torchrewind DiskCheckpoints"]
+    mine = rows["torchrewind DiskCheckpoints"]
     for name, m in med.items():
+        rel = {k: statistics.median(a / b for a, b in zip(rows[name][k], mine[k]))
+               for k in ("lost", "durable", "restore")}  # fmt: skip
         print(f"| {name} | {m['stall']:.2f} | {m['lost']:.2f} | {m['durable']:.2f} | {m['restore']:.2f} | "
-              f"{m['lost'] / ours['lost']:.2f} / {m['durable'] / ours['durable']:.2f} / "
-              f"{m['restore'] / ours['restore']:.2f} |")  # fmt: skip
-        results[name] = m
+              f"{rel['lost']:.2f} / {rel['durable']:.2f} / {rel['restore']:.2f} |")  # fmt: skip
+        results[name] = {**m, "vs_torchrewind": rel}
+    ours = med["torchrewind DiskCheckpoints"]
+    print()
+    print("Where torchrewind's time goes (medians, seconds):")
+    print()
+    for part, v in ours_parts.items():
+        print(f"- {part}: {statistics.median(v):.3f}")
+    print()
+    print(f"Primitives on the same {nbytes / 1e9:.2f} GB in the same rounds (medians, seconds; GB/s):")
+    print()
+    for k, v in prims.items():
+        print(f"- {k}: {statistics.median(v):.3f} ({nbytes / statistics.median(v) / 1e9:.2f} GB/s)")
+    results["parts"] = {k: statistics.median(v) for k, v in ours_parts.items()}
+    results["primitives"] = {k: statistics.median(v) for k, v in prims.items()}
+    results["load_average"] = [load_start, load_end]
     print()
     print(f"- rollback from disk (torchrewind restore): {'bitwise exact' if exact else 'NOT EXACT'}")
     if "safetensors save_file + fsync" in med:
-        st = med["safetensors save_file + fsync"]
-        for what, a, b in (("training time lost", ours["lost"], st["stall"]), ("durable", ours["durable"], st["durable"]),
-                           ("restore", ours["restore"], st["restore"])):  # fmt: skip
-            print(f"- {'PASS' if a <= b else 'MISS'}: torchrewind {what} {a:.2f} s vs safetensors {b:.2f} s")
+        st = rows["safetensors save_file + fsync"]
+        for what, key in (("training time lost", "lost"), ("durable", "durable"), ("restore", "restore")):
+            wins = sum(a <= b for a, b in zip(mine[key], st[key]))
+            a, b = statistics.median(mine[key]), statistics.median(st[key])
+            print(f"- {'PASS' if a <= b else 'MISS'}: torchrewind {what} {a:.2f} s vs safetensors {b:.2f} s "
+                  f"(medians; torchrewind at most as long in {wins} of {len(st[key])} rounds)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"params": n, "bytes": nbytes, "rows": results, "rollback_s": ours["restore"], "exact": exact,

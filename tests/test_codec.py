@@ -130,7 +130,7 @@ def test_bad_device_level_and_missing_library(monkeypatch):
 
 def test_segments_threads_and_chunks():
     """Mixed element sizes (bf16 weights, fp32 moments, a stray odd tail), buffers larger than a chunk, several
-    threads: still bitwise, and bf16 coded as bf16 compresses better than as fp32."""
+    threads: still bitwise, and fp32 moments coded as fp32 compress better than as 16-bit halves."""
     from torchrewind.tiers.codec import CHUNK
 
     g = torch.Generator().manual_seed(1)
@@ -145,9 +145,9 @@ def test_segments_threads_and_chunks():
         enc = encode(data, ref, segments=segs, threads=threads)
         assert len(enc.chunks) >= 4 and {c.itemsize for c in enc.chunks} == {1, 2, 4}
         assert torch.equal(decode(enc, ref, threads=threads), data)
-    as_fp32 = encode(data, ref, itemsize=4)
-    assert torch.equal(decode(as_fp32, ref), data)
-    assert enc.nbytes < 0.9 * as_fp32.nbytes
+    as_halves = encode(data, ref, itemsize=2)
+    assert torch.equal(decode(as_halves, ref), data)
+    assert enc.nbytes < 0.9 * as_halves.nbytes
 
 
 def test_serialized_format_is_versioned_and_checked():
@@ -169,5 +169,40 @@ def test_serialized_format_is_versioned_and_checked():
     bad = bytearray(blob)
     bad[-100] ^= 0x10  # inside the compressed data: the CRC catches it, nothing decodes to wrong bits
     out = torch.full_like(b, 7.0)
-    with pytest.raises(RewindError, match="fails its CRC check"):
+    with pytest.raises(RewindError, match="fails its checksum"):
         decode(from_bytes(bytes(bad)), a, out=out)
+
+
+def test_checksum_kinds_and_missing_xxhash(monkeypatch):
+    """xxh3 per chunk where xxhash is installed, CRC-32 otherwise; a buffer names its checksum, survives
+    serialization, and one checksummed with xxh3 is refused with the install hint when xxhash is missing."""
+    import sys
+
+    from torchrewind.tiers.codec import from_bytes
+
+    pytest.importorskip("xxhash")
+    a = torch.randn(70_000)
+    b = a + 1e-3 * torch.randn(70_000)
+    fast = encode(b, a)
+    assert fast.checksum == "xxh3_64" and torch.equal(decode(from_bytes(fast.to_bytes()), a), b)
+    monkeypatch.setitem(sys.modules, "xxhash", None)
+    slow = encode(b, a)
+    assert slow.checksum == "crc32" and torch.equal(decode(from_bytes(slow.to_bytes()), a), b)
+    with pytest.raises(RewindError, match=r"xxh3, which needs xxhash: pip install 'torchrewind\[delta\]'"):
+        decode(fast, a)
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_references_ending_anywhere_in_a_chunk(itemsize):
+    """The reference may end inside a chunk, at a chunk boundary, or before the first element: the referenced part
+    is differenced, the rest coded on its own, bit for bit."""
+    from torchrewind.tiers.codec import CHUNK
+
+    g = torch.Generator().manual_seed(itemsize)
+    data = torch.randint(0, 256, (2 * CHUNK + 5 * 8 + 3,), dtype=torch.uint8, generator=g)
+    for n in (0, itemsize - 1, 7, CHUNK - 3, CHUNK, CHUNK + 9, 2 * CHUNK, data.numel(), data.numel() + 9):
+        ref = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        ref[: min(n, data.numel())] = data[: min(n, data.numel())] ^ 1  # small differences where it overlaps
+        enc = encode(data, ref, itemsize=itemsize)
+        assert enc.ref_length == min(n, data.numel())
+        assert torch.equal(decode(enc, ref), data)

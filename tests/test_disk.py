@@ -79,6 +79,144 @@ def test_discarding_an_older_branch_does_not_wait_for_a_save_in_flight(tmp_path,
     assert ck.steps() == [1]
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_pipelined_save_of_large_and_small_tensors(tmp_path, async_save):
+    """A tensor larger than a checksum block is copied, checksummed and written in pieces while the rest is still
+    being copied; the file is the same bytes every time (gaps and padding zeroed), and reads back bitwise."""
+    from torchrewind.tiers.disk import BLOCK
+
+    g = torch.Generator().manual_seed(0)
+    t = {"big": torch.randn(BLOCK // 4 * 2 + 1000, generator=g), "odd": torch.randn(3, 5, generator=g).t(),
+         "small": [torch.randn(7, generator=g) for _ in range(50)], "half": torch.randn(BLOCK // 2 + 1).half()}
+    ck = DiskCheckpoints(tmp_path, every=1, async_save=async_save)
+    ck.save(1, t)
+    ck.save(2, t)
+    ck.wait()
+    assert _data_file(tmp_path, 1).read_bytes() == _data_file(tmp_path, 2).read_bytes()
+    import json
+
+    man = json.loads((tmp_path / "step_000000001" / "manifest.json").read_text())
+    assert man["block"] == BLOCK and len(man["files"]["tensors.bin"]["blocks"]) >= 3
+    assert values_equal(ck.load(1), t)
+
+
+def test_a_failed_copy_abandons_the_save_cleanly(tmp_path, monkeypatch):
+    """If copying into the staging buffer fails half-way, the background writer is stopped, no checkpoint appears,
+    the error is raised once (not again at the next wait), and the next save works."""
+    import torchrewind.tiers.disk as disk_mod
+
+    ck = DiskCheckpoints(tmp_path, every=1)
+    real, calls = disk_mod._Checksums.feed, []
+
+    def failing(self, ready):
+        calls.append(ready)
+        if len(calls) == 2:
+            raise RuntimeError("copy failed")
+        real(self, ready)
+
+    monkeypatch.setattr(disk_mod._Checksums, "feed", failing)
+    big = {"x": torch.randn(disk_mod.BLOCK // 4 * 3)}
+    with pytest.raises(RuntimeError, match="copy failed"):
+        ck.save(1, big)
+    ck.wait()
+    assert ck.steps() == [] and not ck.saving
+    monkeypatch.setattr(disk_mod._Checksums, "feed", real)
+    ck.save(2, big)
+    assert values_equal(ck.load(2), big) and ck.steps() == [2]
+
+
+def test_checksum_block_size_comes_from_the_manifest(tmp_path, monkeypatch):
+    """A checkpoint written with another block size (e.g. 64 MiB by the first format-2 release) reads back; a
+    manifest with an impossible block size is refused."""
+    import torchrewind.tiers.disk as disk_mod
+
+    x = {"x": torch.arange(300_000.0)}
+    monkeypatch.setattr(disk_mod, "BLOCK", 8192)
+    DiskCheckpoints(tmp_path, async_save=False).save(1, x)
+    monkeypatch.undo()
+    ck = DiskCheckpoints(tmp_path, resume=True)
+    assert values_equal(ck.load(1), x)
+    raw = bytearray(_data_file(tmp_path).read_bytes())
+    raw[600_000] ^= 4  # in the 74th 8 KiB block: located by its block
+    _data_file(tmp_path).write_bytes(bytes(raw))
+    with pytest.raises(RewindError, match="checksum mismatch at byte 598016"):
+        ck.load(1)
+    _rewrite_manifest(tmp_path / "step_000000001", lambda m: m.__setitem__("block", 1000))
+    with pytest.raises(RewindError, match="malformed"):
+        ck.load(1)
+
+
+def test_arena_images_are_written_whole_and_restored_in_place(tmp_path):
+    """Tensors living in an arena are saved as one image of it and found at their place in it; a restore into the
+    same arena layout copies the image back whole and loads every tensor into itself; another layout is refused
+    (then the tree loads tensor by tensor)."""
+    from torchrewind.tiers import copy_images, restore_plan
+
+    arena = torch.zeros(4096, dtype=torch.int64)  # 32 KiB of "arena": two tensors at 64-byte aligned places
+    raw = arena.view(torch.uint8)
+    w, b = raw[128 : 128 + 4000].view(torch.float32), raw[8192 : 8192 + 20].view(torch.bfloat16)
+    w.copy_(torch.randn(1000))
+    b.copy_(torch.randn(10))
+    loose = torch.randn(3)  # not in the arena: stored after the image
+    live = {"w": w, "b": b, "loose": loose, "lr": 0.1}
+    saved = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in live.items()}
+    ck = DiskCheckpoints(tmp_path, async_save=False)
+    ck.save(1, live, arenas=[arena])
+    arena.fill_(-1)
+    loose.zero_()
+    got = ck.read(1)
+    assert got.images == [(0, arena.numel() * 8)]
+    assert [off for *_, off, _ in got.specs] == [128, 8192, 32768]  # in the image, in the image, after it
+    assert values_equal(got.tree, saved)
+    copies, tree = restore_plan(got, live, [arena])
+    assert len(copies) == 1
+    copy_images(copies)
+    assert copies == []  # emptied: no view of the arena is left behind
+    same = {k: tree[k].data_ptr() == live[k].data_ptr() for k in ("w", "b", "loose")}
+    assert same == {"w": True, "b": True, "loose": False}  # image tensors: the live ones (aliases)
+    assert torch.equal(w, saved["w"]) and torch.equal(b.view(torch.int16), saved["b"].view(torch.int16))
+    assert restore_plan(got, live, [arena[:-8]]) is None  # the arena has another size
+    assert restore_plan(got, {**live, "extra": torch.zeros(1)}, [arena]) is None  # the tree has another structure
+    moved = {**live, "w": raw[192 : 192 + 4000].view(torch.float32)}
+    assert restore_plan(got, moved, [arena]) is None  # a tensor at another place
+
+
+def test_rollback_from_disk_copies_arena_images_back(tmp_path, monkeypatch):
+    """Within a run the arenas keep their layout: rollback_to restores from disk by copying each arena image whole
+    (checked through the plan it used), bit for bit."""
+    import torchrewind.rewind as rewind_mod
+
+    plans = []  # how many arena images each restore copied (None: tensor by tensor)
+    real = rewind_mod.restore_plan
+
+    def spy(*a):
+        plan = real(*a)
+        plans.append(None if plan is None else len(plan[0]))
+        return plan
+
+    monkeypatch.setattr(rewind_mod, "restore_plan", spy)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3)).to(torch.bfloat16)
+    o = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rw = Rewind(m, o, rng="all", tiers=Tiers(device=1, disk=DiskCheckpoints(tmp_path, every=4)))
+    before = {}
+    o.register_step_pre_hook(lambda *a: before.__setitem__(rw.step, full_state(m, o)))
+    for _ in range(10):
+        o.zero_grad()
+        m(torch.randn(8, 6).to(torch.bfloat16)).float().square().mean().backward()
+        o.step()
+    assert rw.rollback_to(7) == 4  # the device ring holds step 9 only: from disk
+    assert plans == [2]  # one copy for the parameters' arena, one for the optimizer state's
+    restored = full_state(m, o)
+    assert_same(restored, before[4])
+    o.zero_grad()
+    m(torch.randn(8, 6).to(torch.bfloat16)).float().square().mean().backward()
+    o.step()
+    rw.undo()  # the restarted device history holds the restored point
+    assert_same(full_state(m, o), restored)
+    rw.close()
+
+
 def _data_file(tmp_path, step=1):
     return tmp_path / f"step_{step:09d}" / "tensors.bin"
 
@@ -292,13 +430,13 @@ TRAIN = textwrap.dedent(
     start = rw.rollback_to(ck.latest or 0)         # the one-line resume: 0 in a fresh directory
     print("start", start, rw.step, flush=True)
     if mode == "hang-at-15":                        # a save that never finishes: the parent kills us mid-write
-        real = disk_mod._write_file
+        real = disk_mod._stream_file
         def slow(path, *args, **kw):
-            if "step_000000015" in str(path) and path.name == "tensors.bin":
+            if "step_000000015" in str(path):
                 print("saving 15", flush=True)
                 time.sleep(60)
             return real(path, *args, **kw)
-        disk_mod._write_file = slow
+        disk_mod._stream_file = slow
     while rw.step < total:
         g = torch.Generator().manual_seed(rw.step)  # the batch of each step, whichever process takes it
         x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)

@@ -12,7 +12,7 @@ from .._checks import check_int, check_type
 from ..distributed import all_min
 from ..errors import RewindError, RewindTypeError
 from .archive import HostArchive, arena_segments
-from .disk import DiskCheckpoints
+from .disk import Checkpoint, DiskCheckpoints, copy_images, restore_plan
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,10 @@ class Tiers:
         if disk is not None:
             disk.discard_after(slot.step)
             if disk.due(slot.step) and slot.step not in disk.steps():
-                disk.save(slot.step, tree())
+                if isinstance(disk, DiskCheckpoints):  # arena images: one copy per arena, each way
+                    disk.save(slot.step, tree(), arenas=[a.words() for a in arenas.values()])
+                else:
+                    disk.save(slot.step, tree())
 
     # ------------------------------------------------------------------ reading
     def find(self, step: int, ring: list[tuple[int, int]], live: int, group: Any, held: Callable[[], dict]) -> Found:
@@ -118,4 +121,4 @@ class Tiers:
         return best
 
 
-__all__ = ["DiskCheckpoints", "Found", "HostArchive", "Tiers"]
+__all__ = ["Checkpoint", "DiskCheckpoints", "Found", "HostArchive", "Tiers", "copy_images", "restore_plan"]

@@ -1,10 +1,10 @@
 """The host-RAM tier: older undo points kept in CPU memory, as lossless compressed deltas or plain copies.
 
-The device ring (:class:`~torchrewind.core.history.Timeline` + slots) keeps the last few points at memcpy speed; the
+The device ring (:class:`~torchrewind.core.ring.Ring`) keeps the last few points at memcpy speed; the
 archive keeps a deeper history of every ``every``-th recorded point for :meth:`Rewind.rollback_to`.
 
 Storage is *reverse-delta*: the newest record holds its bytes raw; when a newer one arrives, the previous newest is
-re-encoded as the XOR difference against it (:mod:`torchrewind.tiers.codec`), except every ``keyframe``-th record, which
+re-encoded as the difference against it (:mod:`torchrewind.tiers.codec`), except every ``keyframe``-th record, which
 is compressed on its own. Decoding a record walks down from the nearest keyframe (or the newest record), so a
 restore decodes at most ``keyframe`` records, and dropping the oldest record never breaks a chain.
 """
