@@ -90,19 +90,22 @@ class FaultInjector:
             raise RewindValueError(f"{who}: the target tensor does not require grad, so it has no gradient to corrupt.")
         self.fired = 0
         self._left: int | None = 0  # passes still to corrupt (None: all until disarm)
+        self._wait = 0  # passes to let through before that
         if isinstance(target, torch.nn.Module):
             self._handle = target.register_forward_hook(self._on_output)
         else:
             self._handle = target.register_hook(self._on_grad)
 
     # -- arming ------------------------------------------------------------------------------------------------
-    def arm(self, times: int | None = 1) -> FaultInjector:
-        """Corrupt the next ``times`` passes (None: every pass until :meth:`disarm`). Returns the injector."""
+    def arm(self, times: int | None = 1, after: int = 0) -> FaultInjector:
+        """Corrupt the next ``times`` passes (None: every pass until :meth:`disarm`), after letting ``after`` passes
+        through untouched (``after=1``: the rerun of an iteration, not its first run). Returns the injector."""
         self._left = check_optional_int("times", times, 1, "FaultInjector.arm")
+        self._wait = check_int("after", after, 0, "FaultInjector.arm")
         return self
 
     def disarm(self) -> None:
-        self._left = 0
+        self._left, self._wait = 0, 0
 
     @property
     def armed(self) -> bool:
@@ -133,6 +136,9 @@ class FaultInjector:
         return torch.where(mask.view(t.shape), flipped, t)
 
     def _take(self) -> bool:
+        if self._wait:
+            self._wait -= 1
+            return False
         if self._left is None:
             self.fired += 1
             return True

@@ -26,8 +26,8 @@ import math
 import os
 import socket
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ from .._checks import check_bool, check_choice, check_int, check_number, check_t
 from ..distributed import all_sum, world_size
 from ..errors import RewindError, RewindTypeError, RewindValueError
 from ..rewind import Rewind
+from ..skipping import SkippableIterator
 from ..trajectory import Event, Trajectory
 from ._common import check_rewind
 from ._state import check_state, header, load_all
@@ -47,6 +48,7 @@ from .outcome import Outcome, rel_diff, same_number
 from .quarantine import Quarantine, plain_id
 
 logger = logging.getLogger("torchrewind.triage")
+T = TypeVar("T")
 
 VERDICTS = ("reproducible", "transient", "inconsistent")
 ACTIONS = ("skip", "rollback", "raise")
@@ -202,14 +204,16 @@ class FaultTriage:
         self._it: int | None = None  # the iteration begun and not yet judged
         self._batch: Any = None
         self._custom_id = False
+        self._loader: SkippableIterator[Any] | None = None  # the guard's wrapped iterator (see wrap())
 
     # -- the plain loop ---------------------------------------------------------------------------------------------
     def step(self, loss_fn: Callable[[], torch.Tensor], batch_id: Any = None) -> bool:
         """Run one iteration: snapshot, ``loss_fn()`` (forward: returns the loss), backward, check; on a failed check
         rerun and diagnose; step unless the batch is skipped. Returns whether a step was applied.
 
-        ``batch_id`` names the batch in the quarantine (default: the iteration's index, i.e. the batch's position in
-        the stream). A quarantined batch is skipped without running ``loss_fn``.
+        ``batch_id`` names the batch in the quarantine (default: the batch's position in the stream: the iteration's
+        index, or the position in :meth:`wrap`'s iterator). A quarantined batch is skipped without running
+        ``loss_fn``.
 
         Example::
 
@@ -227,6 +231,20 @@ class FaultTriage:
             self._it = None
             raise
         return self.judge(loss, lambda: self._run(loss_fn, who))
+
+    def wrap(self, iterable: Iterable[T]) -> Iterable[T]:
+        """With a ``guard``: its :meth:`~torchrewind.policies.Guard.wrap` (so a roll-back can skip the next batches);
+        the default batch id is then the batch's position in ``iterable``, skipped batches counted. Without a guard:
+        ``iterable`` itself.
+
+        Example::
+
+            for x, y in triage.wrap(loader): triage.step(lambda: F.cross_entropy(model(x), y))
+        """
+        if self.guard is None:
+            return iterable
+        self._loader = self.guard.wrap(iterable)
+        return self._loader
 
     def _run(self, loss_fn: Callable[[], torch.Tensor], who: str) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -250,7 +268,8 @@ class FaultTriage:
         self.last, self.reran = None, False
         self._custom_id = batch_id is not None
         it = self.iteration
-        self._batch = it if batch_id is None else plain_id(batch_id, f"{type(self).__name__}.begin")
+        pos = it if self._loader is None else self._loader.seen + self._loader.skipped - 1  # the batch just drawn
+        self._batch = pos if batch_id is None else plain_id(batch_id, f"{type(self).__name__}.begin")
         self.iteration += 1
         self.rw.snapshot()
         if self._quarantined():
@@ -482,7 +501,12 @@ class FaultTriage:
         ranks: dict[str, list[int]], reason2: str,
     ) -> dict[str, Any]:  # fmt: skip
         places = self._where()
-        suspects = ranks["loss"] if verdict != "reproducible" else []
+        suspects: list[int] = []
+        if verdict != "reproducible":
+            # the ranks whose own loss changed; else those whose gradients changed, unless that is every rank of
+            # several (DDP averaged one rank's fault into all of them: it cannot be pinned)
+            suspects = ranks["loss"] or (ranks["grads"] if len(ranks["grads"]) < len(places) or len(places) == 1
+                                         else [])  # fmt: skip
         return {
             "iteration": it, "batch": self._batch, "check": reason, "verdict": verdict, "action": None,
             "first": {"loss": first[0], "grad_norm": first[1]}, "rerun": {"loss": rerun[0], "grad_norm": rerun[1]},
