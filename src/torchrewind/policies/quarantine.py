@@ -61,7 +61,7 @@ class Quarantine:
         if write is not None:
             check_bool("write", write, who)
         self.path = Path(path) if path is not None else None
-        self.write = (rank_and_world()[0] == 0) if write is None else write
+        self._write = write
         self.entries: list[dict[str, Any]] = []
         self._keys: set[str] = set()
         if self.path is not None and self.path.exists():
@@ -91,6 +91,12 @@ class Quarantine:
         self._keys.add(key)
         self.entries.append(entry)
         return True
+
+    @property
+    def write(self) -> bool:
+        """Whether this process appends to the file: ``write=`` if given, else whether it is global rank 0 (asked
+        when writing: a Quarantine built before torch.distributed is initialized still writes on rank 0 only)."""
+        return (rank_and_world()[0] == 0) if self._write is None else self._write
 
     def __contains__(self, batch_id: Any) -> bool:
         return bool(self._keys) and batch_key(batch_id) in self._keys

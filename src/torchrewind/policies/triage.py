@@ -311,6 +311,11 @@ class FaultTriage:
             return self._apply(loss, v, gn, it, take=framework is None)
         return self._triage(first, rerun, framework, v, gn, reason, it, who)
 
+    def cancel(self) -> None:
+        """Forget the iteration begun with :meth:`begin` without judging it (e.g. a framework took no step); its
+        step, if any, stands."""
+        self._it = None
+
     # -- measuring and checking -------------------------------------------------------------------------------------
     def _measure(self, loss: Any, who: str, checksum: bool = False) -> tuple[Outcome, float, float | None]:
         """This rank's outcome, and the loss averaged over ranks and the global gradient norm (one collective)."""
