@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -55,7 +56,9 @@ class FaultInjector:
     is accumulated into ``.grad``, so under DDP before the all-reduce: one rank's fault reaches every replica).
 
     ``kind="bitflip"`` flips ``bit`` of element ``index`` (default: the top exponent bit; see :func:`flip_bit`);
-    ``kind="scale"`` multiplies the whole tensor by ``factor``.
+    ``kind="scale"`` multiplies the whole tensor by ``factor`` (``float("nan")`` or ``math.inf`` make it non-finite).
+    A flipped bit is only noticed if the check sees it: the top exponent bit of a value in [2, 4) makes it tiny, of
+    a zero makes it 2 — silent corruptions, as on real hardware.
 
     :meth:`arm` makes the next ``times`` passes through the hook faulty (default 1: the first run of an iteration,
     not its rerun — a transient fault); ``times=None`` every pass until :meth:`disarm` (a persistent fault: the
@@ -83,7 +86,8 @@ class FaultInjector:
         self.kind = check_choice("kind", kind, ("bitflip", "scale"), who)
         self.bit = check_optional_int("bit", bit, 0, who)
         self.index = check_int("index", index, None, who)
-        self.factor = check_number("factor", factor, who, finite=False)
+        nan = isinstance(factor, float) and math.isnan(factor)  # a NaN factor is a fault like any other
+        self.factor = factor if nan else check_number("factor", factor, who, finite=False)
         self.target = target
         self.where = "activation" if isinstance(target, torch.nn.Module) else "gradient"
         if self.where == "gradient" and not target.requires_grad:

@@ -377,7 +377,7 @@ class FaultTriage:
         if take and self.guard is not None:
             return self._to_guard(loss, diag)
         if take:
-            self.rw.ensure_recorded()  # after a restore the step must be recorded again (also with auto=False)
+            self.rw.ensure_recorded()  # a no-op: begin() or the rerun recorded (kept for a Rewind used meanwhile)
             self.optimizer.step()
         if self.detector is not None:
             self.detector.update(v)
@@ -468,6 +468,8 @@ class FaultTriage:
     def _rerun(self, rerun: Callable[[], Any], who: str) -> tuple[Outcome, Any]:
         """Restore the iteration's start and compute it again."""
         self.rw.revert()
+        # record it again: the step that may follow is undone to the iteration's start (not to the rerun's forward)
+        self.rw.snapshot()
         self.reran = True
         self.reruns += 1
         loss2 = rerun()
