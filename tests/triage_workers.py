@@ -10,7 +10,7 @@ import torch
 from dist_workers import Run, finish, gather, init, loss_of, rank_data, same_on_all_ranks
 from statecheck import assert_same
 
-from torchrewind import FaultInjector, FaultTriage, Quarantine
+from torchrewind import FaultInjector, FaultTriage, Quarantine, UnreliableDeviceError
 
 BIG = lambda v, g: "loss above 50" if v > 50 else ""  # noqa: E731
 
@@ -28,23 +28,24 @@ def plain(data, skip=()) -> dict:
     return run.state()
 
 
-def triaged(data, inject_at=(), ids=False, **kw) -> tuple[Run, FaultTriage]:
-    """Triaged DDP training; ``ids``: each rank names its batches itself (``r<rank>-b<i>``)."""
+def triaged(data, inject_at=(), ids=False, persistent=False, stop=None, **kw) -> tuple[Run, FaultTriage]:
+    """Triaged DDP training; ``ids``: each rank names its batches itself (``r<rank>-b<i>``); ``persistent``: the
+    injected fault hits every computation from then on. The batch goes through ``batch=`` (for cross_check)."""
     run = Run("ddp", capacity=1)
     triage = FaultTriage(run.rw, check=BIG, **kw)
     inj = FaultInjector(run.model[5], kind="scale", factor=1e4)  # the logits, on the ranks in inject_at
     rank = torch.distributed.get_rank()
-    for i, x, t, fault in data:
+    for i, x, t, fault in data[:stop]:
         if (rank, i) in inject_at:
-            inj.arm()
-        if triage.step(lambda: loss_of(run.net, x, t, fault), batch_id=f"r{rank}-b{i}" if ids else None):
+            inj.arm(None if persistent else 1)
+        if triage.step(lambda b: loss_of(run.net, *b), batch_id=f"r{rank}-b{i}" if ids else None, batch=(x, t, fault)):
             run.sched.step()
     return run, triage
 
 
 def fault_on_one_rank(rank: int, world: int, port: int, tmp: str) -> None:
     init(rank, world, port)
-    for case in ("transient", "reproducible"):
+    for case in ("transient", "reproducible", "persistent"):
         _case(rank, case, tmp)
     finish()
 
@@ -62,6 +63,23 @@ def _case(rank: int, case: str, tmp: str) -> None:
         assert f["rank"] == rank and triage.steps == 20
         same_on_all_ranks(run.state())
         assert_same(run.state(), plain(data))
+    elif case == "persistent":
+        # rank 1's device corrupts every forward from iteration 9 on: its failure reproduces in place, but rank 0
+        # computes rank 1's batch normally from the same state -> a persistent fault of rank 1, raised on every rank
+        data = rank_data(12, {})
+        try:
+            triaged(data, inject_at={(1, 9)}, persistent=True, cross_check=True)
+        except UnreliableDeviceError as e:
+            d = e.diagnosis
+            assert d["verdict"] == "persistent" and [s["rank"] for s in d["suspects"]] == [1], d
+            assert d["cross_check"] == {"1": 0} and "persistent fault of that device" in str(e)
+        else:
+            raise AssertionError("no UnreliableDeviceError")
+        # cross-checked data faults stay the data's: the same NaN batch as below, confirmed by rank 1
+        run, triage = triaged(rank_data(16, {(0, 12): "nan"}), cross_check=True)
+        (f,) = triage.faults
+        assert f["verdict"] == "reproducible" and f["cross_check"] == {"0": 1} and f["action"] == "skipped", f
+        assert_same(run.state(), plain(rank_data(16, {(0, 12): "nan"}), skip={12}))
     else:
         # rank 0's batch 12 has a NaN loss (the data): reproducible on every rank's rerun; all ranks skip the
         # iteration; only rank 0's batch id is quarantined; a restart reads the file and skips it without computing

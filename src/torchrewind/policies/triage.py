@@ -50,7 +50,7 @@ from .quarantine import Quarantine, plain_id
 logger = logging.getLogger("torchrewind.triage")
 T = TypeVar("T")
 
-VERDICTS = ("reproducible", "transient", "inconsistent")
+VERDICTS = ("reproducible", "transient", "inconsistent", "persistent")
 ACTIONS = ("skip", "rollback", "raise")
 FRAMEWORK = (None, "before_step", "after_step")
 
@@ -127,6 +127,10 @@ class FaultTriage:
             kernels, set it from a ``report_every`` run).
         checksum: also compare a checksum of all gradient bits (costs one pass over the gradients, on faults only).
         report_every: rerun every N-th iteration for :attr:`determinism` (0: never).
+        cross_check: under DDP, when a failure reproduced, compute the failing rank's batch on another rank too
+            (forward only, from the same replicated state and RNG; needs ``step(loss_fn, batch=...)``): a result
+            that only its own device produces is a persistent device fault (:class:`UnreliableDeviceError`,
+            verdict ``"persistent"``), not the data.
         log: the :class:`~torchrewind.Trajectory` of decisions (with ``guard``: the guard's log).
     """
 
@@ -147,6 +151,7 @@ class FaultTriage:
         tolerance: float = 0.0,
         checksum: bool = True,
         report_every: int = 0,
+        cross_check: bool = False,
         log: Trajectory | None = None,
     ) -> None:
         who = "FaultTriage"
@@ -182,6 +187,7 @@ class FaultTriage:
         self.tolerance = check_number("tolerance", tolerance, who, lo=0.0)
         self.checksum = check_bool("checksum", checksum, who)
         self.report_every = check_int("report_every", report_every, 0, who)
+        self.cross_check = check_bool("cross_check", cross_check, who)
         if log is not None:
             check_type("log", log, Trajectory, who, "a torchrewind.Trajectory")
         self.optimizer = self.rw.optimizer
@@ -204,16 +210,18 @@ class FaultTriage:
         self._it: int | None = None  # the iteration begun and not yet judged
         self._batch: Any = None
         self._custom_id = False
+        self._cross: tuple[Callable[[Any], Any], Any] | None = None  # (loss_fn, batch) of step(..., batch=...)
         self._loader: SkippableIterator[Any] | None = None  # the guard's wrapped iterator (see wrap())
 
     # -- the plain loop ---------------------------------------------------------------------------------------------
-    def step(self, loss_fn: Callable[[], torch.Tensor], batch_id: Any = None) -> bool:
+    def step(self, loss_fn: Callable[..., torch.Tensor], batch_id: Any = None, *, batch: Any = None) -> bool:
         """Run one iteration: snapshot, ``loss_fn()`` (forward: returns the loss), backward, check; on a failed check
         rerun and diagnose; step unless the batch is skipped. Returns whether a step was applied.
 
         ``batch_id`` names the batch in the quarantine (default: the batch's position in the stream: the iteration's
         index, or the position in :meth:`wrap`'s iterator). A quarantined batch is skipped without running
-        ``loss_fn``.
+        ``loss_fn``. With ``batch`` (the iteration's inputs: tensors in lists, tuples and dicts) ``loss_fn(batch)`` is
+        called instead of ``loss_fn()``, so that ``cross_check`` can compute the batch on another rank.
 
         Example::
 
@@ -225,12 +233,13 @@ class FaultTriage:
             raise RewindTypeError(f"{who} takes a function that returns the loss, got {type(loss_fn).__name__}.")
         if not self.begin(batch_id):
             return False
+        fn = loss_fn if batch is None else (lambda: loss_fn(batch))
+        self._cross = (loss_fn, batch) if batch is not None else None
         try:
-            loss = self._run(loss_fn, who)
-        except BaseException:
-            self._it = None
-            raise
-        return self.judge(loss, lambda: self._run(loss_fn, who))
+            loss = self._run(fn, who)
+            return self.judge(loss, lambda: self._run(fn, who))
+        finally:
+            self._it, self._cross = None, None
 
     def wrap(self, iterable: Iterable[T]) -> Iterable[T]:
         """With a ``guard``: its :meth:`~torchrewind.policies.Guard.wrap` (so a roll-back can skip the next batches);
@@ -429,6 +438,8 @@ class FaultTriage:
             diag["action"] = "continued"
             self._record(diag)
             return self._apply(loss2, v2, gn2, it, take=framework != "before_step", diag=diag)
+        if verdict == "reproducible" and self.cross_check and self._cross is not None and self.rw.group is not None:
+            self._cross_check(diag, ranks["bad"], second.loss, it, who)  # raises on a persistent device fault
         self.reproducible += 1
         self._quarantine_batch(it, reason, ranks["bad"], diag)
         if self.on_reproducible == "raise":
@@ -474,6 +485,49 @@ class FaultTriage:
         self.reruns += 1
         loss2 = rerun()
         return self._outcome(loss2, who, self.checksum), loss2
+
+    def _cross_check(self, diag: dict[str, Any], bad: list[int], own_loss: float, it: int, who: str) -> None:
+        """A failure that reproduced on its own device may still be that device's (a persistent fault). The state is
+        replicated (DDP), so every rank restores the iteration's start and computes, forward only, the batch of the
+        rank before it with that rank's RNG state; a batch whose loss another device does not reproduce bit for bit
+        (``tolerance``) is a persistent fault of its own device: raise. Otherwise the data is confirmed."""
+        loss_fn, batch = self._cross
+        group = self.rw.group
+        world, rank = world_size(group), dist.get_rank(group)
+        self.rw.revert()
+        mine = (_to(batch, torch.device("cpu")), torch.get_rng_state(), _cuda_rng(), own_loss)
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, mine, group=group)
+        owner = (rank - 1) % world
+        theirs, rng, cuda_rng, their_loss = every[owner]
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
+        with torch.no_grad():  # forward only: nothing to accumulate, no all-reduce to wait for
+            v = Outcome.of(loss_fn(_to(theirs, _device(self.optimizer))), self.optimizer, grad_norm=False, who=who).loss
+        self.rw.revert()  # the state (BatchNorm statistics, RNG) as at the iteration's start
+        self.rw.snapshot()
+        (_,), table = self._agree([0.0], [0.0 if same_number(v, their_loss, self.tolerance) else 1.0])
+        # checker c computed the batch of rank c - 1. Judged: the ranks whose own result failed — a non-finite loss,
+        # else the highest loss (what made the average fail). A faulty device also spoils the batch it checks, so
+        # judging every rank would blame its neighbour too.
+        losses = [e[3] for e in every]
+        judged = bad or [max(range(world), key=lambda r: losses[r] if not math.isnan(losses[r]) else math.inf)]
+        persistent = sorted((c - 1) % world for c, row in enumerate(table) if row[0] and (c - 1) % world in judged)
+        places = self._where()
+        diag["cross_check"] = {str((c - 1) % world): c for c in range(world) if (c - 1) % world in judged}
+        if not persistent:
+            return
+        diag["verdict"], diag["action"] = "persistent", "raised"
+        diag["suspects"] = [dict(places[r], rank=r) for r in persistent]
+        self._record(diag)
+        who_ = "; ".join(f"rank {r} on {places[r]['host']} ({places[r]['device']})" for r in persistent)
+        raise UnreliableDeviceError(
+            f"{type(self).__name__}: iteration {it} failed its check ({diag['check']}) identically twice on {who_}, "
+            f"but another rank computed the same batch from the same state normally: a persistent fault of that "
+            "device. Save a checkpoint and restart without it (the state is back at the start of the iteration).",
+            diag,
+        )
 
     def _outcome(self, loss: Any, who: str, checksum: bool) -> Outcome:
         return Outcome.of(loss, self.optimizer, self.rw.group, grad_norm=self.check_grads, checksum=checksum, who=who)
@@ -595,7 +649,8 @@ class FaultTriage:
         return {"check_grads": self.check_grads, "on_reproducible": self.on_reproducible,
                 "max_transient": self.max_transient, "window": self.window, "max_consecutive": self.max_consecutive,
                 "tolerance": self.tolerance, "checksum": self.checksum, "report_every": self.report_every,
-                "detector": self.detector is not None, "grad_detector": self.grad_detector is not None,
+                "cross_check": self.cross_check, "detector": self.detector is not None,
+                "grad_detector": self.grad_detector is not None,
                 "guard": type(self.guard).__name__ if self.guard is not None else None}  # fmt: skip
 
     _COUNTERS = ("iteration", "steps", "consecutive", "transient", "reproducible", "reruns")
@@ -661,9 +716,28 @@ def _group_rank(rw: Rewind) -> int:
     return dist.get_rank(rw.group) if rw.group is not None else 0
 
 
+def _device(optimizer: torch.optim.Optimizer) -> torch.device:
+    return next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor (in lists, tuples, dicts) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _cuda_rng() -> torch.Tensor | None:
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 def _device_name(optimizer: torch.optim.Optimizer) -> str:
     """The device the training runs on, as precisely as known (a GPU's name and UUID identify the physical board)."""
-    dev = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    dev = _device(optimizer)
     if dev.type != "cuda":
         return str(dev)
     props = torch.cuda.get_device_properties(dev)
