@@ -73,6 +73,19 @@ def test_example_lr_find(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_example_fault_triage(tmp_path):
+    q = tmp_path / "q.jsonl"
+    out = run("examples/fault_triage.py", "--quarantine", str(q))
+    assert "plain training: final loss nan" in out  # the corrupt batch kills plain training
+    assert re.search(r"iteration 40: transient \(non-finite loss \(nan\)\) -> continued; did not reproduce on rank 0", out)
+    assert "iteration 70: reproducible (non-finite loss (nan)) -> skipped; quarantined batch 70" in out
+    assert "bitwise identical to the fault-free run that skipped batch 70: True" in out
+    assert "skipped from the quarantine without computing it: True; bitwise identical: True; diagnoses: 0" in out
+    assert "determinism report: every rerun bitwise identical: True" in out
+    assert float(re.search(r"FaultTriage: final loss ([\d.]+)", out).group(1)) < 0.5
+    assert '"batch": 70' in q.read_text()
+
+
 @pytest.mark.distributed
 def test_example_ddp_spike_guard():
     out = run("examples/ddp_spike_guard.py")
@@ -93,6 +106,8 @@ BENCHMARKS = {
     "bench_suite.py": (["## Suite sanity", "Every task learns with Adam"], {"settings", "rows", "verdicts", "results"}),
     "bench_tuners.py": (["## 1. Suggestions", "## 2. Leaves no trace", "## 3. Wall time"],
                         {"suggestions", "trace", "overhead", "restore"}),
+    "bench_triage.py": (["## 1. Overhead", "## 2. Time to attribute", "## 3. Diagnoses", "## 4. Determinism"],
+                        {"overhead", "attribution", "suite", "determinism", "verdicts"}),
 }
 
 
@@ -114,6 +129,10 @@ def test_benchmark_quick_runs(tmp_path, script):
         assert not [r["key"] for r in res["results"] if r["error"]]
     if script == "bench_ddp.py":
         assert res["world_size"] == 2 and res["replicas_identical"] is True  # the guards kept the ranks in step
+    if script == "bench_triage.py":  # every diagnosis right, every run exact, CPU kernels deterministic
+        s = res["suite"]
+        assert s["runs"] >= 2 and s["right"] == s["runs"] and s["exact"] == s["runs"], s
+        assert res["verdicts"]["cpu_determinism_zero"] is True
     if script == "bench_tuners.py":  # ours leaves no trace, whatever the peers do
         for rows in res["trace"].values():
             assert all(v is not False for k, v in rows["torchrewind lr_find"].items()), rows

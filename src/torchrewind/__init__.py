@@ -8,7 +8,20 @@ Example::
 """
 
 from .errors import RewindError
-from .policies import BoldDriver, LineSearch, NonFiniteGuard, SpikeDetector, SpikeGuard
+from .policies import (
+    BoldDriver,
+    DeterminismReport,
+    FaultInjector,
+    FaultTriage,
+    LineSearch,
+    NonFiniteGuard,
+    Quarantine,
+    ReproducibleFaultError,
+    SpikeDetector,
+    SpikeGuard,
+    TriageError,
+    UnreliableDeviceError,
+)
 from .rewind import Rewind, Trial
 from .skipping import SkippableIterator
 from .tiers import DiskCheckpoints, HostArchive, Tiers
@@ -19,12 +32,17 @@ __all__ = [
     "BatchSizeResult",
     "BoldDriver",
     "BranchAndPick",
+    "DeterminismReport",
     "DiskCheckpoints",
     "Event",
+    "FaultInjector",
+    "FaultTriage",
     "HostArchive",
     "LRFindResult",
     "LineSearch",
     "NonFiniteGuard",
+    "Quarantine",
+    "ReproducibleFaultError",
     "Rewind",
     "RewindError",
     "SkippableIterator",
@@ -32,7 +50,9 @@ __all__ = [
     "SpikeGuard",
     "Tiers",
     "Trajectory",
+    "TriageError",
     "Trial",
+    "UnreliableDeviceError",
     "find_batch_size",
     "lr_find",
 ]
