@@ -4,10 +4,12 @@ built (a typo fails before a long setup) and building it on the Rewind made when
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 import torch
 
+from .._checks import check_choice, check_type
 from ..errors import RewindTypeError, RewindValueError
 from ..policies import FaultTriage, Quarantine
 from ..rewind import Rewind
@@ -45,6 +47,27 @@ def check_triage_kwargs(name: str, triage_kwargs: dict[str, Any], rewind_kwargs:
         FaultTriage(rw, **probe)
     finally:
         rw.close()
+
+
+def check_callback_args(
+    name: str,
+    batch_id: Any,
+    batch_id_form: str,
+    rng: Any,
+    rewind_kwargs: dict[str, Any] | None,
+    triage_kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """The checks both callbacks run on their arguments; returns ``triage_kwargs`` with a quarantine path replaced by
+    its :class:`Quarantine` (the file is read once, here: resumed fits keep adding to it)."""
+    if batch_id is not None and not callable(batch_id):
+        raise RewindTypeError(f"{name}: batch_id must be a function {batch_id_form} -> id, got {batch_id!r}.")
+    check_choice("rng", rng, (True, False, "all"), name)
+    check_type("rewind_kwargs", rewind_kwargs, (dict, type(None)), name, "a dict")
+    check_triage_kwargs(name, triage_kwargs, rewind_kwargs or {})
+    q = triage_kwargs.get("quarantine")
+    if q is not None and not isinstance(q, Quarantine):
+        triage_kwargs = {**triage_kwargs, "quarantine": Quarantine(os.fspath(q))}
+    return triage_kwargs
 
 
 def build_triage(rewind: Rewind, triage_kwargs: dict[str, Any]) -> FaultTriage:

@@ -27,7 +27,6 @@ count every batch, skipped ones included. Do not combine with :class:`~torchrewi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -41,12 +40,11 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "torchrewind.integrations.hf_triage needs Hugging Face transformers and accelerate: pip install torchrewind[hf]"
     ) from e
 
-from .._checks import check_choice, check_type
-from ..errors import RewindError, RewindTypeError
-from ..policies import FaultTriage, Quarantine
+from ..errors import RewindError
+from ..policies import FaultTriage
 from ..rewind import Rewind
 from ._common import json_args
-from ._triage import build_triage, check_triage_kwargs
+from ._triage import build_triage, check_callback_args
 from .hf import _torch_optimizer
 
 __all__ = ["TriageTrainer", "TriageTrainerCallback", "TriageTrainerMixin"]
@@ -83,15 +81,9 @@ class TriageTrainerCallback(TrainerCallback, ExportableState):
         **triage_kwargs: Any,
     ) -> None:
         name = type(self).__name__
-        if batch_id is not None and not callable(batch_id):
-            raise RewindTypeError(f"{name}: batch_id must be a function (inputs) -> id, got {batch_id!r}.")
-        check_choice("rng", rng, (True, False, "all"), name)
-        check_type("rewind_kwargs", rewind_kwargs, (dict, type(None)), name, "a dict")
-        check_triage_kwargs(name, triage_kwargs, rewind_kwargs or {})
+        checked = check_callback_args(name, batch_id, "(inputs)", rng, rewind_kwargs, triage_kwargs)
         self._args = json_args(rng=rng, rewind_kwargs=rewind_kwargs, **triage_kwargs)
-        q = triage_kwargs.get("quarantine")
-        if q is not None and not isinstance(q, Quarantine):
-            triage_kwargs["quarantine"] = Quarantine(os.fspath(q))
+        triage_kwargs = checked
         self.batch_id, self.rng = batch_id, rng
         self.rewind_kwargs = dict(rewind_kwargs or {})
         self.triage_kwargs = triage_kwargs

@@ -31,7 +31,6 @@ count it. Under DDP every rank reruns together (the decision is agreed in one co
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,11 +46,11 @@ except ImportError:  # pragma: no cover - the standalone pytorch_lightning packa
             "torchrewind.integrations.lightning_triage needs PyTorch Lightning: pip install torchrewind[lightning]"
         ) from e
 
-from .._checks import check_bool, check_choice, check_type
-from ..errors import RewindError, RewindTypeError
-from ..policies import FaultTriage, Quarantine
+from .._checks import check_bool, check_type
+from ..errors import RewindError
+from ..policies import FaultTriage
 from ..rewind import Rewind
-from ._triage import build_triage, check_triage_kwargs
+from ._triage import build_triage, check_callback_args
 
 __all__ = ["TriageCallback"]
 
@@ -94,15 +93,8 @@ class TriageCallback(pl.Callback):
         **triage_kwargs: Any,
     ) -> None:
         name = type(self).__name__
-        if batch_id is not None and not callable(batch_id):
-            raise RewindTypeError(f"{name}: batch_id must be a function (batch, batch_idx) -> id, got {batch_id!r}.")
-        check_choice("rng", rng, (True, False, "all"), name)
         self.log_metrics = check_bool("log_metrics", log_metrics, name)
-        check_type("rewind_kwargs", rewind_kwargs, (dict, type(None)), name, "a dict")
-        check_triage_kwargs(name, triage_kwargs, rewind_kwargs or {})
-        q = triage_kwargs.get("quarantine")
-        if q is not None and not isinstance(q, Quarantine):  # read the file once, here: resumed fits keep adding
-            triage_kwargs["quarantine"] = Quarantine(os.fspath(q))
+        triage_kwargs = check_callback_args(name, batch_id, "(batch, batch_idx)", rng, rewind_kwargs, triage_kwargs)
         self.batch_id, self.rng = batch_id, rng
         self.rewind_kwargs = dict(rewind_kwargs or {})
         self.triage_kwargs = triage_kwargs

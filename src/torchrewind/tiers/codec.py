@@ -51,7 +51,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ import torch
 
 from .._checks import check_int
 from ..errors import RewindError, RewindTypeError, RewindValueError
+from .checksum import crc32, have_xxhash, xxhash_or_refuse
 
 try:
     import numpy as np
@@ -83,23 +83,13 @@ CHECKS = ("xxh3_64", "crc32")  # per-chunk checksum of the compressed bytes; the
 
 
 def _checker() -> str:
-    """xxh3 where ``xxhash`` is installed (~15 GB/s: free next to decompression; CRC-32 costs ~10% of a decode)."""
-    try:
-        import xxhash  # noqa: F401
-
-        return "xxh3_64"
-    except ImportError:
-        return "crc32"
+    return "xxh3_64" if have_xxhash() else "crc32"
 
 
 def _checksum(kind: str, data: bytes) -> int:
     if kind == "xxh3_64":
-        try:
-            import xxhash
-        except ImportError:
-            raise RewindError(f"codec: this buffer is checksummed with xxh3, which needs xxhash: {INSTALL}.") from None
-        return xxhash.xxh3_64_intdigest(data)
-    return zlib.crc32(data)
+        return xxhash_or_refuse("codec: this buffer", INSTALL).xxh3_64_intdigest(data)
+    return crc32(data)
 
 
 class _Scratch(threading.local):

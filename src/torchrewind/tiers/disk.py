@@ -45,6 +45,7 @@ import torch
 from .._checks import check_bool, check_int, check_optional_int
 from ..distributed import local, rank_and_world
 from ..errors import RewindError, RewindValueError
+from .checksum import crc32, have_xxhash, xxhash_or_refuse
 
 FORMAT = 2  # 1: torch.distributed.checkpoint files + SHA-256 manifest (torchrewind 0.1); 2: this one
 ALIGN = 64
@@ -58,26 +59,15 @@ DATA, SKELETON, MANIFEST = "tensors.bin", "skeleton.json", "manifest.json"
 
 # ------------------------------------------------------------------------------------------------ checksums
 def _hasher() -> str:
-    try:
-        import xxhash  # noqa: F401
-
-        return "xxh3_128"
-    except ImportError:
-        return "crc32"
+    return "xxh3_128" if have_xxhash() else "crc32"
 
 
 def _digest(algo: str, data: Any) -> str:
     if algo == "xxh3_128":
-        try:
-            import xxhash
-        except ImportError:
-            raise RewindError(
-                "DiskCheckpoints: this checkpoint is checksummed with xxh3 but xxhash is not installed: "
-                "pip install 'torchrewind[disk]'."
-            ) from None
+        xxhash = xxhash_or_refuse("DiskCheckpoints: this checkpoint", "pip install 'torchrewind[disk]'")
         return xxhash.xxh3_128_hexdigest(data)
     if algo == "crc32":
-        return f"{zlib.crc32(data):08x}"
+        return f"{crc32(data):08x}"
     raise RewindError(f"DiskCheckpoints: unknown checksum {algo!r} in the manifest; not loading it.")
 
 
