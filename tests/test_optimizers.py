@@ -6,8 +6,9 @@ against a reference run that never touched torchrewind: same seed, same data, sa
 
 Matrix: ``SPECS`` (optimizer x option variant, two param groups with different hyperparameters wherever the
 optimizer allows it) x ``IMPLS`` (single-tensor / foreach / fused). Combinations that torch 2.13 rejects on CPU
-(no ``fused`` argument, ``capturable=True`` on CPU, ...) are *probed* on a plain run and skipped with torch's own
-error message as the reason, never dropped silently.
+(no ``fused`` argument, ``capturable=True`` on CPU, ...) are *probed* on a plain run when the tests are collected and
+left out of the scenarios; ``test_left_out_combinations_are_rejected_by_torch`` lists them with torch's own error and
+checks that each one is a combination torch refuses (never a baseline configuration), so none is dropped silently.
 
 Every training iteration draws from the global torch RNG before ``optimizer.step()`` (a random loss scale), and
 one custom optimizer draws from it inside ``step()``; so the RNG part of the state is meaningful, and the
@@ -434,11 +435,8 @@ SPEC_BY_ID = {s.id: s for s in SPECS}
 assert len(SPEC_BY_ID) == len(SPECS)
 
 IMPLS = ("single", "foreach", "fused")
-CASES = [
-    pytest.param(s, impl, id=f"{s.id}-{impl}")
-    for s in SPECS
-    for impl in (("single",) if s.custom else IMPLS)  # user subclasses have one implementation: their own
-]
+ALL_COMBINATIONS = [(s, impl) for s in SPECS for impl in (("single",) if s.custom else IMPLS)]  # user subclasses
+# have one implementation: their own. CASES (below, after _probe) keeps those torch accepts on this machine.
 
 ALL_SCENARIOS = (
     "test_undo_restep_equals_plain_run", "test_undo_two_then_replay_with_recorded_grads", "test_undo_n_redo_n",
@@ -518,13 +516,27 @@ def _probe(spec_id: str, impl: str) -> tuple[str | None, bool]:
     return None, mutates
 
 
-def require_supported(spec: Spec, impl: str) -> None:
+def supported(spec: Spec, impl: str) -> bool:
     err = _probe(spec.id, impl)[0]
-    if err is None:
-        return
-    if impl == "single" and "capturable" not in spec.kwargs:
+    if err is not None and impl == "single" and "capturable" not in spec.kwargs:
         raise AssertionError(f"test bug: the baseline configuration {spec.id} fails without torchrewind: {err}")
-    pytest.skip(f"torch {torch.__version__} on CPU rejects {spec.id} with {spec.impl_kwargs(impl)}: {err}")
+    return err is None
+
+
+CASES = [pytest.param(s, impl, id=f"{s.id}-{impl}") for s, impl in ALL_COMBINATIONS if supported(s, impl)]
+
+
+def test_left_out_combinations_are_rejected_by_torch() -> None:
+    """The combinations the scenarios leave out are exactly those whose plain run (no torchrewind) raises in torch:
+    a ``fused``/``foreach`` argument the optimizer lacks, or ``capturable=True`` on CPU. Printed with torch's error
+    (``pytest -s``) so the matrix's coverage is visible."""
+    left_out = [(s, impl, _probe(s.id, impl)[0]) for s, impl in ALL_COMBINATIONS if not supported(s, impl)]
+    for s, impl, err in left_out:
+        print(f"left out: {s.id}-{impl} {s.impl_kwargs(impl)}: {err}")
+        assert impl != "single" or "capturable" in s.kwargs, (s.id, impl, err)
+        assert err.startswith(("TypeError", "RuntimeError", "ValueError", "AssertionError")), (s.id, impl, err)
+    assert len(CASES) + len(left_out) == len(ALL_COMBINATIONS)
+    assert len(CASES) >= len(SPECS)  # every optimizer has at least one implementation exercised
 
 
 def restep_rewind(spec: Spec, impl: str, **kw: Any) -> dict:
@@ -563,7 +575,6 @@ def apply_xfail(request: pytest.FixtureRequest, spec: Spec, impl: str, scenario:
 @pytest.fixture
 def case(request: pytest.FixtureRequest) -> tuple[Spec, str]:
     spec, impl = request.param
-    require_supported(spec, impl)
     apply_xfail(request, spec, impl, request.function.__name__)
     return spec, impl
 
