@@ -7,7 +7,8 @@ Usage::
 
     python benchmarks/bench_policies.py                  # the study (3 seeds, runs at half length: ~30-40 min on
                                                          # the shared 2-core machine; resumes from its cache)
-    python benchmarks/bench_policies.py --quick          # CI smoke run (< 1 min): 2 tasks, 3 seeds, tiny runs
+    python benchmarks/bench_policies.py --quick          # CI smoke run (< 1 min): 2 tasks, 3 seeds, tiny runs,
+                                                         # no drift plan, a 3-point grid
     python benchmarks/bench_policies.py --json out.json  # also write the settings, tables, verdicts and every run
     python benchmarks/bench_policies.py --cache f.json   # where finished runs are kept (default: benchmarks/.cache/)
     python benchmarks/bench_policies.py --split tune     # only the tune half (how the defaults were chosen)
@@ -26,7 +27,8 @@ loss) is the ±2 standard-error rule of ``stats.compare``.
    recovery — resume from a checkpoint, skipping the batch it names and the one before — is emulated at no cost by
    undoing those two steps), ``SpikeGuard`` with its defaults (capacity 8) and with its previous detector (median/MAD
    of raw losses, min_rel 0.2).
-2. **Step sizes** (no faults): ``LineSearch`` and ``BoldDriver`` with defaults and no grid, against SGD (momentum
+2. **Step sizes** (no faults): ``LineSearch`` and ``BoldDriver`` with defaults and no grid (around SGD with
+   momentum 0.9 started at lr 1 on every task, and around Adam at the task's suggested lr), against SGD (momentum
    0.9) and Adam each at the best of a 6-point lr grid (x0.03..x10 the task's suggested lr, chosen per task on the
    validation metric), the real SLS (``github.com/IssamLaradji/sls``, which has no license: it is never part of this
    repository; put its ``sls/`` folder in ``benchmarks/.peers/sls/`` to include it, else its row is skipped) and
@@ -239,24 +241,24 @@ GUARD_METHODS = {  # name: (label, step factory, plans)
 }
 
 
-def guard_configs() -> list[Config]:
+def guard_configs(only: tuple[str, ...] = ("none", "mixed", "drift")) -> list[Config]:
     return [Config(f"guard/{m}/{plan}", adam(), step, faults=None if plan == "none" else plan)
-            for m, (_, step, plans) in GUARD_METHODS.items() for plan in plans]  # fmt: skip
+            for m, (_, step, plans) in GUARD_METHODS.items() for plan in plans if plan in only]  # fmt: skip
 
 
 SEARCH_METHODS = {  # name: (label, optimizer factory, step factory)
-    "linesearch-sgd": (f"`LineSearch`, SGD lr={SEARCH_SGD_LR}", optimizer("SGD", lr=SEARCH_SGD_LR, momentum=0.0),
+    "linesearch-sgd": (f"`LineSearch`, SGD lr={SEARCH_SGD_LR}", optimizer("SGD", lr=SEARCH_SGD_LR, momentum=0.9),
                        search("LineSearch")),
     "linesearch-adam": ("`LineSearch`, Adam at the suggested lr", adam(), search("LineSearch")),
-    "bolddriver-sgd": (f"`BoldDriver`, SGD lr={SEARCH_SGD_LR}", optimizer("SGD", lr=SEARCH_SGD_LR, momentum=0.0),
+    "bolddriver-sgd": (f"`BoldDriver`, SGD lr={SEARCH_SGD_LR}", optimizer("SGD", lr=SEARCH_SGD_LR, momentum=0.9),
                        search("BoldDriver")),
     "sls": (f"SLS (real, Armijo, init_step_size={SEARCH_SGD_LR})", sls_optimizer, sls_step),
     "lbfgs": ("LBFGS full batch, strong Wolfe", lbfgs_optimizer, lbfgs_step),
 }
 
 
-def search_configs(with_sls: bool) -> list[Config]:
-    out = [Config(f"grid/{o}/x{s:g}", f(lr_scale=s)) for o, f in (("sgd", sgd), ("adam", adam)) for s in GRID]
+def search_configs(with_sls: bool, grid: tuple[float, ...] = GRID) -> list[Config]:
+    out = [Config(f"grid/{o}/x{s:g}", f(lr_scale=s)) for o, f in (("sgd", sgd), ("adam", adam)) for s in grid]
     out += [Config(f"search/{m}", o, st) for m, (_, o, st) in SEARCH_METHODS.items() if m != "sls" or with_sls]
     return out
 
@@ -404,7 +406,7 @@ def verdict_line(v: dict[str, list[str]]) -> str:
 # ---------------------------------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, tiny runs, 3 seeds")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, tiny runs, 3 seeds, fewer configs")
     p.add_argument("--json", type=Path, help="write settings, tables, verdicts and every run here")
     p.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: benchmarks/.cache/policies*.json)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default 3)")
@@ -437,7 +439,8 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     if args.section in ("guards", "both"):
-        res = run_many(guard_configs(), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
+        plans = ("none", "mixed") if args.quick else ("none", "mixed", "drift")
+        res = run_many(guard_configs(plans), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
                        workers=args.workers, progress=not args.quiet)  # fmt: skip
         results += res
         ga = guard_analysis(res, task_names)
@@ -457,7 +460,8 @@ def main() -> None:
     if args.section in ("search", "both"):
         if not with_sls:
             print(f"(SLS skipped: no {PEERS / 'sls'}; see the module docstring)\n")
-        res = run_many(search_configs(with_sls), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
+        grid = (0.3, 1.0, 3.0) if args.quick else GRID
+        res = run_many(search_configs(with_sls, grid), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
                        workers=args.workers, progress=not args.quiet)  # fmt: skip
         results += res
         sa = search_analysis(res, task_names, with_sls)

@@ -577,7 +577,8 @@ SEARCH_FAULTS = {4: "nan_loss", 9: "poison", 14: "poison", 18: "inf_loss"}
 SEARCHES = {
     # name: (optimizer, lr, policy class, kwargs, accept, lr_max used by the replay)
     "linesearch-sgd": ("sgd", 1.0, LineSearch, dict(max_tries=4, c=1e-4, lr_max="initial"), armijo(1e-4), 1.0),
-    "linesearch-sgd-defaults": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(0.1), None),
+    # max_growth="auto": 10x the initial lr around SGD (no eps setting), 1x around Adam
+    "linesearch-sgd-defaults": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(0.1), 10.0),
     "linesearch-sgd-growth": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, max_growth=2.0), armijo(0.1), 6.0),
     "linesearch-adam": ("adam", 0.05, LineSearch, dict(max_tries=4, c=0.3, shrink=0.3, lr_max="initial"),
                         armijo(0.3), 0.05),
@@ -674,7 +675,8 @@ def test_search_random_replay(faults, bolddriver, opt, log_lr, shrink, grow, max
         kw = dict(shrink=shrink, grow=grow, max_tries=max_tries, c=0.2,
                   lr_max={None: None, "initial": "initial", 2.0: 2.0 * lr}[cap])  # fmt: skip
         cls, accept = LineSearch, armijo(0.2)
-        lr_max = lr if cap == "initial" else kw["lr_max"]
+        auto = lr if opt == "adam" else 10.0 * lr  # max_growth="auto": 1x around Adam (it has eps), 10x around SGD
+        lr_max = min(lr if cap == "initial" else kw["lr_max"] or math.inf, auto)
     run = SearchRun(opt=opt, lr=lr, groups=groups)
     pol = cls(run.rw, **kw)
     run.train(pol, data)
@@ -2074,3 +2076,152 @@ def test_piece_state_round_trips(piece):
         assert sd == {"seen": 2, "skipped": 3, "pending": 2}
     if piece == "trajectory":
         assert values_equal(b.records(), a.records()) and b[3].lrs == (1e-3, 3e-300)
+
+
+# =============================================================================================== defaults that hold
+
+
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                               torch.nn.Linear(8, 3))  # fmt: skip
+
+
+def _bn_data(nan_at: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(12)]
+    x = data[nan_at][0].clone()
+    x[0, 1] = float("nan")
+    data[nan_at] = (x, data[nan_at][1])
+    return data
+
+
+@pytest.mark.parametrize("framework", [False, True], ids=["step", "before/after_step"])
+@pytest.mark.parametrize("kind", ["nonfinite", "spike"])
+def test_a_skipped_nan_batch_leaves_no_trace_in_batchnorm_or_rng(kind, framework):
+    """With wrap(), the undo point is recorded before forward: a NaN batch's skip takes back the running statistics
+    its forward poisoned and the dropout RNG it drew, bit for bit."""
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rw = Rewind(model, opt, capacity=3)
+    guard = NonFiniteGuard(rw) if kind == "nonfinite" else SpikeGuard(rw, detector=det(warmup=3))
+    at_top = {}
+    for i, (x, y) in enumerate(guard.wrap(_bn_data(nan_at=7))):
+        at_top[i] = (full_state(model, opt), torch.get_rng_state())
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if framework:
+            guard.before_step()
+            opt.step()
+            ok = guard.after_step(loss)
+        else:
+            ok = guard.step(loss)
+        if i == 7:
+            assert not ok and guard.log[-1].kind == "skipped"
+            state, rng = at_top[7]
+            assert_same(state, full_state(model, opt))  # buffers (running mean/var) included
+            assert torch.equal(rng, torch.get_rng_state())
+    assert all(bool(b.isfinite().all()) for b in model.buffers())
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_a_batch_skipped_without_wrap_still_poisons_batchnorm():
+    """Without wrap() only the step is undoable: documented, and the reason wrap() records before forward."""
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = NonFiniteGuard(Rewind(model, opt))
+    for x, y in _bn_data(nan_at=2)[:4]:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    assert not bool(model[1].running_mean.isfinite().all())
+
+
+def test_spike_guard_burst_rolls_back_once_then_drops_batches():
+    """Spikes back to back (no step stands between them) undo nothing more: one roll-back, then dropped batches."""
+    m, o, rw = tiny(capacity=8)
+    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=4)
+    for i in range(8):
+        backprop(m, o)
+        guard.step(quiet(i))
+    for _ in range(5):  # a burst of five bad batches
+        backprop(m, o)
+        guard.step(1e3)
+    rolled = [e for e in guard.log if e.kind == "rolled_back"]
+    assert [e.undone for e in rolled] == [4, 0, 0, 0, 0] and guard.steps == 4
+    assert all("batch dropped" in e.reason for e in rolled[1:])
+    backprop(m, o)
+    guard.step(quiet(0))
+    backprop(m, o)
+    guard.step(1e3)  # a step stood since: a real roll-back again
+    assert guard.log[-1].undone == 4
+    sd = guard.state_dict()
+    assert sd["stepped_since_rollback"] is False
+    other = SpikeGuard(Rewind(*tiny(capacity=8)[:2], capacity=8), detector=det(warmup=3), rollback=4)
+    other.load_state_dict(json.loads(json.dumps(sd)))
+    assert other.stepped_since_rollback is False
+
+
+def test_spike_guard_defaults_never_fire_on_a_classifier_at_zero_loss():
+    """The colleague's case: batch losses near zero, one misclassified example makes a batch 10x the median. The
+    default detector (log space, noise floor, tolerances) stays quiet; the previous one (median/MAD of raw losses)
+    fires."""
+    g = torch.Generator().manual_seed(0)
+    losses = [1.0 * 0.9**i for i in range(40)]
+    losses += [float(torch.exp(torch.randn((), generator=g) * 1.5 - 6.0)) for _ in range(300)]  # ~2.5e-3, heavy tail
+    losses += [0.1, 0.0, 0.2, 0.0]
+    new, old = SpikeDetector(), SpikeDetector(space="linear", min_scale=0.0, min_abs=0.0, min_rel=0.2)
+    flags = {"new": 0, "old": 0}
+    for x in losses:
+        for name, d in (("new", new), ("old", old)):
+            if d.is_spike(x):
+                flags[name] += 1
+            else:
+                d.update(x)
+    assert flags["new"] == 0 and flags["old"] > 5, flags
+    # What a fault looks like is still caught. At this noise (a log-space spread of ~1.8: batch losses over three
+    # orders of magnitude) a spike must be ~e^(6*1.8) = 5e4x the median (2.5e-3): 1e3 is, 50 is not.
+    assert new.is_spike(1e3) and new.is_spike(math.nan) and not new.is_spike(50.0)
+
+
+def test_linesearch_zero_loss_or_gradient_takes_the_step_without_a_search():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    ls = LineSearch(Rewind(None, opt))
+    f = ls.step(lambda: torch.relu(-w.abs()).sum())  # exactly 0, zero gradient
+    assert f == 0.0 and ls.log[-1].kind == "accepted" and ls.log[-1].extra == {"tries": 0}
+    assert "zero loss" in ls.log[-1].reason and ls.forwards == 1
+    f = ls.step(lambda: (w * 0.0).sum() + 3.0)  # a loss that does not depend on w: zero gradient
+    assert f == 3.0 and "zero gradient" in ls.log[-1].reason and ls.forwards == 2
+    assert get_lrs(opt) == (0.1,)  # nothing learned about the lr
+
+
+def test_search_max_growth_caps_the_lr():
+    """BoldDriver never grows past 10x its initial lr by default (it grew without end before); LineSearch's "auto"
+    cap is 10x around SGD and 1x around Adam (its tuned lr is only ever lowered)."""
+    data = make_data(40)
+    run = SearchRun(opt="sgd_plain", lr=0.001, dropout=0.0)
+    bd = BoldDriver(run.rw, grow=2.0)
+    run.train(bd, data)
+    assert max(e.lrs[0] for e in bd.log) <= 0.01 and get_lrs(run.opt) == (0.01,) and bd.lr_max == 0.01
+    sgd_ls = LineSearch(SearchRun(opt="sgd", lr=0.3).rw)
+    adam_ls = LineSearch(SearchRun(opt="adam", lr=0.003).rw)
+    assert sgd_ls.lr_max == pytest.approx(3.0) and adam_ls.lr_max == 0.003 and adam_ls.max_growth == "auto"
+    with pytest.raises(RewindError, match="max_growth"):
+        LineSearch(SearchRun().rw, max_growth=0.5)
+    with pytest.raises(RewindError, match="max_growth"):
+        BoldDriver(SearchRun().rw, max_growth="lots")
+
+
+def test_linesearch_around_adam_never_collapses():
+    """Adam's step is often not a descent direction for the mini-batch: one failure ends that search, and a step that
+    does not change the float32 loss is never accepted, so the lr stays within [start * shrink**max_tries, start]."""
+    data = make_data(60)
+    run = SearchRun(opt="adam", lr=0.05, dropout=0.0)  # at 0.05 one of Adam's steps goes uphill on its batch
+    ls = LineSearch(run.rw)
+    run.train(ls, data)
+    assert all(not (e.kind == "accepted" and e.loss_after == e.loss) for e in ls.log)
+    assert min(e.lrs[0] for e in ls.log) >= 0.05 * 0.5**10 and get_lrs(run.opt)[0] <= 0.05
+    assert any("not a descent direction" in e.reason for e in ls.log if e.kind == "exhausted")

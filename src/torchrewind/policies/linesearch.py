@@ -219,16 +219,18 @@ class LineSearch(Backtracking):
     """Backtracking line search with the Armijo condition, around any optimizer.
 
     Accepts the optimizer's step Δ when ``f(θ+Δ) ≤ f(θ) + c·∇f(θ)·Δ`` on the same mini-batch; otherwise undoes it
-    and retries with every lr multiplied by ``shrink``. After an accepted step the lr grows by ``grow`` (by default
-    without a cap: ``lr_max``/``max_growth`` set one), so the next iteration starts a little above the last accepted
-    lr — the SLS "reset" of Vaswani et al. (2019). A trial that leaves the loss exactly as it was is rejected (the lr
+    and retries with every lr multiplied by ``shrink``. After an accepted step the lr grows by ``grow``, so the next
+    iteration starts a little above the last accepted lr — the SLS "reset" of Vaswani et al. (2019) — up to
+    ``max_growth`` times the initial lr (``"auto"``: 10x around SGD, so start it anywhere up to 10x too low; 1x around
+    optimizers that scale each parameter's step, such as Adam, whose tuned lr the search then only lowers when a
+    step fails) and ``lr_max`` if given. A trial that leaves the loss exactly as it was is rejected (the lr
     is below what the loss resolves: accepting it would be a no-op step). If Δ is not a descent direction
     (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss decreased", and one failure ends the
     search (Δ's direction does not depend on the lr: a smaller one cannot help). A zero loss or a zero gradient
     leaves nothing to search: the optimizer's step is taken as it is. After ``max_tries`` failures the state is left
     as before the step and the lr as the iteration started, so the lr never collapses.
 
-    Defaults (``c=0.1``, ``shrink=0.5``, ``grow=1.1``, no cap) were chosen on the ``tune`` half of
+    Defaults (``c=0.1``, ``shrink=0.5``, ``grow=1.1``, ``max_growth="auto"``) were chosen on the ``tune`` half of
     ``benchmarks/suite`` (``benchmarks/bench_policies.py``). Trial evaluations call ``loss_fn`` again (with the first
     evaluation's RNG state, so dropout masks match); modules in training mode such as BatchNorm update their running
     statistics at each call, as for any extra forward. The pieces: ``accept``
@@ -250,7 +252,7 @@ class LineSearch(Backtracking):
         grow: float = 1.1,
         max_tries: int = 10,
         lr_max: float | None | str = None,
-        max_growth: float | None = None,
+        max_growth: float | str | None = "auto",
         same_rng: bool = True,
         log: Trajectory | None = None,
     ) -> None:

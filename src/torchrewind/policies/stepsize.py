@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .._checks import check_number
-from ..errors import RewindTypeError
+from ..errors import RewindTypeError, RewindValueError
 from ._common import check_factor
 from ._state import check_state, header
 from .lr import lrs, scale_lrs, set_lrs
@@ -19,8 +19,10 @@ from .lr import lrs, scale_lrs, set_lrs
 class StepSize:
     """×``shrink`` after a rejected trial; ×``grow`` after an accepted step, with the largest group lr capped at
     ``lr_max`` (None: no cap; ``"initial"``: the largest lr the optimizer has when :meth:`bind` is called) and at
-    ``max_growth`` times that initial lr (None: no such cap); the lrs the iteration started with after a search that
-    found nothing.
+    ``max_growth`` times that initial lr (None: no such cap; ``"auto"``: 1 around an optimizer that scales each
+    parameter's step itself — one with an ``eps`` setting: Adam, AdamW, RMSprop, Adagrad, ... —, whose lr is a
+    per-parameter step size already, 10 around any other, such as SGD); the lrs the iteration started with after a
+    search that found nothing.
 
     Example::
 
@@ -30,21 +32,26 @@ class StepSize:
     """
 
     def __init__(self, shrink: float = 0.5, grow: float = 1.1, lr_max: float | str | None = None,
-                 who: str = "StepSize", max_growth: float | None = None) -> None:  # fmt: skip
+                 who: str = "StepSize", max_growth: float | str | None = None) -> None:  # fmt: skip
         self.shrink = check_factor("shrink", shrink, who)
         self.grow = check_number("grow", grow, who, lo=1.0)
         self.lr_max_given = lr_max if lr_max == "initial" else _check_cap(lr_max, who)
-        if max_growth is not None:
-            check_number("max_growth", max_growth, who, lo=1.0)
-        self.max_growth = None if max_growth is None else float(max_growth)
+        if max_growth is not None and max_growth != "auto":
+            if isinstance(max_growth, str):
+                raise RewindValueError(f"{who}: max_growth must be a number >= 1, 'auto' or None, got {max_growth!r}.")
+            max_growth = check_number("max_growth", max_growth, who, lo=1.0)
+        self.max_growth: float | str | None = max_growth  # as given ("auto" resolved by bind)
+        self.growth: float | None = None if max_growth == "auto" or max_growth is None else float(max_growth)
         relative = lr_max == "initial" or max_growth is not None
         self.lr_max: float | None = None if relative else self.lr_max_given  # the cap in force
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Resolve ``lr_max="initial"`` and ``max_growth`` against the optimizer's largest lr now."""
         top = max(lrs(optimizer))
+        if self.max_growth == "auto":
+            self.growth = 1.0 if "eps" in optimizer.defaults else 10.0
         caps = [c for c in (top if self.lr_max_given == "initial" else self.lr_max_given,
-                            None if self.max_growth is None else top * self.max_growth) if c is not None]  # fmt: skip
+                            None if self.growth is None else top * self.growth) if c is not None]  # fmt: skip
         self.lr_max = min(caps) if caps else None
 
     def shrink_lrs(self, optimizer: torch.optim.Optimizer) -> None:
