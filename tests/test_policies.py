@@ -2225,3 +2225,20 @@ def test_linesearch_around_adam_never_collapses():
     assert all(not (e.kind == "accepted" and e.loss_after == e.loss) for e in ls.log)
     assert min(e.lrs[0] for e in ls.log) >= 0.05 * 0.5**10 and get_lrs(run.opt)[0] <= 0.05
     assert any("not a descent direction" in e.reason for e in ls.log if e.kind == "exhausted")
+
+
+def test_spike_detector_noise_from_differences_sees_a_spike_during_a_fast_descent():
+    """Early in training the loss falls fast: the spread of the window's log-losses is mostly the descent, which hides
+    a 20x jump (noise="level"); the batch-to-batch differences measure the noise around the trend and catch it."""
+    g = torch.Generator().manual_seed(0)
+    losses = [2.3 * math.exp(-i / 15) * float(torch.exp(0.1 * torch.randn((), generator=g))) for i in range(60)]
+    diff, level = SpikeDetector(), SpikeDetector(noise="level")
+    for x in losses:
+        assert not diff.is_spike(x) and not level.is_spike(x)  # the descent itself is no spike
+        diff.update(x)
+        level.update(x)
+    jump = 20 * losses[-1]
+    assert diff.is_spike(jump) and not level.is_spike(jump), (diff.score(jump), level.score(jump))
+    assert diff.settings()["noise"] == "diff"
+    with pytest.raises(RewindError, match="noise"):
+        SpikeDetector(noise="trend")

@@ -20,17 +20,20 @@ class SpikeDetector:
     is measured in log units. While the window's median is not positive (a loss that goes negative) it judges x
     itself, as ``space="linear"`` does. Values at or below zero count as ``tiny`` in log space.
 
-    ``method="mad"``: z = (u − median) / max(1.4826·MAD, ``min_scale``) of u (log x, or x) over the last ``window``
-    accepted values; ``method="ema"``: z = (u − mean) / max(std, ``min_scale``) with exponentially weighted mean and
-    variance (``alpha``). ``min_scale`` is the least noise assumed (in log space: 0.1 ≈ a 10% spread; in linear
+    ``method="mad"``: z = (u − median) / max(scale, ``min_scale``) of u (log x, or x) over the last ``window``
+    accepted values. The scale is 1.4826·MAD of the values (their spread); in log space with ``noise="diff"``
+    (default) it is the smaller of that and 1.4826·MAD of the differences between consecutive values / √2 (the
+    batch-to-batch noise, which a loss falling fast does not inflate: the spread alone, ``noise="level"``, counts
+    the descent as noise and hides a spike early in training). ``method="ema"``: z = (u − mean) / max(std,
+    ``min_scale``) with exponentially weighted mean and variance (``alpha``). ``min_scale`` is the least noise assumed (in log space: 0.1 ≈ a 10% spread; in linear
     space it is relative to |centre|): a series that barely moves does not make every small wobble a spike.
     A value is a spike when, after ``warmup`` values, z > ``threshold``, x > (1 + ``min_rel``)·median (the
     relative tolerance, on x itself) and x − median > ``min_abs``·(the median of the first ``warmup`` values) (the
     absolute tolerance, in units of the loss at the start: a loss that fell to 0 does not make 1e-9 a spike).
     Non-finite values are always spikes and never learned.
 
-    The defaults (log space, window 50, threshold 6, min_scale 0.1, min_rel 1: at least twice the median, min_abs
-    0.01) were chosen on the ``tune`` half of ``benchmarks/suite`` (``benchmarks/bench_policies.py``): no false
+    The defaults (log space, noise from differences, window 50, threshold 6, min_scale 0.1, min_rel 1: at least twice
+    the median, min_abs 0.01) were chosen on the ``tune`` half of ``benchmarks/suite`` (``benchmarks/bench_policies.py``): no false
     roll-back in any clean run of any task, while the faults that hurt (inputs x1e3, lr spikes, NaN batches) are
     caught.
 
@@ -56,9 +59,11 @@ class SpikeDetector:
         space: str = "log",
         min_scale: float = 0.1,
         min_abs: float = 0.01,
+        noise: str = "diff",
     ) -> None:
         who = "SpikeDetector"
         check_choice("method", method, ("mad", "ema"), who)
+        check_choice("noise", noise, ("diff", "level"), who)
         check_choice("space", space, ("log", "linear"), who)
         check_number("min_scale", min_scale, who, lo=0.0)
         check_number("min_abs", min_abs, who, lo=0.0)
@@ -72,7 +77,7 @@ class SpikeDetector:
         check_factor("alpha", alpha, who)
         self.window, self.threshold, self.warmup, self.min_rel = window, float(threshold), warmup, float(min_rel)
         self.method, self.alpha = method, float(alpha)
-        self.space, self.min_scale, self.min_abs = space, float(min_scale), float(min_abs)
+        self.space, self.min_scale, self.min_abs, self.noise = space, float(min_scale), float(min_abs), noise
         self.values: deque[float] = deque(maxlen=window)
         self.count = 0
         self.mean = 0.0  # EMA of x and its variance (method="ema")
@@ -100,7 +105,16 @@ class SpikeDetector:
                 lin = med, 1.4826 * _median(sorted(abs(x - med) for x in xs))
                 us = [_log(x) for x in xs]  # sorted too: log is monotone
                 um = _median(us)
-                logc = um, 1.4826 * _median(sorted(abs(u - um) for u in us))
+                spread = 1.4826 * _median(sorted(abs(u - um) for u in us))
+                if self.noise == "diff" and len(self.values) >= 3:
+                    # batch-to-batch noise: MAD of consecutive differences (about their median, the trend) / sqrt 2;
+                    # the smaller of the two, since a trend inflates the spread and a few heavy-tailed values the
+                    # differences
+                    seq = [_log(x) for x in self.values]
+                    ds = sorted(b - a for a, b in zip(seq, seq[1:]))
+                    dm = _median(ds)
+                    spread = min(spread, 1.4826 * _median(sorted(abs(d - dm) for d in ds)) / math.sqrt(2.0))
+                logc = um, spread
             self._cached = (med, *logc, *lin)
         return self._cached
 
@@ -157,7 +171,7 @@ class SpikeDetector:
     def settings(self) -> dict[str, Any]:
         return {"window": self.window, "threshold": self.threshold, "warmup": self.warmup, "min_rel": self.min_rel,
                 "method": self.method, "alpha": self.alpha, "space": self.space,
-                "min_scale": self.min_scale, "min_abs": self.min_abs}  # fmt: skip
+                "min_scale": self.min_scale, "min_abs": self.min_abs, "noise": self.noise}  # fmt: skip
 
     def stats(self) -> dict[str, Any]:
         """The statistics alone (window of values, count, EMA mean and variance of x and of log x, the first
