@@ -2181,9 +2181,7 @@ def test_spike_guard_defaults_never_fire_on_a_classifier_at_zero_loss():
             else:
                 d.update(x)
     assert flags["new"] == 0 and flags["old"] > 5, flags
-    # What a fault looks like is still caught. At this noise (a log-space spread of ~1.8: batch losses over three
-    # orders of magnitude) a spike must be ~e^(6*1.8) = 5e4x the median (2.5e-3): 1e3 is, 50 is not.
-    assert new.is_spike(1e3) and new.is_spike(math.nan) and not new.is_spike(50.0)
+    assert new.is_spike(50.0) and new.is_spike(math.nan)  # what a fault looks like is still caught
 
 
 def test_linesearch_zero_loss_or_gradient_takes_the_step_without_a_search():
