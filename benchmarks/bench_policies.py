@@ -1,784 +1,497 @@
 #!/usr/bin/env python
-"""Policies benchmark of torchrewind: what the guards (``NonFiniteGuard``, ``SpikeGuard``) and the step-size searches
-(``LineSearch``, ``BoldDriver``) buy on a small real task, and what they cost.
+"""Policies study of torchrewind on the task suite (``benchmarks/suite``): what the guards (``NonFiniteGuard``,
+``SpikeGuard``) and the step-size searches (``LineSearch``, ``BoldDriver``) do with their defaults on 14 diverse
+tasks nobody tuned them on, side by side with what users would pick instead.
 
 Usage::
 
-    python benchmarks/bench_policies.py                  # full run (a few minutes on 2 CPU cores)
-    python benchmarks/bench_policies.py --quick          # CI smoke run (< 45 s): fewer epochs and seeds
-    python benchmarks/bench_policies.py --json out.json  # also write every number as JSON
+    python benchmarks/bench_policies.py                  # the study (3 seeds, runs at half length: ~30-40 min on
+                                                         # the shared 2-core machine; resumes from its cache)
+    python benchmarks/bench_policies.py --quick          # CI smoke run (< 1 min): 2 tasks, 3 seeds, tiny runs,
+                                                         # no drift plan, a 3-point grid
+    python benchmarks/bench_policies.py --json out.json  # also write the settings, tables, verdicts and every run
+    python benchmarks/bench_policies.py --cache f.json   # where finished runs are kept (default: benchmarks/.cache/)
+    python benchmarks/bench_policies.py --split tune     # only the tune half (how the defaults were chosen)
 
-Task: scikit-learn's bundled 8x8 ``digits`` (1797 images, no download), pixels / 16, a fixed stratified 75/25
-train/test split (``random_state=0``), an MLP 64-128-128-10 (ReLU), mini-batches of 64 (21 per epoch, reshuffled every
-epoch by a private generator, so every method sees exactly the same batches for a given seed). Every configuration
-is run over several seeds (seed = initial weights + batch order) and reported as mean ± std over seeds.
+Every configuration runs on every task of the chosen halves (``tune`` and ``report``; the defaults were chosen on
+``tune`` alone) for several seeds through ``run_many`` (2 worker processes, one torch thread each, denormals
+flushed, a JSON cache so an interrupted study resumes). Numbers are mean ± std over seeds; a verdict (win / tie /
+loss) is the ±2 standard-error rule of ``stats.compare``.
 
-Sections:
+1. **Guards** (Adam at each task's suggested lr): on clean runs, the false roll-backs and skips per 1000 iterations
+   and any exception; on faulted runs (the suite's ``mixed`` plan: inputs x1e3 three times, a NaN input, the lr x50
+   for 5 steps, a burst of 8 batches of shuffled labels; and ``drift``: inputs slowly scaled 1x -> 3x, which is no
+   spike) the final test metric against the fault-free plain run. Side by side: plain training,
+   ``clip_grad_norm_(1.0)``, clipping + ``NonFiniteGuard``, ``NonFiniteGuard``, Lightning's ``SpikeDetection``
+   (the real class; its ``on_train_batch_end`` is driven with a minimal Fabric stand-in, and its documented
+   recovery — resume from a checkpoint, skipping the batch it names and the one before — is emulated at no cost by
+   undoing those two steps), ``SpikeGuard`` with its defaults (capacity 8), with ``SpikeDetector(noise="level")``
+   (noise measured by the spread of the window's log-losses rather than their batch-to-batch differences) and with
+   its previous detector (median/MAD of raw losses, min_rel 0.2).
+2. **Step sizes** (no faults): ``LineSearch`` and ``BoldDriver`` with defaults and no grid (around SGD with
+   momentum 0.9 started at lr 1 on every task, and around Adam at the task's suggested lr), against SGD (momentum
+   0.9) and Adam each at the best of a 6-point lr grid (x0.03..x10 the task's suggested lr, chosen per task on the
+   validation metric), the real SLS (``github.com/IssamLaradji/sls``, which has no license: it is never part of this
+   repository; put its ``sls/`` folder in ``benchmarks/.peers/sls/`` to include it, else its row is skipped) and
+   full-batch ``LBFGS(line_search_fn="strong_wolfe")`` given as many examples as the mini-batch runs see. "passes"
+   counts a backward as two forwards, relative to plain training's 3 per iteration.
+3. **Cost**: the wall time of the guarded runs relative to plain runs of the same task and seed (medians; noisy under
+   load) and the passes of the searches.
 
-1. **Fault injection** (SGD, momentum 0.9, lr 0.05): poisoned batches at known iterations (inputs x1e3, a burst of
-   batches with shuffled labels), an LR spike (lr x50 for a few steps, set through the param group as a bad schedule
-   would), and in scenario B additionally one batch with a NaN pixel (a corrupted record). Compares plain training
-   without faults (the reference), plain training with faults, ``NonFiniteGuard``, ``clip_grad_norm_`` (max_norm 1
-   and 2), clipping + ``NonFiniteGuard``, and ``SpikeGuard`` with all its defaults on a ``Rewind`` of capacity 8 (so a
-   roll-back undoes up to 8 steps) and of capacity 1 (the ``Rewind`` default: only the last step).
-2. **Line search**: ``LineSearch`` (default settings) around SGD (lr 1.0) and Adam (lr 1e-2) against plain SGD and
-   plain Adam at the best learning rate of a grid, and ``BoldDriver`` started 10x too high and 100x too low, all for
-   the same number of epochs; counts forward and backward passes.
-3. **Overhead when nothing goes wrong**: per-iteration time of training under ``NonFiniteGuard`` and ``SpikeGuard``
-   against plain training (Adam, batch 64), the three interleaved block by block in one process; the median of the
-   per-round ratios is reported.
-
-Runs with one intra-op thread and denormals flushed to zero (``torch.set_num_threads(1)``,
-``torch.set_flush_denormal(True)``), as ``torchrewind demo`` does: the model is far too small to gain from threads,
-and Adam's second moments underflow into denormal floats, which are ~20-30x slower on x86 CPUs. Nothing here asserts
-on a number; the verdicts are printed and stored in the JSON, and the exit status is 0 whatever they say.
+Nothing here asserts on a number: the verdicts are printed and stored in the JSON; the exit status is 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
 import math
-import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks.suite` from the repository root
 
-from torchrewind import BoldDriver, LineSearch, NonFiniteGuard, Rewind, RewindError, SpikeGuard
+import torch  # noqa: E402
 
-perf = time.perf_counter
-BATCH = 64
-HIDDEN = (128, 128)
+from benchmarks.suite import Config, adam, optimizer, policy, run_many, sgd, stats, tasks  # noqa: E402
+from benchmarks.suite.runner import Step  # noqa: E402
+from torchrewind import NonFiniteGuard, Rewind, SpikeDetector, SpikeGuard  # noqa: E402
 
-# Section 1 settings
-FAULT_LR = 0.05  # SGD, momentum 0.9: a good lr for this task (fault-free: ~97.4% test accuracy after 30 epochs)
-CLIP_NORM = 1.0  # the customary max_norm (e.g. Hugging Face Trainer's max_grad_norm); between the fault-free gradient
-# norm's median (~0.4) and 99th percentile (~1.6)
-CLIP_NORM_LOOSE = 2.0  # above the fault-free 99th percentile: leaves every normal step alone
-INPUT_SCALE = 1e3
-LR_SPIKE = 50.0
-LR_SPIKE_STEPS = 5
-LABEL_BURST = 8
-GUARD_CAPACITY = 8  # the capacity the SpikeGuard docstring uses; SpikeGuard's rollback defaults to it
-
-# Section 2 settings
-SGD_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-LS_SGD_LR = 1.0
-LS_ADAM_LR = 1e-2
+CLIP = 1.0  # the customary max_norm (Hugging Face Trainer's max_grad_norm default)
+GUARD_CAPACITY = 8  # SpikeGuard's roll-back reaches 8 steps back (rollback defaults to the capacity)
+GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # x the task's suggested lr: 6 points around it
+SEARCH_SGD_LR = 1.0  # LineSearch / BoldDriver / SLS start here on every task: no grid
+PEERS = ROOT / "benchmarks" / ".peers"
 
 
-# ---------------------------------------------------------------------------------------------------------- helpers
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [float(x) for x in xs]
-    if not xs:
-        return float("nan"), float("nan")
-    if not all(math.isfinite(x) for x in xs):
-        return float("nan"), float("nan")
-    m = statistics.fmean(xs)
-    return m, (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+# ---------------------------------------------------------------------------------------------------- step factories
+def _events(log: Any) -> list[tuple[int, str]]:
+    return [(e.iteration, e.kind) for e in log.events if e.kind != "accepted"]
 
 
-def fmt(xs: list[float], digits: int = 4, scale: float = 1.0) -> str:
-    m, s = mean_std([x * scale for x in xs])
-    if not math.isfinite(m):
-        return "nan"
-    if abs(m) >= 1e4:
-        return f"{m:.3g} ± {s:.2g}"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+def _guard_info(guard: Any) -> dict[str, Any]:
+    return {**guard.log.counts(), "iterations": guard.iteration, "steps": guard.steps, "events": _events(guard.log)}
 
 
-def fmt_loss(xs: list[float]) -> str:
-    m, s = mean_std(xs)
-    if not math.isfinite(m):
-        n_bad = sum(not math.isfinite(x) for x in xs)
-        return f"nan ({n_bad}/{len(xs)} runs)"
-    if m >= 100:
-        return f"{m:.3g} ± {s:.2g}"
-    return f"{m:.4f} ± {s:.4f}"
+def spike_guard(run: Any, opt: torch.optim.Optimizer, previous: bool = False, level: bool = False) -> Step:
+    """SpikeGuard with its defaults (or with the previous default detector, or with the noise measured from the
+    spread of the log-losses instead of their batch-to-batch differences) on a Rewind of capacity 8."""
+    det = SpikeDetector(space="linear", min_scale=0.0, min_abs=0.0, min_rel=0.2) if previous else \
+        SpikeDetector(noise="level") if level else None  # fmt: skip
+    guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), detector=det)
+    return Step(after_backward=guard.step, wrap=guard.wrap, info=lambda: _guard_info(guard))
 
 
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+def clipped(run: Any, opt: torch.optim.Optimizer, nonfinite: bool = False) -> Step:
+    """clip_grad_norm_(CLIP), then the step (or NonFiniteGuard's decision)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    guard = NonFiniteGuard(Rewind(run.model, opt)) if nonfinite else None
+
+    def after_backward(loss: torch.Tensor) -> None:
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        if guard is not None:
+            guard.step(loss)
+        else:
+            opt.step()
+
+    if guard is None:
+        return Step(after_backward=after_backward)
+    return Step(after_backward=after_backward, wrap=guard.wrap, info=lambda: _guard_info(guard))
 
 
-def flush_denormal_enabled() -> bool:
-    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a float32 denormal
-    return (tiny * 1.0).item() == 0.0
+class _Strategy:
+    """What SpikeDetection.on_train_batch_end asks of a Fabric strategy, for one process."""
+
+    root_device = torch.device("cpu")
+
+    def barrier(self) -> None:
+        pass
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Fabric's name
+        return decision
 
 
-def progress(msg: str) -> None:
-    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+class _Fabric:
+    global_rank = 0
+    strategy = _Strategy()
 
 
-# ---------------------------------------------------------------------------------------------------------- task
-def load_data() -> dict[str, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def lightning_detector(run: Any, opt: torch.optim.Optimizer) -> Step:
+    """Lightning's SpikeDetection (defaults: mode min, window 10, warmup 1, rtol 2, finite_only) judging each
+    iteration's loss after the step, as its callback does. It raises TrainingSpikeException and names the batch and the
+    one before as bad; Lightning's recovery is a restart from a checkpoint skipping them: emulated here for free by
+    undoing those two steps (a checkpoint before every step) and carrying on with the next batch."""
+    from lightning.fabric.utilities.spike import SpikeDetection, TrainingSpikeException
 
-    d = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        d.data, d.target, test_size=0.25, random_state=0, stratify=d.target
-    )  # fmt: skip
-    as_x = lambda a: torch.tensor(a / 16.0, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
-    return {"x_train": as_x(x_tr), "y_train": as_y(y_tr), "x_test": as_x(x_te), "y_test": as_y(y_te)}
+    rw = Rewind(run.model, opt, capacity=2)
+    tmp = tempfile.mkdtemp(prefix="spike-")
+    det = SpikeDetection(exclude_batches_path=tmp)
+    fabric = _Fabric()
+    state = {"i": 0, "events": []}
 
+    def after_backward(loss: torch.Tensor) -> None:
+        i = state["i"]
+        state["i"] += 1
+        opt.step()
+        try:
+            det.on_train_batch_end(fabric, loss.detach(), None, i)
+        except TrainingSpikeException:
+            n = min(2, len(rw))
+            if n:
+                rw.undo(n)
+            state["events"].append((i, "rolled_back"))
 
-def make_model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    layers: list[torch.nn.Module] = []
-    n_in = 64
-    for w in HIDDEN:
-        layers += [torch.nn.Linear(n_in, w), torch.nn.ReLU()]
-        n_in = w
-    layers.append(torch.nn.Linear(n_in, 10))
-    return torch.nn.Sequential(*layers)
+    def info() -> dict[str, Any]:
+        return {"rolled_back": len(state["events"]), "iterations": state["i"], "events": state["events"]}
 
-
-def batch_indices(n: int, epochs: int, seed: int) -> list[torch.Tensor]:
-    """Index tensors of ``epochs`` epochs of full mini-batches (last partial batch dropped), reshuffled per epoch by a
-    private generator."""
-    g = torch.Generator().manual_seed(1000 + seed)
-    out: list[torch.Tensor] = []
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        out += [perm[i : i + BATCH] for i in range(0, n - BATCH + 1, BATCH)]
-    return out
+    return Step(after_backward=after_backward, info=info)
 
 
-def evaluate(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> tuple[float, float]:
-    with torch.no_grad():
-        loss = F.cross_entropy(model(data["x_train"]), data["y_train"]).item()
-        acc = (model(data["x_test"]).argmax(1) == data["y_test"]).float().mean().item()
-    return loss, acc
+def sls_optimizer(run: Any) -> torch.optim.Optimizer:
+    sys.path.insert(0, str(PEERS))
+    from sls import Sls  # the real SLS, from benchmarks/.peers/sls (never committed: no license)
+
+    per_epoch = max(1, run.info["train_examples"] // run.info["batch"])
+    opt = Sls(run.model.parameters(), n_batches_per_epoch=per_epoch, init_step_size=SEARCH_SGD_LR)
+    for g in opt.param_groups:  # SLS keeps its step size in its state; "lr" is only what the runner records
+        g["lr"] = SEARCH_SGD_LR
+    return opt
 
 
-# ---------------------------------------------------------------------------------------------------------- 1. faults
-def fault_plan(iterations: int, nan_batch: bool) -> dict[str, Any]:
-    """Fault positions (iteration = position in the batch stream), as fractions of the run so --quick scales."""
-    at = lambda f: int(round(f * iterations))  # noqa: E731
-    plan = {
-        "input_x1e3": [at(0.25), at(0.5), at(0.75)],
-        "lr_x50": list(range(at(0.4), at(0.4) + LR_SPIKE_STEPS)),
-        "shuffled_labels": list(range(at(0.6), at(0.6) + LABEL_BURST)),
-        "nan_pixel": [at(0.3)] if nan_batch else [],
-    }
-    return plan
+def sls_step(run: Any, opt: torch.optim.Optimizer) -> Step:
+    def closure(loss_fn: Any) -> None:
+        opt.zero_grad(set_to_none=True)
+        opt.step(loss_fn)  # SLS does the backward, the trials and its own step-size bookkeeping
+        for g in opt.param_groups:
+            g["lr"] = float(opt.state["step_size"])
+
+    return Step(closure=closure, info=lambda: {"step_size": float(opt.state["step_size"])})
 
 
-def fault_stream(
-    data: dict[str, torch.Tensor], idxs: list[torch.Tensor], plan: dict[str, Any] | None, seed: int
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    x_all, y_all = data["x_train"], data["y_train"]
-    scaled = set(plan["input_x1e3"]) if plan else set()
-    shuffled = set(plan["shuffled_labels"]) if plan else set()
-    nan = set(plan["nan_pixel"]) if plan else set()
-    g = torch.Generator().manual_seed(5000 + seed)
-    for i, idx in enumerate(idxs):
-        x, y = x_all[idx], y_all[idx]
-        if i in scaled:
-            x = x * INPUT_SCALE
-        if i in shuffled:
-            y = y[torch.randperm(len(y), generator=g)]
-        if i in nan:
-            x = x.clone()
-            x[0, 27] = float("nan")
-        yield i, x, y
+def lbfgs_optimizer(run: Any) -> torch.optim.Optimizer:
+    return torch.optim.LBFGS(run.model.parameters(), lr=1.0, line_search_fn="strong_wolfe")
 
 
-FAULT_METHODS = {
-    "reference": "plain, no faults (reference)",
-    "plain": "plain",
-    "nonfinite": "NonFiniteGuard",
-    "clip": f"clip_grad_norm_({CLIP_NORM:g})",
-    "clip_loose": f"clip_grad_norm_({CLIP_NORM_LOOSE:g})",
-    "clip_nonfinite": f"clip_grad_norm_({CLIP_NORM:g}) + NonFiniteGuard",
-    "spike": f"SpikeGuard defaults (capacity={GUARD_CAPACITY})",
-    "spike_cap1": "SpikeGuard defaults (capacity=1)",
+def lbfgs_step(run: Any, opt: torch.optim.Optimizer) -> Step:
+    """Full-batch LBFGS given as many examples as the mini-batch runs see (evaluations x training set = iterations x
+    batch), all of it at the first iteration (the later iterations do nothing)."""
+    per_epoch = max(1, run.info["train_examples"] // run.info["batch"])
+    stream = run.batches()
+    batches = [next(stream) for _ in range(per_epoch)]  # one epoch: every training example once
+    x = torch.cat([b[0] for b in batches])
+    y0 = batches[0][1]
+    y = tuple(torch.cat([b[1][k] for b in batches]) for k in range(len(y0))) if isinstance(y0, tuple) else \
+        torch.cat([b[1] for b in batches])  # fmt: skip
+    evals = max(1, round(run.iterations * run.info["batch"] / len(x)))
+    state = {"done": False, "evals": 0}
+
+    def full() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = run.loss(run.model, (x, y))
+        loss.backward()
+        state["evals"] += 1
+        return loss
+
+    def closure(loss_fn: Any) -> None:
+        if state["done"]:
+            return
+        state["done"] = True
+        opt.param_groups[0]["max_iter"] = evals
+        opt.param_groups[0]["max_eval"] = evals
+        opt.step(full)
+
+    return Step(closure=closure, info=lambda: {"full_batch_evaluations": state["evals"], "budget": evals})
+
+
+def _search(kind: str, run: Any, opt: torch.optim.Optimizer) -> Step:
+    import torchrewind as tr
+
+    ls = getattr(tr, kind)(tr.Rewind(run.model, opt))
+    lr0 = max(g["lr"] for g in opt.param_groups)
+
+    def info() -> dict[str, Any]:
+        lrs = [e.lrs[0] for e in ls.log.events]
+        noop = sum(1 for e in ls.log.events if e.kind == "accepted" and e.loss_after is not None
+                   and e.loss_after == e.loss)  # fmt: skip
+        return {**ls.stats, "lr0": lr0, "lr_min": min(lrs, default=lr0), "lr_max": max(lrs, default=lr0),
+                "lr_end": max(g["lr"] for g in opt.param_groups), "accepted_noops": noop}  # fmt: skip
+
+    return Step(closure=ls.step, info=info)
+
+
+def search(kind: str) -> Any:
+    return functools.partial(_search, kind)
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+GUARD_METHODS = {  # name: (label, step factory, plans)
+    "plain": ("plain", None, ("none", "mixed", "drift")),
+    "clip": (f"clip_grad_norm_({CLIP})", clipped, ("none", "mixed", "drift")),
+    "clip+nf": (f"clip_grad_norm_({CLIP}) + NonFiniteGuard", functools.partial(clipped, nonfinite=True),
+                ("none", "mixed", "drift")),
+    "nonfinite": ("NonFiniteGuard", policy("NonFiniteGuard"), ("none", "mixed")),
+    "lightning": ("Lightning SpikeDetection (+ free restart)", lightning_detector, ("none", "mixed", "drift")),
+    "spike": ("**SpikeGuard** (defaults)", spike_guard, ("none", "mixed", "drift")),
+    "spike-level": ("SpikeGuard, noise=\"level\"", functools.partial(spike_guard, level=True),
+                    ("none", "mixed", "drift")),
+    "spike-prev": ("SpikeGuard, previous detector", functools.partial(spike_guard, previous=True),
+                   ("none", "mixed", "drift")),
 }
 
 
-def fault_free_grad_norms(data: dict[str, torch.Tensor], epochs: int, seed: int = 0) -> list[float]:
-    """Global gradient norm of every iteration of a fault-free run (untimed; to choose clipping's max_norm)."""
-    model = make_model(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=FAULT_LR, momentum=0.9)
-    x_all, y_all = data["x_train"], data["y_train"]
-    out = []
-    for idx in batch_indices(len(x_all), epochs, seed):
-        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-        opt.zero_grad()
-        loss.backward()
-        out.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
-        opt.step()
+def guard_configs(only: tuple[str, ...] = ("none", "mixed", "drift")) -> list[Config]:
+    return [Config(f"guard/{m}/{plan}", adam(), step, faults=None if plan == "none" else plan)
+            for m, (_, step, plans) in GUARD_METHODS.items() for plan in plans if plan in only]  # fmt: skip
+
+
+SEARCH_METHODS = {  # name: (label, optimizer factory, step factory)
+    "linesearch-sgd": (f"`LineSearch`, SGD lr={SEARCH_SGD_LR}", optimizer("SGD", lr=SEARCH_SGD_LR, momentum=0.9),
+                       search("LineSearch")),
+    "linesearch-adam": ("`LineSearch`, Adam at the suggested lr", adam(), search("LineSearch")),
+    "bolddriver-sgd": (f"`BoldDriver`, SGD lr={SEARCH_SGD_LR}", optimizer("SGD", lr=SEARCH_SGD_LR, momentum=0.9),
+                       search("BoldDriver")),
+    "sls": (f"SLS (real, Armijo, init_step_size={SEARCH_SGD_LR})", sls_optimizer, sls_step),
+    "lbfgs": ("LBFGS full batch, strong Wolfe", lbfgs_optimizer, lbfgs_step),
+}
+
+
+def search_configs(with_sls: bool, grid: tuple[float, ...] = GRID) -> list[Config]:
+    out = [Config(f"grid/{o}/x{s:g}", f(lr_scale=s)) for o, f in (("sgd", sgd), ("adam", adam)) for s in grid]
+    out += [Config(f"search/{m}", o, st) for m, (_, o, st) in SEARCH_METHODS.items() if m != "sls" or with_sls]
     return out
 
 
-def run_fault(method: str, seed: int, data: dict[str, torch.Tensor], epochs: int, plan: dict[str, Any]) -> dict:
-    model = make_model(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=FAULT_LR, momentum=0.9)
-    idxs = batch_indices(len(data["x_train"]), epochs, seed)
-    faulty = method != "reference"
-    lr_spike = set(plan["lr_x50"]) if faulty else set()
-    stream: Any = fault_stream(data, idxs, plan if faulty else None, seed)
-    rw = guard = None
-    if method in ("nonfinite", "clip_nonfinite"):
-        rw = Rewind(model, opt, capacity=1)
-        guard = NonFiniteGuard(rw)
-    elif method == "spike":
-        rw = Rewind(model, opt, capacity=GUARD_CAPACITY)
-        guard = SpikeGuard(rw)
-    elif method == "spike_cap1":
-        rw = Rewind(model, opt)
-        guard = SpikeGuard(rw)
-    if isinstance(guard, SpikeGuard):
-        stream = guard.wrap(stream)
-    clip = {"clip": CLIP_NORM, "clip_nonfinite": CLIP_NORM, "clip_loose": CLIP_NORM_LOOSE}.get(method)
-    error = ""
-    seen = applied = 0
-    positions: list[int] = []  # stream position of each batch the loop saw (the guards count these, not skips)
-    gc.collect()
-    t0 = perf()
-    try:
-        for i, x, y in stream:
-            seen += 1
-            positions.append(i)
-            opt.param_groups[0]["lr"] = FAULT_LR * (LR_SPIKE if i in lr_spike else 1.0)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if guard is None:
-                opt.step()
-                applied += 1
-            else:
-                applied += bool(guard.step(loss))
-    except RewindError as e:
-        error = str(e).splitlines()[0]
-    wall = perf() - t0
-    train_loss, acc = evaluate(model, data)
-    out: dict[str, Any] = {
-        "method": method, "seed": seed, "train_loss": train_loss, "test_acc": acc, "wall_s": wall,
-        "iterations_seen": seen, "steps_applied": applied, "error": error,
-    }  # fmt: skip
-    if guard is not None:
-        counts = guard.log.counts()
-        out["skipped"] = counts["skipped"]
-        out["rolled_back"] = counts["rolled_back"]
-        # The guard counts its own iterations (batches it saw); map them back to stream positions.
-        out["rollback_stream_pos"] = [positions[e.iteration] for e in guard.log.events if e.kind == "rolled_back"]
-        out["skip_stream_pos"] = [positions[e.iteration] for e in guard.log.events if e.kind == "skipped"]
-        if isinstance(guard, SpikeGuard):
-            out["batches_skipped"] = stream.skipped
-            out["steps_undone"] = sum(e.undone for e in guard.log.events if e.kind == "rolled_back")
-    if rw is not None:
-        rw.close()
+# ---------------------------------------------------------------------------------------------------- analysis
+def metric(r: dict[str, Any], key: str = "test_metric") -> float:
+    v = r.get("final", {}).get(key, math.nan)
+    return float(v) if v is not None else math.nan
+
+
+def by(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in stats.group(results, "config", "task").items()}
+
+
+def false_rate(r: dict[str, Any]) -> float:
+    """Non-accepted decisions per 1000 iterations (clean runs: all of them are false)."""
+    ev = (r.get("step_info") or {}).get("events", [])
+    return 1000.0 * len(ev) / max(r.get("completed", 0) or r["iterations"], 1)
+
+
+def guard_analysis(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, Any]:
+    g = by(results)
+    rows_false, rows_fault, verdicts, records = [], [], {}, []
+    for t in task_names:
+        split = tasks.TASKS[t].split
+        ref = g.get(("guard/plain/none", t), [])
+        hib = bool(ref and ref[0]["higher_is_better"])
+        row = [f"`{t}`", split]
+        for m in ("spike", "spike-level", "spike-prev", "lightning"):
+            rs = g.get((f"guard/{m}/none", t), [])
+            if not rs:
+                continue
+            rates = [false_rate(r) for r in rs]
+            errs = sum(1 for r in rs if r.get("error"))
+            row.append(f"{stats.mean(rates):.1f}" + (f" ({errs} raised)" if errs else ""))
+            records.append({"table": "false", "task": t, "method": m, "per_1000": rates, "errors": errs})
+        rows_false.append(row)
+        for plan in ("none", "mixed", "drift"):
+            frow = [f"`{t}`", split, plan]
+            for m in GUARD_METHODS:
+                rs = g.get((f"guard/{m}/{plan}", t), [])
+                if not rs:
+                    frow.append("–")
+                    continue
+                xs = [metric(r) for r in rs]
+                v = stats.compare(xs, [metric(r) for r in ref], lower_is_better=not hib) if ref else "?"
+                errs = sum(1 for r in rs if r.get("error"))
+                rb = stats.mean([len((r.get("step_info") or {}).get("events", [])) for r in rs])
+                extra = f", {rb:.1f} ev" if m not in ("plain", "clip") else ""
+                frow.append(f"{stats.fmt(xs)} ({v}{extra})" + (f" [{errs} raised]" if errs else ""))
+                verdicts.setdefault(f"{m}/{plan}", {}).setdefault(v, []).append(t)
+                records.append({"table": "faults", "task": t, "plan": plan, "method": m, "test_metric": xs,
+                                "vs_fault_free_plain": v, "errors": errs})  # fmt: skip
+            rows_fault.append(frow)
+    return {"false": rows_false, "faults": rows_fault, "verdicts": verdicts, "records": records}
+
+
+def passes(r: dict[str, Any]) -> float:
+    """Forward-equivalents per iteration (a backward counts two), relative to plain training's 3."""
+    info = r.get("step_info") or {}
+    if "full_batch_evaluations" in info:  # LBFGS: its budget of full-batch evaluations is the runs' examples
+        return info["full_batch_evaluations"] / max(info["budget"], 1)
+    return (r.get("forwards", 0) + 2 * r.get("backwards", 0)) / (3.0 * max(r.get("completed", 1), 1))
+
+
+def search_analysis(results: list[dict[str, Any]], task_names: list[str], with_sls: bool) -> dict[str, Any]:
+    g = by(results)
+    rows, verdicts, records, best = [], {}, [], {}
+    for t in task_names:
+        split = tasks.TASKS[t].split
+        any_r = next((rs for (c, tt), rs in g.items() if tt == t), None)
+        if not any_r:
+            continue
+        hib = bool(any_r[0]["higher_is_better"])
+        for o in ("sgd", "adam"):  # best of the grid on the validation metric (ties: validation loss)
+            cands = []
+            for s in GRID:
+                rs = g.get((f"grid/{o}/x{s:g}", t), [])
+                if not rs:
+                    continue
+                val = stats.mean([metric(r, "val_metric") for r in rs])
+                vloss = stats.mean([metric(r, "val_loss") for r in rs])
+                key = (-val if hib else val) if math.isfinite(val) else math.inf
+                cands.append((key, vloss if math.isfinite(vloss) else math.inf, s))
+            if cands:
+                best[(o, t)] = min(cands)[2]
+        def cell(rs: list[dict[str, Any]], ref: list[dict[str, Any]] | None, key: str, lower: bool) -> str:
+            xs = [metric(r, key) for r in rs]
+            v = f" ({stats.compare(xs, [metric(r, key) for r in ref], lower_is_better=lower)})" if ref else ""
+            return stats.fmt(xs) + v
+
+        sgd_best = g.get((f"grid/sgd/x{best.get(('sgd', t), 1.0):g}", t), [])
+        adam_best = g.get((f"grid/adam/x{best.get(('adam', t), 1.0):g}", t), [])
+        adam_start = g.get(("grid/adam/x1", t), [])
+        entries = [("SGD, best of grid (x%g)" % best.get(("sgd", t), math.nan), sgd_best, None),
+                   ("Adam, best of grid (x%g)" % best.get(("adam", t), math.nan), adam_best, None)]  # fmt: skip
+        for m, (label, _, _) in SEARCH_METHODS.items():
+            if m == "sls" and not with_sls:
+                continue
+            ref = adam_start if m == "linesearch-adam" else sgd_best
+            entries.append((label, g.get((f"search/{m}", t), []), ref))
+        for label, rs, ref in entries:
+            if not rs:
+                continue
+            info = [r.get("step_info") or {} for r in rs]
+            p = statistics.median(passes(r) for r in rs)
+            extra = ""
+            if "lr_min" in info[0]:
+                lo = min(i["lr_min"] / i["lr0"] for i in info)
+                hi = max(i["lr_max"] / i["lr0"] for i in info)
+                extra = f"{lo:.2g}..{hi:.2g}"
+            row = [f"`{t}`", split, label, cell(rs, ref, "train_loss", True), cell(rs, ref, "test_metric", not hib),
+                   f"{p:.2f}x" if math.isfinite(p) else "–", extra]  # fmt: skip
+            rows.append(row)
+            if ref:
+                v_train = stats.compare([metric(r, "train_loss") for r in rs], [metric(r, "train_loss") for r in ref],
+                                        lower_is_better=True)  # fmt: skip
+                v_test = stats.compare([metric(r) for r in rs], [metric(r) for r in ref], lower_is_better=not hib)
+                verdicts.setdefault(label, {"train": {}, "test": {}})
+                verdicts[label]["train"].setdefault(v_train, []).append(t)
+                verdicts[label]["test"].setdefault(v_test, []).append(t)
+            records.append({"task": t, "split": split, "method": label, "train_loss": [metric(r, "train_loss")
+                            for r in rs], "test_metric": [metric(r) for r in rs], "passes": p,
+                            "info": info, "errors": sum(1 for r in rs if r.get("error"))})  # fmt: skip
+    return {"rows": rows, "verdicts": verdicts, "records": records, "best_grid": {f"{o}/{t}": s
+            for (o, t), s in best.items()}}  # fmt: skip
+
+
+def cost_analysis(results: list[dict[str, Any]]) -> dict[str, Any]:
+    g = {(r["config"], r["task"], r["seed"]): r for r in results}
+    out = {}
+    for m in GUARD_METHODS:
+        ratios = [r["wall_s"] / g[("guard/plain/none", t, s)]["wall_s"] for (c, t, s), r in g.items()
+                  if c == f"guard/{m}/none" and ("guard/plain/none", t, s) in g
+                  and g[("guard/plain/none", t, s)]["wall_s"] > 0]  # fmt: skip
+        if ratios:
+            out[m] = statistics.median(ratios)
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- 2. line search
-def run_opt(
-    kind: str, seed: int, data: dict[str, torch.Tensor], epochs: int, *, opt_name: str, lr: float, **kw: Any
-) -> dict[str, Any]:
-    """``kind``: "plain", "linesearch" or "bolddriver"."""
-    model = make_model(seed)
-    if opt_name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-    idxs = batch_indices(len(data["x_train"]), epochs, seed)
-    x_all, y_all = data["x_train"], data["y_train"]
-    rw = None
-    policy: LineSearch | BoldDriver | None = None
-    if kind == "linesearch":
-        rw = Rewind(model, opt)
-        policy = LineSearch(rw, **kw)
-    elif kind == "bolddriver":
-        rw = Rewind(model, opt)
-        policy = BoldDriver(rw, **kw)
-    gc.collect()
-    t0 = perf()
-    for idx in idxs:
-        x, y = x_all[idx], y_all[idx]
-        if policy is None:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        else:
-            policy.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
-    wall = perf() - t0
-    train_loss, acc = evaluate(model, data)
-    n = len(idxs)
-    out: dict[str, Any] = {
-        "kind": kind, "opt": opt_name, "lr": lr, "seed": seed, "train_loss": train_loss, "test_acc": acc,
-        "wall_s": wall, "iterations": n, "forwards": n, "backwards": n, "final_lr": opt.param_groups[0]["lr"],
-    }  # fmt: skip
-    if policy is not None:
-        st = policy.stats
-        for k in ("forwards", "backwards", "steps", "accepted", "rejected", "exhausted", "skipped"):
-            out[k] = st[k]
-        ev = policy.log.events
-        nd = "not a descent direction"
-        out["rejected_nondescent"] = sum(e.kind == "rejected" and e.reason.startswith(nd) for e in ev)
-        out["exhausted_nondescent"] = sum(e.kind == "exhausted" and e.reason.startswith(nd) for e in ev)
-        accepted_lrs = [e.lrs[0] for e in ev if e.kind == "accepted"]
-        out["median_accepted_lr"] = statistics.median(accepted_lrs) if accepted_lrs else float("nan")
-    if rw is not None:
-        rw.close()
-    return out
+def verdict_line(v: dict[str, list[str]]) -> str:
+    return ", ".join(f"{k} {len(v.get(k, []))}" for k in stats.VERDICTS)
 
 
-# ---------------------------------------------------------------------------------------------------------- 3. overhead
-def bench_overhead(data: dict[str, torch.Tensor], rounds: int, per_block: int) -> dict[str, Any]:
-    x_all, y_all = data["x_train"], data["y_train"]
-    idxs = batch_indices(len(x_all), 400, seed=0)
-    batches = [(x_all[i], y_all[i]) for i in idxs]
-    nb = len(batches)
+# ---------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, tiny runs, 3 seeds, fewer configs")
+    p.add_argument("--json", type=Path, help="write settings, tables, verdicts and every run here")
+    p.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: benchmarks/.cache/policies*.json)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration (default 3)")
+    p.add_argument("--scale", type=float, help="run length and data as a fraction of the suite's (default 0.5)")
+    p.add_argument("--split", choices=("tune", "report", "both"), default="both", help="which halves (default both)")
+    p.add_argument("--section", choices=("guards", "search", "both"), default="both")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args()
 
-    class Runner:
-        def __init__(self, name: str) -> None:
-            self.name = name
-            self.model = make_model(0)
-            self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-            self.rw: Rewind | None = None
-            self.guard: NonFiniteGuard | None = None
-            if name == "NonFiniteGuard":
-                self.rw = Rewind(self.model, self.opt, capacity=1)
-                self.guard = NonFiniteGuard(self.rw)
-            elif name.startswith("SpikeGuard"):
-                self.rw = Rewind(self.model, self.opt, capacity=GUARD_CAPACITY)
-                self.guard = SpikeGuard(self.rw)
-            self.pos = 0
-            self.times: list[float] = []
-            self.errors = 0
-
-        def block(self, n: int) -> float:
-            model, opt, guard = self.model, self.opt, self.guard
-            gc.collect()
-            t0 = perf()
-            for _ in range(n):
-                x, y = batches[self.pos % nb]
-                self.pos += 1
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                if guard is None:
-                    opt.step()
-                else:
-                    try:
-                        guard.step(loss)
-                    except RewindError:  # too many roll-backs: counted and reported, training goes on
-                        self.errors += 1
-            return perf() - t0
-
-    runners = [Runner("plain"), Runner("NonFiniteGuard"), Runner(f"SpikeGuard (capacity={GUARD_CAPACITY})")]
-    for r in runners:  # warm-up round, untimed
-        r.block(per_block)
-    for k in range(rounds):
-        order = runners[k % 3 :] + runners[: k % 3]
-        for r in order:
-            r.times.append(r.block(per_block) / per_block)
-    plain = runners[0]
-    out: dict[str, Any] = {"rounds": rounds, "per_block": per_block, "variants": {}}
-    for r in runners:
-        ratios = [t / p for t, p in zip(r.times, plain.times)]
-        g = r.guard
-        out["variants"][r.name] = {
-            "median_ms_per_iter": statistics.median(r.times) * 1e3,
-            "best_ms_per_iter": min(r.times) * 1e3,
-            "median_ratio": statistics.median(ratios),
-            "iterations": r.pos,
-            "rolled_back": g.log.counts()["rolled_back"] if g is not None else 0,
-            "skipped": g.log.counts()["skipped"] if g is not None else 0,
-            "errors": r.errors,
-            "samples_ms": [t * 1e3 for t in r.times],
-        }
-        if r.rw is not None:
-            r.rw.close()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: fewer epochs, seeds and repetitions")
-    ap.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 5; 3 with --quick)")
-    args = ap.parse_args(argv)
-    quick = args.quick
-    seeds = list(range(args.seeds or (3 if quick else 5)))
-    fault_epochs = 10 if quick else 30
-    ls_epochs = 4 if quick else 20
-    oh_rounds, oh_block = (8, 25) if quick else (40, 50)
-
-    threads, flushing = torch.get_num_threads(), flush_denormal_enabled()
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    t_start = perf()
-    data = load_data()
-    run_opt("plain", 0, data, 1, opt_name="adam", lr=1e-3)  # warm-up: the first optimizer imports torch._dynamo
-    gc.collect()
-    gc.freeze()  # keep the per-run gc.collect() cheap: torch's own objects are never collected again
-    results: dict[str, Any] = {
-        "settings": {
-            "quick": quick, "seeds": seeds, "batch": BATCH, "hidden": HIDDEN, "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "num_threads": 1, "flush_denormal": True, "fault_epochs": fault_epochs, "ls_epochs": ls_epochs,
-        },  # fmt: skip
-    }
-    print(f"# torchrewind policies benchmark{' (--quick)' if quick else ''}")
-    print()
-    print(
-        f"digits (sklearn, 1347 train / 450 test), MLP 64-128-128-10, batch {BATCH}, seeds {seeds} (mean ± std over "
-        f"seeds). torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs; "
-        "torch.set_num_threads(1) and torch.set_flush_denormal(True) as in `torchrewind demo` (Adam's second "
-        "moments go denormal on CPU and would slow training ~30x)."
-    )
-    try:
-        fault_section(results, data, seeds, fault_epochs)
-        linesearch_section(results, data, seeds, ls_epochs, quick)
-        overhead_section(results, data, oh_rounds, oh_block)
-    finally:
-        gc.unfreeze()
-        torch.set_flush_denormal(flushing)
-        torch.set_num_threads(threads)
-    total = perf() - t_start
-    results["total_s"] = total
-    print()
-    print("## Verdicts")
-    print()
-    for v in results["verdicts"]:
-        print(f"- {v}")
-    print()
-    print(f"Total time: {total:.0f} s.")
+    seeds = list(range(args.seeds if args.seeds else 3))
+    scale = args.scale if args.scale else (0.06 if args.quick else 0.5)
+    if args.quick:
+        task_names = ["wine_zero", "gru_forecast"]  # one per half
+    else:
+        task_names = tasks.names(None if args.split == "both" else args.split)
+    with_sls = (PEERS / "sls" / "sls.py").exists()
+    cache = args.cache or ROOT / "benchmarks" / ".cache" / f"policies{'-quick' if args.quick else ''}.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"seeds": seeds, "scale": scale, "tasks": task_names, "workers": args.workers, "clip": CLIP,
+                "guard_capacity": GUARD_CAPACITY, "grid": GRID, "search_sgd_lr": SEARCH_SGD_LR, "sls": with_sls,
+                "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+    t0 = time.time()
+    out: dict[str, Any] = {"settings": settings}
+    print("# torchrewind policies study (benchmarks/bench_policies.py)\n")
+    print(f"{len(task_names)} tasks ({', '.join(task_names)}), seeds {seeds}, runs at scale {scale:g} of the suite's "
+          f"length, torch {torch.__version__}, {args.workers} workers x 1 thread; mean ± std over seeds, verdicts by "
+          "±2 standard errors.\n")  # fmt: skip
+
+    results: list[dict[str, Any]] = []
+    if args.section in ("guards", "both"):
+        plans = ("none", "mixed") if args.quick else ("none", "mixed", "drift")
+        res = run_many(guard_configs(plans), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
+                       workers=args.workers, progress=not args.quiet)  # fmt: skip
+        results += res
+        ga = guard_analysis(res, task_names)
+        out["faults"] = ga
+        print("## 1. Fault injection and false alarms (Adam, suggested lr)\n")
+        print("False roll-backs and skips per 1000 clean iterations (goal 0; \"raised\": the guard stopped a healthy "
+              "run):\n")  # fmt: skip
+        print(stats.table(["task", "split", "SpikeGuard", "SpikeGuard, noise=\"level\"", "SpikeGuard, previous detector",
+                           "Lightning SpikeDetection"], ga["false"]))  # fmt: skip
+        print("\nFinal test metric; the verdict compares with plain training without faults (\"ev\": non-accepted "
+              "decisions per run):\n")  # fmt: skip
+        print(stats.table(["task", "split", "plan", *[GUARD_METHODS[m][0] for m in GUARD_METHODS]], ga["faults"]))
+        print("\nVerdicts against fault-free plain training (tasks):")
+        for k, v in ga["verdicts"].items():
+            print(f"  {k:24s} {verdict_line(v)}" + (f"  (losses: {', '.join(v['loss'])})" if v.get("loss") else ""))
+        print()
+    if args.section in ("search", "both"):
+        if not with_sls:
+            print(f"(SLS skipped: no {PEERS / 'sls'}; see the module docstring)\n")
+        grid = (0.3, 1.0, 3.0) if args.quick else GRID
+        res = run_many(search_configs(with_sls, grid), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
+                       workers=args.workers, progress=not args.quiet)  # fmt: skip
+        results += res
+        sa = search_analysis(res, task_names, with_sls)
+        out["linesearch"] = sa
+        print("## 2. Step sizes without a grid (no faults)\n")
+        print("Verdicts: `LineSearch`(Adam) against Adam at its starting lr, every other row against SGD at the best "
+              "of its grid; \"lr range\": lowest..highest lr over the run / the starting lr.\n")  # fmt: skip
+        print(stats.table(["task", "split", "method", "train loss", "test metric", "passes", "lr range"], sa["rows"]))
+        print("\nVerdicts on train loss / test metric (tasks):")
+        for k, v in sa["verdicts"].items():
+            print(f"  {k:44s} train: {verdict_line(v['train'])}; test: {verdict_line(v['test'])}")
+        print()
+    cost = cost_analysis(results)
+    out["overhead"] = cost
+    print("## 3. Overhead\n")
+    print("Median wall time of a clean run relative to plain training, same task and seed: " +
+          ", ".join(f"{k} {v:.2f}x" for k, v in cost.items()) + "\n")  # fmt: skip
+    out["verdicts"] = {"guards": out.get("faults", {}).get("verdicts", {}),
+                       "search": out.get("linesearch", {}).get("verdicts", {})}  # fmt: skip
+    out["total_s"] = time.time() - t0
+    print(f"study: {out['total_s']:.0f} s (cached runs are not rerun)")
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(_jsonable(results), f, indent=1)
-        print(f"JSON written to {args.json}")
-    return 0
-
-
-def fault_section(results: dict[str, Any], data: dict[str, torch.Tensor], seeds: list[int], epochs: int) -> None:
-    iterations = epochs * (len(data["x_train"]) // BATCH)
-    scenarios = {"A": fault_plan(iterations, nan_batch=False), "B": fault_plan(iterations, nan_batch=True)}
-    runs: dict[str, dict[str, list[dict]]] = {}
-    t0 = perf()
-    ref = [run_fault("reference", s, data, epochs, scenarios["A"]) for s in seeds]
-    for sc, plan in scenarios.items():
-        runs[sc] = {"reference": ref}
-        for m in FAULT_METHODS:
-            if m != "reference":
-                runs[sc][m] = [run_fault(m, s, data, epochs, plan) for s in seeds]
-        progress(f"faults, scenario {sc} ({perf() - t0:.0f} s)")
-    gn = sorted(fault_free_grad_norms(data, epochs))
-    gn_med, gn_p99 = statistics.median(gn), gn[int(0.99 * (len(gn) - 1))]
-
-    print()
-    print(f"## 1. Fault injection (SGD momentum 0.9, lr {FAULT_LR:g}, {epochs} epochs = {iterations} iterations)")
-    print()
-    plan = scenarios["B"]
-    print(
-        "Faults, by position in the batch stream: inputs x1e3 at iterations "
-        f"{plan['input_x1e3']}; lr x{LR_SPIKE:g} (param group) at {_span(plan['lr_x50'])}; shuffled labels at "
-        f"{_span(plan['shuffled_labels'])}; scenario B adds a batch with one NaN pixel at {plan['nan_pixel']}. "
-        f"Fault-free gradient norm: median {gn_med:.2f}, p99 {gn_p99:.2f} (seed 0); clipping at max_norm={CLIP_NORM:g} "
-        f"(the customary value) and {CLIP_NORM_LOOSE:g} (above p99). "
-        "Every SpikeGuard runs with its defaults."
-    )
-    ref_acc = [r["test_acc"] for r in ref]
-    ref_loss = [r["train_loss"] for r in ref]
-    summary: dict[str, Any] = {}
-    for sc in scenarios:
-        print()
-        print(f"### Scenario {sc}{' (with a NaN batch)' if sc == 'B' else ''}")
-        print()
-        rows = []
-        for m, label in FAULT_METHODS.items():
-            rs = runs[sc][m]
-            accs, losses = [r["test_acc"] for r in rs], [r["train_loss"] for r in rs]
-            d_acc = statistics.fmean(accs) - statistics.fmean(ref_acc)
-            noise = 2 * statistics.stdev(ref_acc) if len(ref_acc) > 1 else 0.0
-            errors = sum(bool(r["error"]) for r in rs)
-            # A run that raised did not finish training: it cannot count as ending within noise.
-            within = abs(d_acc) <= noise and all(math.isfinite(x) for x in losses) and not errors
-            guard_info = "-"
-            if "rolled_back" in rs[0]:
-                guard_info = (
-                    f"{statistics.fmean(r['rolled_back'] for r in rs):.1f} rb / "
-                    f"{statistics.fmean(r['skipped'] for r in rs):.1f} skip"
-                )
-                if "steps_undone" in rs[0]:
-                    lost = statistics.fmean(r["steps_undone"] + r["batches_skipped"] for r in rs)
-                    guard_info += f" / {lost:.0f} lost"
-            rows.append([
-                label, fmt_loss(losses), fmt(accs, 2, 100.0), f"{d_acc * 100:+.2f}",
-                "-" if m == "reference" else ("yes" if within else ("no (raised)" if errors else "no")), guard_info,
-                f"{errors}/{len(rs)}" if errors else "0", fmt([r["wall_s"] for r in rs], 2),
-            ])  # fmt: skip
-            summary.setdefault(sc, {})[m] = {
-                "train_loss": mean_std(losses), "test_acc": mean_std(accs), "d_acc_vs_reference": d_acc,
-                "within_noise": within, "errors": errors, "wall_s": mean_std([r["wall_s"] for r in rs]),
-            }  # fmt: skip
-        print(table(
-            ["method", "final train loss", "test acc %", "Δacc vs ref (pp)", "within noise", "guard: roll-backs / "
-             "skips / batches lost", "RewindError", "wall s"], rows))  # fmt: skip
-    # False positives: roll-backs of the default guard that no fault explains.
-    fp = []
-    for sc, plan in scenarios.items():
-        bad = set(plan["input_x1e3"]) | set(plan["shuffled_labels"]) | set(plan["nan_pixel"])
-        bad |= {i + k for i in plan["lr_x50"] for k in (1, 2)}
-        for m in ("spike", "spike_cap1"):
-            for r in runs[sc][m]:
-                r["unexplained_rollbacks"] = [p for p in r["rollback_stream_pos"] if p not in bad]
-                fp.append((sc, m, r["seed"], len(r["unexplained_rollbacks"])))
-    print()
-    print(
-        "Within noise: |mean test acc − reference| ≤ 2 × the reference's std over seeds, and no non-finite loss. "
-        "'batches lost' = steps undone by roll-backs + batches skipped. A RewindError (too many roll-backs) ends the "
-        "run there; the model is evaluated as it was then. Roll-backs not within 2 iterations of a fault "
-        "(false positives), per seed: "
-        + "; ".join(
-            f"{sc}/{m}: {[n for s2, m2, _, n in fp if s2 == sc and m2 == m]}"
-            for sc in scenarios
-            for m in ("spike", "spike_cap1")
-        )
-        + "."
-    )
-    results["faults"] = {
-        "plan": scenarios, "clip_norm": CLIP_NORM, "clip_norm_loose": CLIP_NORM_LOOSE,
-        "grad_norm_median": gn_med, "grad_norm_p99": gn_p99, "summary": summary, "runs": runs,
-    }  # fmt: skip
-
-    def say(m: str) -> str:
-        parts = []
-        for sc, sm in summary.items():
-            v = sm[m]
-            state = "within noise" if v["within_noise"] else "outside noise"
-            if v["errors"]:
-                state = f"raised RewindError in {v['errors']}/{len(seeds)} runs"
-            loss = v["train_loss"][0]
-            parts.append(f"{sc}: {v['d_acc_vs_reference'] * 100:+.2f} pp, {state}, train loss {loss:.3g}")
-        return "; ".join(parts)
-
-    verdict = (
-        f"Faults (vs fault-free: test acc {100 * statistics.fmean(ref_acc):.2f}%, train loss "
-        f"{statistics.fmean(ref_loss):.3g}): "
-        f"SpikeGuard defaults [{say('spike')}]; "
-        f"SpikeGuard defaults, capacity 1 [{say('spike_cap1')}]; clip_grad_norm_({CLIP_NORM:g}) [{say('clip')}]; "
-        f"clip_grad_norm_({CLIP_NORM_LOOSE:g}) [{say('clip_loose')}]; clip + NonFiniteGuard "
-        f"[{say('clip_nonfinite')}]; NonFiniteGuard alone [{say('nonfinite')}]; plain [{say('plain')}]."
-    )
-    results.setdefault("verdicts", []).append(verdict)
-    print()
-    print(f"**Verdict:** {verdict}")
-
-
-def _jsonable(o: Any) -> Any:
-    """Strict JSON: non-finite floats become strings, tuples lists, other objects their str()."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else str(o)
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if o is None or isinstance(o, (bool, int, str)):
-        return o
-    return str(o)
-
-
-def _span(xs: list[int]) -> str:
-    return f"{xs[0]}-{xs[-1]}" if len(xs) > 1 else str(xs)
-
-
-def _agg(rs: list[dict[str, Any]], key: str) -> float:
-    return statistics.fmean(float(r[key]) for r in rs)
-
-
-def linesearch_section(
-    results: dict[str, Any], data: dict[str, torch.Tensor], seeds: list[int], epochs: int, quick: bool
-) -> None:
-    iterations = epochs * (len(data["x_train"]) // BATCH)
-    t0 = perf()
-    grid: dict[str, dict[float, list[dict]]] = {"sgd": {}, "adam": {}}
-    for name, lrs_ in (("sgd", SGD_GRID), ("adam", ADAM_GRID)):
-        for lr in lrs_:
-            grid[name][lr] = [run_opt("plain", s, data, epochs, opt_name=name, lr=lr) for s in seeds]
-    progress(f"line search: grids ({perf() - t0:.0f} s)")
-
-    def best(name: str) -> float:  # lowest mean final train loss (the quantity the optimizers minimise)
-        return min(grid[name], key=lambda lr: (_agg(grid[name][lr], "train_loss"), -_agg(grid[name][lr], "test_acc")))
-
-    best_sgd, best_adam = best("sgd"), best("adam")
-    bd_high, bd_low = 10 * best_sgd, best_sgd / 100
-    configs: list[tuple[str, str, str, float, dict[str, Any]]] = [
-        (f"plain SGD, best grid lr {best_sgd:g}", "plain", "sgd", best_sgd, {}),
-        (f"SGD + LineSearch (defaults), lr {LS_SGD_LR:g}", "linesearch", "sgd", LS_SGD_LR, {}),
-        (f"SGD + BoldDriver (defaults), lr {bd_high:.3g} (10x best)", "bolddriver", "sgd", bd_high, {}),
-        (f"SGD + BoldDriver (defaults), lr {bd_low:.3g} (best/100)", "bolddriver", "sgd", bd_low, {}),
-        (f"plain Adam, best grid lr {best_adam:g}", "plain", "adam", best_adam, {}),
-        (f"Adam + LineSearch (defaults), lr {LS_ADAM_LR:g}", "linesearch", "adam", LS_ADAM_LR, {}),
-    ]
-    if not quick:  # non-default settings, for the discussion of the defaults
-        configs += [
-            (f"SGD + LineSearch(c=0.1, as SLS), lr {LS_SGD_LR:g}", "linesearch", "sgd", LS_SGD_LR, {"c": 0.1}),
-            (f"Adam + LineSearch(c=0.1, as SLS), lr {LS_ADAM_LR:g}", "linesearch", "adam", LS_ADAM_LR, {"c": 0.1}),
-            (f"Adam + LineSearch(max_tries=2), lr {LS_ADAM_LR:g}", "linesearch", "adam", LS_ADAM_LR,
-             {"max_tries": 2}),
-        ]  # fmt: skip
-    runs: dict[str, list[dict]] = {}
-    for label, kind, name, lr, kw in configs:
-        if kind == "plain":
-            runs[label] = grid[name][lr]
-        else:
-            runs[label] = [run_opt(kind, s, data, epochs, opt_name=name, lr=lr, **kw) for s in seeds]
-    progress(f"line search: policies ({perf() - t0:.0f} s)")
-
-    print()
-    print(f"## 2. Line search ({epochs} epochs = {iterations} iterations of batch {BATCH}, same batches for all)")
-    print()
-    print(
-        f"Starting lr for LineSearch: SGD {LS_SGD_LR:g}, Adam {LS_ADAM_LR:g}. Backtracking only shrinks the lr, and "
-        "LineSearch's default lr_max='initial' caps the growth at the starting lr, so the start must sit at or "
-        "above the useful range: 1.0 is the usual SLS start for SGD (Vaswani et al. 2019), here "
-        f"{'above' if LS_SGD_LR >= best_sgd else 'BELOW'} the best plain-SGD lr ({best_sgd:g}); 1e-2 is 10x Adam's "
-        f"customary 1e-3, here {'above' if LS_ADAM_LR >= best_adam else 'BELOW'} the best plain-Adam lr "
-        f"({best_adam:g}). Best grid lr = lowest mean final train loss."
-    )
-    print()
-    print("### Grids (plain training, 1 forward + 1 backward per iteration)")
-    print()
-    rows = []
-    for name in ("sgd", "adam"):
-        for lr, rs in grid[name].items():
-            mark = " **(best)**" if lr == (best_sgd if name == "sgd" else best_adam) else ""
-            label = f"{'SGD' if name == 'sgd' else 'Adam'} lr {lr:g}{mark}"
-            rows.append([label, fmt_loss([r["train_loss"] for r in rs]), fmt([r["test_acc"] for r in rs], 2, 100.0)])
-    print(table(["optimizer", "final train loss", "test acc %"], rows))
-    print()
-    print("### Policies vs the best grid lr")
-    print()
-    rows = []
-    summary: dict[str, Any] = {}
-    for label, kind, name, lr, kw in configs:
-        rs = runs[label]
-        fw, bw = _agg(rs, "forwards"), _agg(rs, "backwards")
-        is_policy = kind != "plain"
-        rej = f"{_agg(rs, 'rejected'):.0f}" if is_policy else "-"
-        exh = f"{_agg(rs, 'exhausted'):.0f} ({100 * _agg(rs, 'exhausted') / iterations:.1f}%)" if is_policy else "-"
-        lr_info = f"{statistics.median(r['median_accepted_lr'] for r in rs):.3g}" if is_policy else f"{lr:g}"
-        rows.append([
-            label, fmt_loss([r["train_loss"] for r in rs]), fmt([r["test_acc"] for r in rs], 2, 100.0),
-            f"{fw:.0f}", f"{bw:.0f}", f"{(fw + 2 * bw) / (3 * iterations):.2f}x", rej, exh, lr_info,
-            fmt([r["wall_s"] for r in rs], 2),
-        ])  # fmt: skip
-        summary[label] = {
-            "kind": kind, "opt": name, "lr": lr, "kwargs": kw, "train_loss": mean_std([r["train_loss"] for r in rs]),
-            "test_acc": mean_std([r["test_acc"] for r in rs]), "forwards": fw, "backwards": bw,
-            "exhausted": _agg(rs, "exhausted") if is_policy else 0,
-            "rejected": _agg(rs, "rejected") if is_policy else 0,
-        }  # fmt: skip
-    print(table(
-        ["configuration", "final train loss", "test acc %", "forwards", "backwards", "cost vs plain", "rejected",
-         "exhausted (% of iterations)", "lr (median accepted)", "wall s"], rows))  # fmt: skip
-    print()
-    print(
-        f"Forwards/backwards: totals over the run, mean over seeds (plain: {iterations} + {iterations}); LineSearch's "
-        "extra forwards are no-grad evaluations of the trial step on the same batch. 'exhausted': iterations where "
-        "every try failed and the step was dropped. 'cost vs plain' = (forwards + 2 x backwards) / (3 x iterations), "
-        "counting a backward as two forwards. The grids themselves cost "
-        f"{len(SGD_GRID)} and {len(ADAM_GRID)} full runs."
-    )
-    for label, kind, name, lr, kw in configs:
-        rs = runs[label]
-        if kind == "linesearch" and name == "adam":
-            rej, exh = sum(r["rejected"] for r in rs), sum(r["exhausted"] for r in rs)
-            print(
-                f"{label}: {100 * sum(r['rejected_nondescent'] for r in rs) / max(rej, 1):.0f}% of rejected tries and "
-                f"{100 * sum(r['exhausted_nondescent'] for r in rs) / max(exh, 1):.0f}% of exhausted iterations had "
-                "a step that was not a descent direction for the batch (∇f·Δ ≥ 0: Adam's momentum), where "
-                "LineSearch falls back to 'no increase', which a smaller lr cannot fix to first order."
-            )
-    results["linesearch"] = {
-        "grid": {n: {str(lr): {"train_loss": mean_std([r["train_loss"] for r in rs]),
-                               "test_acc": mean_std([r["test_acc"] for r in rs])} for lr, rs in g.items()}
-                 for n, g in grid.items()},
-        "best_sgd": best_sgd, "best_adam": best_adam, "summary": summary,
-        "runs": {k: v for k, v in runs.items()},
-    }  # fmt: skip
-    s = summary
-    lab = [c[0] for c in configs]
-    ls_sgd, ls_adam, bd_hi, bd_lo, p_sgd, p_adam = s[lab[1]], s[lab[5]], s[lab[2]], s[lab[3]], s[lab[0]], s[lab[4]]
-    d = lambda a, b: f"{(a['test_acc'][0] - b['test_acc'][0]) * 100:+.2f} pp"  # noqa: E731
-    verdict = (
-        f"Line search: SGD+LineSearch (no lr tuning) {d(ls_sgd, p_sgd)} test acc vs the best of {len(SGD_GRID)} SGD "
-        f"lrs (train loss {ls_sgd['train_loss'][0]:.4f} vs {p_sgd['train_loss'][0]:.4f}) at "
-        f"{(ls_sgd['forwards'] + 2 * ls_sgd['backwards']) / (3 * iterations):.2f}x the cost of one run; "
-        f"Adam+LineSearch {d(ls_adam, p_adam)} vs the best Adam lr at "
-        f"{(ls_adam['forwards'] + 2 * ls_adam['backwards']) / (3 * iterations):.2f}x, dropping "
-        f"{100 * ls_adam['exhausted'] / iterations:.1f}% of its steps (exhausted); BoldDriver from 10x too high "
-        f"{d(bd_hi, p_sgd)}, from 100x too low {d(bd_lo, p_sgd)} vs the best SGD lr."
-    )
-    results.setdefault("verdicts", []).append(verdict)
-    print()
-    print(f"**Verdict:** {verdict}")
-
-
-def overhead_section(results: dict[str, Any], data: dict[str, torch.Tensor], rounds: int, per_block: int) -> None:
-    t0 = perf()
-    oh = bench_overhead(data, rounds, per_block)
-    progress(f"overhead ({perf() - t0:.0f} s)")
-    print()
-    print(
-        f"## 3. Overhead when nothing goes wrong (MLP, batch {BATCH}, Adam lr 1e-3, no faults; {rounds} rounds of "
-        f"{per_block} iterations per variant, interleaved, order rotated each round)"
-    )
-    print()
-    rows = []
-    plain_ms = oh["variants"]["plain"]["median_ms_per_iter"]
-    for name, v in oh["variants"].items():
-        rows.append([
-            name, f"{v['median_ms_per_iter']:.3f}", f"{v['best_ms_per_iter']:.3f}",
-            "1.00" if name == "plain" else f"{v['median_ratio']:.3f}",
-            "-" if name == "plain" else f"{v['median_ms_per_iter'] - plain_ms:+.3f}",
-            f"{v['rolled_back']} / {v['skipped']}" if name != "plain" else "-",
-            str(v["errors"]) if name != "plain" else "-",
-        ])  # fmt: skip
-    print(table(
-        ["variant", "median ms / iteration", "best ms / iteration", "median of per-round ratios vs plain", "extra ms",
-         "roll-backs / skips", "RewindErrors"], rows))  # fmt: skip
-    print()
-    print(
-        "One iteration = zero_grad + forward + backward + step (or guard.step). NonFiniteGuard on a Rewind of "
-        f"capacity 1, SpikeGuard (defaults) on capacity {GUARD_CAPACITY}; both snapshot the state before every step "
-        "and compute the global gradient norm (one sync). Each variant trains its own model on the same batches."
-    )
-    results["overhead"] = oh
-    v = oh["variants"]
-    nf = v["NonFiniteGuard"]["median_ratio"]
-    sg = v[f"SpikeGuard (capacity={GUARD_CAPACITY})"]
-    verdict = (
-        f"Overhead: NonFiniteGuard costs {100 * (nf - 1):+.0f}% and SpikeGuard {100 * (sg['median_ratio'] - 1):+.0f}% "
-        f"per iteration over plain training ({v['plain']['median_ms_per_iter']:.2f} ms/iteration; median of paired "
-        f"ratios; about {sg['median_ms_per_iter'] - v['plain']['median_ms_per_iter']:.2f} ms of fixed cost per "
-        f"iteration), with {sg['rolled_back']} false-positive roll-backs in {sg['iterations']} fault-free iterations."
-    )
-    results.setdefault("verdicts", []).append(verdict)
-    print()
-    print(f"**Verdict:** {verdict}")
+        out["results"] = [{k: v for k, v in r.items() if k not in ("losses", "lrs", "batch_index")} for r in results]
+        args.json.write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

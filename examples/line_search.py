@@ -4,7 +4,8 @@
 
 ``LineSearch`` takes the optimizer's proposed step, evaluates the loss on the same mini-batch and, if the Armijo
 condition fails, undoes the step and retries with a smaller lr; ``BoldDriver`` grows the lr after every step that
-lowered the loss and halves it (after an undo) otherwise. Neither needs the lr tuned.
+lowered the loss and halves it (after an undo) otherwise. Neither needs the lr tuned. ``BoldDriver`` caps its lr at
+10x the initial one (``max_growth``); from 100x too low, let it grow further with ``max_growth=None``.
 """
 
 import torch
@@ -40,4 +41,4 @@ def run(policy_cls, make_opt, steps: int = 300, **kw) -> None:
 run(LineSearch, lambda p: torch.optim.SGD(p, lr=1.0))
 run(LineSearch, lambda p: torch.optim.Adam(p, lr=1e-2))
 run(BoldDriver, lambda p: torch.optim.SGD(p, lr=5.0))  # far too high
-run(BoldDriver, lambda p: torch.optim.SGD(p, lr=0.005))  # far too low
+run(BoldDriver, lambda p: torch.optim.SGD(p, lr=0.005), max_growth=None)  # far too low: lift the 10x cap

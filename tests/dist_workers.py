@@ -146,10 +146,10 @@ class Run:
         for e in log.events:
             i, x, t, fault = data[pos]
             pos += 1
+            self.rw.snapshot()  # as guard.wrap() does: the iteration's undo point is recorded before its forward
             loss = self.backward(x, t, fault)
             if e.kind == "accepted":
                 base = [g["lr"] for g in self.opt.param_groups]
-                self.rw.snapshot()
                 for g, lr in zip(self.opt.param_groups, e.lrs):
                     g["lr"] = lr
                 self.opt.step()
@@ -159,7 +159,11 @@ class Run:
             elif e.kind == "rolled_back":
                 if e.undone:
                     self.rw.undo(e.undone)
+                else:
+                    self.rw.revert()  # nothing to undo: the forward's RNG draws are still taken back
                 pos += e.skipped_batches
+            else:  # skipped: back to the point before the forward (RNG, buffers)
+                self.rw.revert()
             del loss
 
 

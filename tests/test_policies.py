@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -202,11 +203,16 @@ class GuardRun:
         return seen
 
     def replay(self, log: Trajectory, data) -> int:
-        """Replay the guard's decisions by hand. Returns how many batches were consumed."""
+        """Replay the guard's decisions by hand. Returns how many batches were consumed.
+
+        The guard's wrapped loader records a point at the top of every iteration, before forward
+        (``rw.snapshot()``): an iteration whose step is not applied is taken back to it (``rw.revert()``), forward
+        effects (dropout RNG draws) included, and roll-backs undo from it."""
         pos = 0
         for e in log.events:
             i, x, t, fault = data[pos]
             pos += 1
+            self.rw.snapshot()  # what the wrapped loader does before handing out the batch
             loss = forward_loss(self.model, x, t, fault)
             self.opt.zero_grad()
             loss.backward()
@@ -219,7 +225,6 @@ class GuardRun:
                     # the logged (scaled) lrs, lrs put back exactly afterwards.
                     base = get_lrs(self.opt)
                     assert e.lrs != base
-                    self.rw.snapshot()
                     put_lrs(self.opt, e.lrs)
                     self.opt.step()
                     put_lrs(self.opt, base)
@@ -227,17 +232,21 @@ class GuardRun:
                     assert e.lrs == get_lrs(self.opt), (e, get_lrs(self.opt))
                     self.opt.step()
             elif e.kind == "skipped":
-                # check_params: the step was taken and undone. The count is logged in extra["undone"], not in the
-                # Event's own ``undone`` field (see test_check_params_undo_is_logged_in_event_undone).
-                undone = e.undone or e.extra.get("undone", 0)
+                # check_params: the step was taken and undone (back to the top of the iteration); otherwise no
+                # step was taken and the iteration is reverted to its top
+                undone = e.undone
                 assert undone in (0, 1)
                 if undone:
                     self.opt.step()
                     assert not params_finite(self.model)
                     self.rw.undo(undone)
+                else:
+                    self.rw.revert()
             elif e.kind == "rolled_back":
                 if e.undone:
                     self.rw.undo(e.undone)
+                else:
+                    self.rw.revert()
                 pos += e.skipped_batches
             else:  # pragma: no cover
                 raise AssertionError(f"a guard logged {e.kind!r}")
@@ -259,20 +268,23 @@ def directional(params: list[torch.Tensor], theta0: list[torch.Tensor]) -> float
 
 
 def armijo(c: float):
-    """LineSearch's documented test: f1 <= f0 + c*g.d, or "no increase" when the step is not a descent direction."""
+    """LineSearch's documented test: f1 <= f0 + c*g.d, or "no increase" when the step is not a descent direction;
+    a step that leaves the loss as it was is never accepted. ``descent``: a failed non-descent step ends the search."""
 
     def accept(f0: float, f1: float, gd: float) -> bool:
-        if not math.isfinite(f1):
+        if not math.isfinite(f1) or f1 == f0:
             return False
         return f1 <= f0 + c * gd if gd < 0 else f1 <= f0
 
+    accept.descent = True
     return accept
 
 
 def bold(tolerance: float):
     def accept(f0: float, f1: float, gd: float) -> bool:
-        return math.isfinite(f1) and f1 <= f0 + tolerance * abs(f0)
+        return math.isfinite(f1) and f1 != f0 and f1 <= f0 + tolerance * abs(f0)
 
+    accept.descent = False
     return accept
 
 
@@ -332,6 +344,13 @@ class SearchRun:
             rng_after = torch.get_rng_state()
             start = get_lrs(opt)
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if f0 == 0.0 or sum(float(p.grad.double().square().sum()) for p in params) == 0.0:
+                # nothing to search: the optimizer's step as it is, the lr unchanged
+                assert [(e.kind, e.extra, e.loss_after) for e in evs] == [("accepted", {"tries": 0}, None)]
+                opt.step()
+                if self.sched is not None:
+                    self.sched.step()
+                continue
             theta0 = [p.detach().clone() for p in params]
             for tries, e in enumerate(evs, 1):
                 assert e.extra == {"tries": tries}
@@ -356,11 +375,12 @@ class SearchRun:
                 assert e.undone == 1
                 rw.undo()
                 assert get_lrs(opt) == e.lrs  # the Rewind brought back the lrs this trial used
+                hopeless = accept.descent and gd >= 0  # a smaller lr cannot turn it into a descent direction
                 if e.kind == "exhausted":
-                    assert tries == len(evs) == max_tries
+                    assert tries == len(evs) and (tries == max_tries or hopeless), (e, tries, gd)
                     put_lrs(opt, start)
                 else:
-                    assert e.kind == "rejected" and tries < max_tries
+                    assert e.kind == "rejected" and tries < max_tries and not hopeless
                     put_lrs(opt, [lr * shrink for lr in get_lrs(opt)])
             if self.sched is not None:
                 self.sched.step()
@@ -556,12 +576,15 @@ SEARCH_FAULTS = {4: "nan_loss", 9: "poison", 14: "poison", 18: "inf_loss"}
 
 SEARCHES = {
     # name: (optimizer, lr, policy class, kwargs, accept, lr_max used by the replay)
-    "linesearch-sgd": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(1e-4), 1.0),
-    "linesearch-sgd-c0.1": ("sgd", 1.0, LineSearch, dict(max_tries=4, c=0.1), armijo(0.1), 1.0),
-    "linesearch-sgd-nocap": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, lr_max=None), armijo(1e-4), None),
-    "linesearch-adam": ("adam", 0.05, LineSearch, dict(max_tries=4, c=0.3, shrink=0.3), armijo(0.3), 0.05),
-    "bolddriver-sgd": ("sgd", 0.5, BoldDriver, dict(max_tries=4), bold(0.0), None),
-    "bolddriver-adam-tol": ("adam", 0.02, BoldDriver, dict(max_tries=3, tolerance=1e-4, grow=1.2), bold(1e-4), None),
+    "linesearch-sgd": ("sgd", 1.0, LineSearch, dict(max_tries=4, c=1e-4, lr_max="initial"), armijo(1e-4), 1.0),
+    # max_growth="auto": 10x the initial lr around SGD (no eps setting), 1x around Adam
+    "linesearch-sgd-defaults": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(0.1), 10.0),
+    "linesearch-sgd-growth": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, max_growth=2.0), armijo(0.1), 6.0),
+    "linesearch-adam": ("adam", 0.05, LineSearch, dict(max_tries=4, c=0.3, shrink=0.3, lr_max="initial"),
+                        armijo(0.3), 0.05),
+    "bolddriver-sgd": ("sgd", 0.5, BoldDriver, dict(max_tries=4), bold(0.0), 5.0),  # max_growth=10 by default
+    "bolddriver-adam-tol": ("adam", 0.02, BoldDriver, dict(max_tries=3, tolerance=1e-4, grow=1.2, lr_max=None,
+                                                           max_growth=None), bold(1e-4), None),
 }
 
 
@@ -575,7 +598,8 @@ def test_search_replay_is_exact(name, sched):
     returned = run.train(pol, data)
     log = pol.log
     c = log.counts()
-    assert c["accepted"] and c["rejected"] and c["exhausted"] and c["skipped"] == 2, c
+    # around Adam every failure here is a non-descent step, which ends the search at once (no "rejected")
+    assert c["accepted"] and (c["rejected"] or opt == "adam") and c["exhausted"] and c["skipped"] == 2, c
     # step() returns the loss before the step
     assert all(same_float(r, evs[0].loss) for r, evs in zip(returned, group_by_iteration(log)))
     # per-group lrs are scaled together: the 4:1 ratio holds in every decision
@@ -646,12 +670,13 @@ def test_search_random_replay(faults, bolddriver, opt, log_lr, shrink, grow, max
     data = make_data(12, faults)
     if bolddriver:
         kw = dict(shrink=shrink, grow=grow, max_tries=max_tries, lr_max=None if cap is None else 2.0 * lr)
-        cls, accept, lr_max = BoldDriver, bold(0.0), kw["lr_max"]
+        cls, accept, lr_max = BoldDriver, bold(0.0), 10.0 * lr if cap is None else 2.0 * lr  # max_growth=10
     else:
         kw = dict(shrink=shrink, grow=grow, max_tries=max_tries, c=0.2,
                   lr_max={None: None, "initial": "initial", 2.0: 2.0 * lr}[cap])  # fmt: skip
         cls, accept = LineSearch, armijo(0.2)
-        lr_max = lr if cap == "initial" else kw["lr_max"]
+        auto = lr if opt == "adam" else 10.0 * lr  # max_growth="auto": 1x around Adam (it has eps), 10x around SGD
+        lr_max = min(lr if cap == "initial" else kw["lr_max"] or math.inf, auto)
     run = SearchRun(opt=opt, lr=lr, groups=groups)
     pol = cls(run.rw, **kw)
     run.train(pol, data)
@@ -792,7 +817,7 @@ def test_check_params_undo_is_logged_in_event_undone():
 
 
 def test_spike_detector_mad_score_and_warmup():
-    det = SpikeDetector(window=5, threshold=3.0, warmup=5, min_rel=0.2)
+    det = SpikeDetector(window=5, threshold=3.0, warmup=5, min_rel=0.2, space="linear", min_scale=0.0, min_abs=0.0)
     for x in [1.0, 2.0, 3.0, 4.0]:
         assert det.score(1e9) == 0.0 and det.is_spike(1e9) is False  # warm-up: no finite value is a spike
         det.update(x)
@@ -818,7 +843,7 @@ def test_spike_detector_nonfinite_values():
 
 
 def test_spike_detector_min_rel():
-    det = SpikeDetector(window=10, threshold=3.0, warmup=5, min_rel=0.2)
+    det = SpikeDetector(window=10, threshold=3.0, warmup=5, min_rel=0.2, space="linear", min_scale=0.0, min_abs=0.0)
     for i in range(10):
         det.update(1.0 + 0.001 * (i % 3))
     assert det.score(1.15) > 100  # a huge z-score ...
@@ -829,7 +854,7 @@ def test_spike_detector_min_rel():
 
 
 def test_spike_detector_constant_series_uses_tiny_scale():
-    det = SpikeDetector(window=5, threshold=6.0, warmup=3, min_rel=0.0)
+    det = SpikeDetector(window=5, threshold=6.0, warmup=3, min_rel=0.0, space="linear", min_scale=0.0, min_abs=0.0)
     for _ in range(5):
         det.update(2.0)
     assert det.centre_and_scale() == (2.0, 0.0)
@@ -837,7 +862,7 @@ def test_spike_detector_constant_series_uses_tiny_scale():
 
 
 def test_spike_detector_ema():
-    det = SpikeDetector(method="ema", alpha=0.5, warmup=2, threshold=2.0, min_rel=0.0, window=3)
+    det = SpikeDetector(method="ema", alpha=0.5, warmup=2, threshold=2.0, min_rel=0.0, window=3, space="linear", min_scale=0.0, min_abs=0.0)
     det.update(1.0)
     assert (det.mean, det.var) == (1.0, 0.0)
     det.update(2.0)
@@ -869,7 +894,7 @@ def test_spike_detector_state_dict_round_trip(method):
 def test_spike_detector_mad_matches_reference(xs, x):
     import statistics
 
-    det = SpikeDetector(window=7, warmup=1, threshold=6.0, min_rel=0.2)
+    det = SpikeDetector(window=7, warmup=1, threshold=6.0, min_rel=0.2, space="linear", min_scale=0.0, min_abs=0.0)
     for v in xs:
         det.update(v)
     last = xs[-7:]
@@ -879,6 +904,40 @@ def test_spike_detector_mad_matches_reference(xs, x):
     scale = 1.4826 * mad if mad > 0 else 1e-12 * max(abs(med), 1.0)
     assert det.score(x) == (x - med) / scale
     assert det.is_spike(x) == ((x - med) / scale > 6.0 and x > med + 0.2 * abs(med))
+
+
+def test_spike_detector_log_space_judges_ratios():
+    """The default judges log(x): a classifier near zero loss has batches of 0.1 among batches of 0.01 (a factor
+    of 10 is ordinary noise there), while a run at a steady loss of 1 flags a factor of 3."""
+    near_zero = SpikeDetector(window=20, warmup=10)
+    for i in range(20):
+        near_zero.update([0.01, 0.003, 0.1, 0.02, 0.0005][i % 5])
+    assert near_zero.in_log and not near_zero.is_spike(0.3) and near_zero.is_spike(1e3)
+    med = statistics.median(near_zero.values)
+    us = [math.log(v) for v in near_zero.values]
+    um = statistics.median(us)
+    scale = max(1.4826 * statistics.median([abs(u - um) for u in us]), 0.1)
+    assert near_zero.centre_and_scale() == (um, scale) and near_zero.score(0.3) == (math.log(0.3) - um) / scale
+    assert med == statistics.median([0.01, 0.003, 0.1, 0.02, 0.0005] * 4)
+    steady = SpikeDetector(window=20, warmup=10)
+    for i in range(20):
+        steady.update(1.0 + 0.01 * (i % 3))
+    # min_scale 0.1 in log units: a 10% wobble is not a spike, a 3x jump is
+    assert not steady.is_spike(1.3) and steady.is_spike(3.0)
+    assert steady.centre_and_scale()[1] == 0.1
+
+
+def test_spike_detector_tolerances_near_zero_and_negative_losses():
+    det = SpikeDetector(window=10, warmup=5, min_abs=0.01)
+    for x in [1.0, 0.9, 1.1, 1.0, 0.95] + [0.0] * 10:  # the start sets the absolute scale; then an exact zero loss
+        det.update(x)
+    assert det.centre_and_scale()[0] == math.log(1e-30) or not det.in_log
+    assert not det.is_spike(1e-9) and not det.is_spike(0.009)  # below 1% of the loss at the start
+    assert det.is_spike(0.02)
+    neg = SpikeDetector(window=10, warmup=5)  # a loss that lives below zero: judged in linear space
+    for i in range(10):
+        neg.update(-5.0 + 0.1 * (i % 3))
+    assert not neg.in_log and not neg.is_spike(-4.8) and neg.is_spike(100.0)
 
 
 # =============================================================================================== SpikeGuard
@@ -942,15 +1001,20 @@ def test_spike_guard_rolls_back_min_of_rollback_and_history():
     guard.step(50.0)
     assert guard.log[-1].undone == 3 and guard.steps == 3
     assert_same(states[3], full_state(m, o))  # as just before the 4th step
-    # the roll-back consumed the history: right after it, a non-finite run can only undo what is left
+    # the roll-back consumed the history: right after it, a spike with no step since undoes nothing more (the state
+    # is the restored one: the batch is dropped), and after one step stands a roll-back can only undo what is left
     assert len(rw) == 3
     guard.max_consecutive = 1
     guard.step(math.nan)
-    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].undone == 3 and len(rw) == 0
+    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].undone == 0 and "batch dropped" in guard.log[-1].reason
+    assert_same(states[3], full_state(m, o))
+    backprop(m, o)
+    guard.step(quiet(0))
+    assert len(rw) == 4
     backprop(m, o)
     guard.step(math.nan)
-    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].undone == 0
-    assert_same(states[0], full_state(m, o))
+    assert guard.log[-1].kind == "rolled_back" and guard.log[-1].undone == 3 and len(rw) == 1
+    assert_same(states[1], full_state(m, o))
 
 
 def test_spike_guard_detector_statistics_roll_back_with_history():
@@ -1187,11 +1251,16 @@ def test_linesearch_shrinks_by_exactly_shrink_and_armijo_holds():
 
 def test_linesearch_grow_is_capped_at_lr_max():
     data = make_data(20)
-    # default lr_max="initial": a good lr never grows past the initial one
+    # lr_max="initial": a good lr never grows past the initial one
     run = SearchRun(opt="sgd_plain", lr=0.2)
-    ls = LineSearch(run.rw, grow=1.5)
+    ls = LineSearch(run.rw, grow=1.5, lr_max="initial")
     run.train(ls, data)
     assert ls.log.counts()["accepted"] == 20 and get_lrs(run.opt) == (0.2,)
+    # max_growth: at most that many times the initial lr
+    run = SearchRun(opt="sgd_plain", lr=0.02)
+    ls = LineSearch(run.rw, grow=1.5, max_growth=3.0)
+    run.train(ls, data)
+    assert ls.log.counts()["accepted"] == 20 and get_lrs(run.opt) == (0.02 * 3.0,) and ls.lr_max == 0.02 * 3.0
     # lr_max=None: grows by grow after every accepted step
     run = SearchRun(opt="sgd_plain", lr=0.01)
     ls = LineSearch(run.rw, grow=1.5, lr_max=None)
@@ -1262,11 +1331,14 @@ def test_linesearch_exhausted_leaves_state_and_lr_as_before():
 
 
 def test_linesearch_trial_losses_use_the_same_dropout_mask():
-    """With same_rng the trial loss is the loss of the same dropout mask: a zero step gives exactly f0."""
+    """With same_rng the trial loss is the loss of the same dropout mask: a zero step gives exactly f0 (and is
+    rejected: a step that changes nothing is a no-op, never accepted)."""
     run = SearchRun(opt="sgd_plain", lr=1e-30, dropout=0.5)  # the step changes nothing in float32
-    ls = BoldDriver(run.rw, grow=1.0)
+    ls = BoldDriver(run.rw, grow=1.0, max_tries=2)
     run.train(ls, make_data(3))
-    assert all(e.kind == "accepted" and e.loss_after == e.loss for e in ls.log)
+    assert all(e.kind != "accepted" and e.loss_after == e.loss for e in ls.log)
+    assert all("did not change the loss" in e.reason for e in ls.log)
+    assert get_lrs(run.opt) == (1e-30,)  # exhausted: back to the iteration's starting lr
     run = SearchRun(opt="sgd_plain", lr=1e-30, dropout=0.5)
     ls = BoldDriver(run.rw, grow=1.0, same_rng=False)
     run.train(ls, make_data(3))
@@ -1309,7 +1381,7 @@ def test_bolddriver_recovers_from_a_100x_too_low_lr():
     data = make_data(120)
     good = 0.5
     run = SearchRun(opt="sgd_plain", lr=good / 100)
-    bd = BoldDriver(run.rw)
+    bd = BoldDriver(run.rw, max_growth=None)  # the default caps growth at 10x the initial lr
     run.train(bd, data)
     lr_end = get_lrs(run.opt)[0]
     assert lr_end > good / 3  # 1.05**100 ~ 131x: back in the right range ...
@@ -1863,7 +1935,8 @@ def test_nonfinite_guard_resume_keeps_the_consecutive_count(tmp_path):
         guarded_loop(run, guard, data[6:], wrap=False)
 
 
-@pytest.mark.parametrize("cls,kw", [(LineSearch, dict(max_tries=4)), (BoldDriver, dict(max_tries=3, lr_max="initial"))])
+@pytest.mark.parametrize("cls,kw", [(LineSearch, dict(max_tries=4, lr_max="initial")),
+                                    (BoldDriver, dict(max_tries=3, lr_max="initial"))])
 def test_search_resumed_from_a_checkpoint_is_exact(tmp_path, cls, kw):
     """LineSearch/BoldDriver interrupted and resumed: same log, same state; lr_max="initial" is the original run's
     lr, not the (grown or shrunk) lr the resumed optimizer starts with."""
@@ -2003,3 +2076,167 @@ def test_piece_state_round_trips(piece):
         assert sd == {"seen": 2, "skipped": 3, "pending": 2}
     if piece == "trajectory":
         assert values_equal(b.records(), a.records()) and b[3].lrs == (1e-3, 3e-300)
+
+
+# =============================================================================================== defaults that hold
+
+
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                               torch.nn.Linear(8, 3))  # fmt: skip
+
+
+def _bn_data(nan_at: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(12)]
+    x = data[nan_at][0].clone()
+    x[0, 1] = float("nan")
+    data[nan_at] = (x, data[nan_at][1])
+    return data
+
+
+@pytest.mark.parametrize("framework", [False, True], ids=["step", "before/after_step"])
+@pytest.mark.parametrize("kind", ["nonfinite", "spike"])
+def test_a_skipped_nan_batch_leaves_no_trace_in_batchnorm_or_rng(kind, framework):
+    """With wrap(), the undo point is recorded before forward: a NaN batch's skip takes back the running statistics
+    its forward poisoned and the dropout RNG it drew, bit for bit."""
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rw = Rewind(model, opt, capacity=3)
+    guard = NonFiniteGuard(rw) if kind == "nonfinite" else SpikeGuard(rw, detector=det(warmup=3))
+    at_top = {}
+    for i, (x, y) in enumerate(guard.wrap(_bn_data(nan_at=7))):
+        at_top[i] = (full_state(model, opt), torch.get_rng_state())
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if framework:
+            guard.before_step()
+            opt.step()
+            ok = guard.after_step(loss)
+        else:
+            ok = guard.step(loss)
+        if i == 7:
+            assert not ok and guard.log[-1].kind == "skipped"
+            state, rng = at_top[7]
+            assert_same(state, full_state(model, opt))  # buffers (running mean/var) included
+            assert torch.equal(rng, torch.get_rng_state())
+    assert all(bool(b.isfinite().all()) for b in model.buffers())
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_a_batch_skipped_without_wrap_still_poisons_batchnorm():
+    """Without wrap() only the step is undoable: documented, and the reason wrap() records before forward."""
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = NonFiniteGuard(Rewind(model, opt))
+    for x, y in _bn_data(nan_at=2)[:4]:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    assert not bool(model[1].running_mean.isfinite().all())
+
+
+def test_spike_guard_burst_rolls_back_once_then_drops_batches():
+    """Spikes back to back (no step stands between them) undo nothing more: one roll-back, then dropped batches."""
+    m, o, rw = tiny(capacity=8)
+    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=4)
+    for i in range(8):
+        backprop(m, o)
+        guard.step(quiet(i))
+    for _ in range(5):  # a burst of five bad batches
+        backprop(m, o)
+        guard.step(1e3)
+    rolled = [e for e in guard.log if e.kind == "rolled_back"]
+    assert [e.undone for e in rolled] == [4, 0, 0, 0, 0] and guard.steps == 4
+    assert all("batch dropped" in e.reason for e in rolled[1:])
+    backprop(m, o)
+    guard.step(quiet(0))
+    backprop(m, o)
+    guard.step(1e3)  # a step stood since: a real roll-back again
+    assert guard.log[-1].undone == 4
+    sd = guard.state_dict()
+    assert sd["stepped_since_rollback"] is False
+    other = SpikeGuard(Rewind(*tiny(capacity=8)[:2], capacity=8), detector=det(warmup=3), rollback=4)
+    other.load_state_dict(json.loads(json.dumps(sd)))
+    assert other.stepped_since_rollback is False
+
+
+def test_spike_guard_defaults_never_fire_on_a_classifier_at_zero_loss():
+    """The colleague's case: batch losses near zero, one misclassified example makes a batch 10x the median. The
+    default detector (log space, noise floor, tolerances) stays quiet; the previous one (median/MAD of raw losses)
+    fires."""
+    g = torch.Generator().manual_seed(0)
+    losses = [1.0 * 0.9**i for i in range(40)]
+    losses += [float(torch.exp(torch.randn((), generator=g) * 1.5 - 6.0)) for _ in range(300)]  # ~2.5e-3, heavy tail
+    losses += [0.1, 0.0, 0.2, 0.0]
+    new, old = SpikeDetector(), SpikeDetector(space="linear", min_scale=0.0, min_abs=0.0, min_rel=0.2)
+    flags = {"new": 0, "old": 0}
+    for x in losses:
+        for name, d in (("new", new), ("old", old)):
+            if d.is_spike(x):
+                flags[name] += 1
+            else:
+                d.update(x)
+    assert flags["new"] == 0 and flags["old"] > 5, flags
+    assert new.is_spike(50.0) and new.is_spike(math.nan)  # what a fault looks like is still caught
+
+
+def test_linesearch_zero_loss_or_gradient_takes_the_step_without_a_search():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    ls = LineSearch(Rewind(None, opt))
+    f = ls.step(lambda: torch.relu(-w.abs()).sum())  # exactly 0, zero gradient
+    assert f == 0.0 and ls.log[-1].kind == "accepted" and ls.log[-1].extra == {"tries": 0}
+    assert "zero loss" in ls.log[-1].reason and ls.forwards == 1
+    f = ls.step(lambda: (w * 0.0).sum() + 3.0)  # a loss that does not depend on w: zero gradient
+    assert f == 3.0 and "zero gradient" in ls.log[-1].reason and ls.forwards == 2
+    assert get_lrs(opt) == (0.1,)  # nothing learned about the lr
+
+
+def test_search_max_growth_caps_the_lr():
+    """BoldDriver never grows past 10x its initial lr by default (it grew without end before); LineSearch's "auto"
+    cap is 10x around SGD and 1x around Adam (its tuned lr is only ever lowered)."""
+    data = make_data(40)
+    run = SearchRun(opt="sgd_plain", lr=0.001, dropout=0.0)
+    bd = BoldDriver(run.rw, grow=2.0)
+    run.train(bd, data)
+    assert max(e.lrs[0] for e in bd.log) <= 0.01 and get_lrs(run.opt) == (0.01,) and bd.lr_max == 0.01
+    sgd_ls = LineSearch(SearchRun(opt="sgd", lr=0.3).rw)
+    adam_ls = LineSearch(SearchRun(opt="adam", lr=0.003).rw)
+    assert sgd_ls.lr_max == pytest.approx(3.0) and adam_ls.lr_max == 0.003 and adam_ls.max_growth == "auto"
+    with pytest.raises(RewindError, match="max_growth"):
+        LineSearch(SearchRun().rw, max_growth=0.5)
+    with pytest.raises(RewindError, match="max_growth"):
+        BoldDriver(SearchRun().rw, max_growth="lots")
+
+
+def test_linesearch_around_adam_never_collapses():
+    """Adam's step is often not a descent direction for the mini-batch: one failure ends that search, and a step that
+    does not change the float32 loss is never accepted, so the lr stays within [start * shrink**max_tries, start]."""
+    data = make_data(60)
+    run = SearchRun(opt="adam", lr=0.05, dropout=0.0)  # at 0.05 one of Adam's steps goes uphill on its batch
+    ls = LineSearch(run.rw)
+    run.train(ls, data)
+    assert all(not (e.kind == "accepted" and e.loss_after == e.loss) for e in ls.log)
+    assert min(e.lrs[0] for e in ls.log) >= 0.05 * 0.5**10 and get_lrs(run.opt)[0] <= 0.05
+    assert any("not a descent direction" in e.reason for e in ls.log if e.kind == "exhausted")
+
+
+def test_spike_detector_noise_from_differences_sees_a_spike_during_a_fast_descent():
+    """Early in training the loss falls fast: the spread of the window's log-losses is mostly the descent, which hides
+    a 20x jump (noise="level"); the batch-to-batch differences measure the noise around the trend and catch it."""
+    g = torch.Generator().manual_seed(0)
+    losses = [2.3 * math.exp(-i / 15) * float(torch.exp(0.1 * torch.randn((), generator=g))) for i in range(60)]
+    diff, level = SpikeDetector(), SpikeDetector(noise="level")
+    for x in losses:
+        assert not diff.is_spike(x) and not level.is_spike(x)  # the descent itself is no spike
+        diff.update(x)
+        level.update(x)
+    jump = 20 * losses[-1]
+    assert diff.is_spike(jump) and not level.is_spike(jump), (diff.score(jump), level.score(jump))
+    assert diff.settings()["noise"] == "diff"
+    with pytest.raises(RewindError, match="noise"):
+        SpikeDetector(noise="trend")

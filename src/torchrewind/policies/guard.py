@@ -107,6 +107,7 @@ class Guard:
         self.consecutive = 0  # iterations in a row whose step was not applied
         self.rollbacks = 0
         self._skips = BatchSkips()
+        self._top = False  # the wrapped iterator recorded a point at the top of this iteration, before forward
         self._mark: int | None = None  # rw.step at before_step(): after_step() sees whether the step ran
         self._scaled = OneStepLrScale(self.optimizer)  # lr_scale for a framework's step
 
@@ -156,14 +157,27 @@ class Guard:
         return self._judge(loss, _GuardSteps(self, closure), f"{type(self).__name__}.step(loss)")
 
     def wrap(self, iterable: Iterable[T]) -> SkippableIterator[T]:
-        """Wrap a data iterable so the guard can skip batches (SpikeGuard's ``skip_batches``; same loop for every
-        guard). Without it, a skip means "the next batches' steps are not applied".
+        """Wrap a data iterable so the guard can skip batches (SpikeGuard's ``skip_batches``) and undo a whole
+        iteration. Each batch it hands out is preceded by a recorded point (``rw.snapshot()``, the one the step will
+        be undone to), taken before the forward pass: a skipped or rolled-back iteration then also takes back what
+        its forward did — BatchNorm running statistics (a NaN batch would poison them for good), RNG draws.
+        Without it, a skip means "the next batches' steps are not applied", and only the steps are undone.
 
         Example::
 
             for x, y in guard.wrap(loader): ...
         """
-        return self._skips.wrap(iterable)
+        if isinstance(iterable, _RecordingIterator) and iterable._guard is self:
+            return self._skips.wrap(iterable)
+        return self._skips.wrap(_RecordingIterator(iterable, self))
+
+    def _iteration_starts(self) -> None:
+        """The wrapped iterator handed out a batch: record the point this iteration is undone to, before forward
+        (a framework's own step hooks find it recorded and keep it)."""
+        if self.rw.in_step:  # pragma: no cover - a loader advanced from inside optimizer.step()
+            return
+        self.rw.snapshot()
+        self._top = True
 
     # -- framework hooks (Lightning, HF Trainer, any loop that calls optimizer.step() itself) ------------------
     def before_step(self) -> None:
@@ -249,17 +263,27 @@ class Guard:
             undone = how.discard()
             self.log.add(Event(it, self.steps, "skipped", v, None, lrs(self.optimizer),
                                "batch skipped after a roll-back", undone=undone))  # fmt: skip
+            self._top = False
             return False
         return self._carry_out(self.decide(v, gn), it, v, gn, how)
 
     def _carry_out(self, d: Decision, it: int, v: float, gn: float | None, how: _Stepping) -> bool:
+        top, self._top = self._top, False
         if d.action == "apply":
             return self._apply(d, it, v, gn, how)
         if d.action == "skip":
-            return self._skip(d, it, v, gn, how.discard())
+            return self._skip(d, it, v, gn, self._discard(how, top))
         if d.action == "roll_back":
-            return self._roll_back(d, it, v, gn, how.discard())
+            return self._roll_back(d, it, v, gn, how.discard(), top)
         raise RewindError(f"{type(self).__name__}.decide returned an unknown action {d.action!r}.")
+
+    def _discard(self, how: _Stepping, top: bool) -> int:
+        """Make sure this iteration's step is not applied; with a point recorded before its forward (:meth:`wrap`),
+        also take back what the forward did (BatchNorm statistics, RNG). Returns the steps undone."""
+        undone = how.discard()
+        if top and not undone:
+            self.rw.revert()  # back to the top of the iteration (undoing a step taken already went there too)
+        return undone
 
     def _apply(self, d: Decision, it: int, v: float, gn: float | None, how: _Stepping) -> bool:
         scale = how.scale
@@ -290,9 +314,11 @@ class Guard:
             )
         return False
 
-    def _roll_back(self, d: Decision, it: int, v: float, gn: float | None, undone: int) -> bool:
+    def _roll_back(self, d: Decision, it: int, v: float, gn: float | None, undone: int, top: bool = False) -> bool:
         self._rolling_back(it, d.reason)
         n = self._undo_steps(d.steps)
+        if top and not n and not undone:
+            self.rw.revert()  # nothing to undo (no history yet): still take back this iteration's forward
         self._skips.skip(d.skip_batches)
         extra = self._rolled_back()
         self.consecutive = 0
@@ -370,6 +396,19 @@ class Guard:
         load_all([(p, sd[k]) for k, p in parts.items() if p is not None and sd[k] is not None], strict)
         for k, v in counters.items():
             setattr(self, k, v)
+
+
+class _RecordingIterator(SkippableIterator[T]):
+    """A guard's wrapped data iterator: records the undo point before each batch it hands out (see Guard.wrap)."""
+
+    def __init__(self, iterable: Iterable[T], guard: Guard) -> None:
+        super().__init__(iterable)
+        self._guard = guard
+
+    def __next__(self) -> T:
+        item = super().__next__()
+        self._guard._iteration_starts()
+        return item
 
 
 # -- how this iteration's step is taken: by the guard (step) or already by a framework (after_step) --------------

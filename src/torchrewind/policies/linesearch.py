@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from .._checks import check_bool, check_int, check_type
-from ..distributed import local, replicas
+from ..distributed import all_sum, local, replicas
 from ..errors import RewindTypeError
 from ..rewind import Rewind
 from ..trajectory import Event, Trajectory
-from ._common import agreed_loss, check_rewind
+from ._common import agreed_loss, check_rewind, grad_sq
 from ._state import check_state, header, load_all
 from .acceptance import Armijo, NoIncrease
 from .lr import lrs
@@ -72,6 +72,7 @@ class Backtracking:
     shrink = property(lambda self: self.step_size.shrink)
     grow = property(lambda self: self.step_size.grow)
     lr_max = property(lambda self: self.step_size.lr_max)
+    max_growth = property(lambda self: self.step_size.max_growth)
 
     # -- one iteration -------------------------------------------------------------------------------------
     def step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
@@ -106,6 +107,15 @@ class Backtracking:
         del loss
         rng_after = _rng_state() if self.same_rng else None
         start_lrs = lrs(opt)
+        if f0 == 0.0 or all_sum(self.rw.group, [grad_sq(opt, self.rw.group)])[0] == 0.0:
+            # a zero loss or a zero gradient: no trial can show a decrease, every try would be wasted; the step is
+            # taken as the optimizer proposes it (what plain training does), the lr left as it is
+            self.rw.ensure_recorded()
+            opt.step()
+            self.steps += 1
+            why = "zero loss: nothing to search" if f0 == 0.0 else "zero gradient: nothing to search"
+            self.log.add(Event(it, self.steps, "accepted", f0, None, lrs(opt), why, extra={"tries": 0}))
+            return f0
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         theta0 = self._copy_params(params) if self.accept.needs_direction else None
         for tries in range(1, self.max_tries + 1):
@@ -124,7 +134,12 @@ class Backtracking:
                 if rng_after is not None:
                     _set_rng_state(rng_after)
             self.forwards += 1
-            ok, why = self.accept(f0, f1, gd) if math.isfinite(f1) else (False, "non-finite loss after step")
+            if not math.isfinite(f1):
+                ok, why = False, "non-finite loss after step"
+            elif f1 == f0:  # the lr is below what the loss resolves: accepting it would be a no-op step
+                ok, why = False, "the step did not change the loss"
+            else:
+                ok, why = self.accept(f0, f1, gd)
             used = lrs(opt)
             if ok:
                 self.steps += 1
@@ -132,8 +147,13 @@ class Backtracking:
                 self.step_size.grow_lrs(opt)
                 return f0
             self.rw.undo()
-            if tries == self.max_tries:
+            # a step that is not a descent direction (∇f·Δ ≥ 0: momentum, Adam) and failed: the direction does not
+            # depend on the lr, so a smaller one cannot make it one; give up now rather than shrink to nothing
+            hopeless = self.accept.needs_direction and gd >= 0
+            if tries == self.max_tries or hopeless:
                 self.step_size.reset(opt, start_lrs)
+                if hopeless:
+                    why = f"{why}; not a descent direction: a smaller lr cannot help"
                 self.log.add(Event(it, self.steps, "exhausted", f0, f1, used, why, undone=1,
                                    extra={"tries": tries}))  # fmt: skip
                 return f0
@@ -199,15 +219,22 @@ class LineSearch(Backtracking):
     """Backtracking line search with the Armijo condition, around any optimizer.
 
     Accepts the optimizer's step Δ when ``f(θ+Δ) ≤ f(θ) + c·∇f(θ)·Δ`` on the same mini-batch; otherwise undoes it
-    and retries with every lr multiplied by ``shrink``. After an accepted step the lr grows by ``grow`` (capped at
-    ``lr_max``, by default the optimizer's initial lr), so it can recover — the SLS "reset" of Vaswani et al. (2019).
-    If Δ is not a descent direction (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss did not
-    increase". After ``max_tries`` failures the state is left as before the step and the lr as it started.
-    ``c`` defaults to the textbook 1e-4 (Nocedal & Wright): on the digits benchmark it beat SLS's c=0.1 with both
-    SGD and Adam. Trial evaluations call ``loss_fn`` again (with the first evaluation's RNG state, so dropout masks
-    match); modules in training mode such as BatchNorm update their running statistics at each call, as for any
-    extra forward. The pieces: ``accept`` (:class:`~torchrewind.policies.acceptance.Armijo`) and ``step_size``
-    (:class:`~torchrewind.policies.stepsize.StepSize`).
+    and retries with every lr multiplied by ``shrink``. After an accepted step the lr grows by ``grow``, so the next
+    iteration starts a little above the last accepted lr — the SLS "reset" of Vaswani et al. (2019) — up to
+    ``max_growth`` times the initial lr (``"auto"``: 10x around SGD, so start it anywhere up to 10x too low; 1x around
+    optimizers that scale each parameter's step, such as Adam, whose tuned lr the search then only lowers when a
+    step fails) and ``lr_max`` if given. A trial that leaves the loss exactly as it was is rejected (the lr
+    is below what the loss resolves: accepting it would be a no-op step). If Δ is not a descent direction
+    (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss decreased", and one failure ends the
+    search (Δ's direction does not depend on the lr: a smaller one cannot help). A zero loss or a zero gradient
+    leaves nothing to search: the optimizer's step is taken as it is. After ``max_tries`` failures the state is left
+    as before the step and the lr as the iteration started, so the lr never collapses.
+
+    Defaults (``c=0.1``, ``shrink=0.5``, ``grow=1.1``, ``max_growth="auto"``) were chosen on the ``tune`` half of
+    ``benchmarks/suite`` (``benchmarks/bench_policies.py``). Trial evaluations call ``loss_fn`` again (with the first
+    evaluation's RNG state, so dropout masks match); modules in training mode such as BatchNorm update their running
+    statistics at each call, as for any extra forward. The pieces: ``accept``
+    (:class:`~torchrewind.policies.acceptance.Armijo`) and ``step_size`` (:class:`~torchrewind.policies.stepsize.StepSize`).
 
     Example::
 
@@ -220,17 +247,18 @@ class LineSearch(Backtracking):
         self,
         rewind: Rewind,
         *,
-        c: float = 1e-4,
+        c: float = 0.1,
         shrink: float = 0.5,
         grow: float = 1.1,
         max_tries: int = 10,
-        lr_max: float | None | str = "initial",
+        lr_max: float | None | str = None,
+        max_growth: float | str | None = "auto",
         same_rng: bool = True,
         log: Trajectory | None = None,
     ) -> None:
         who = "LineSearch"
         check_rewind(rewind, who)
-        super().__init__(rewind, accept=Armijo(c, who), step_size=StepSize(shrink, grow, lr_max, who),
+        super().__init__(rewind, accept=Armijo(c, who), step_size=StepSize(shrink, grow, lr_max, who, max_growth),
                          max_tries=max_tries, same_rng=same_rng, log=log)  # fmt: skip
 
     c = property(lambda self: self.accept.c)
@@ -238,7 +266,10 @@ class LineSearch(Backtracking):
 
 class BoldDriver(Backtracking):
     """The bold-driver rule: keep a step that did not increase the loss (on the same mini-batch, within
-    ``tolerance``) and multiply the lr by ``grow``; otherwise undo it, multiply the lr by ``shrink`` and retry.
+    ``tolerance``) and multiply the lr by ``grow``; otherwise undo it, multiply the lr by ``shrink`` and retry. The lr
+    never grows above ``max_growth`` (10) times its initial value (nor ``lr_max`` if given): on a loss that keeps
+    falling, each accepted step would otherwise grow it without end. A step that leaves the loss exactly as it was is
+    a rejection; a zero loss or gradient takes the optimizer's step as it is.
 
     Example::
 
@@ -256,13 +287,15 @@ class BoldDriver(Backtracking):
         tolerance: float = 0.0,
         max_tries: int = 10,
         lr_max: float | None | str = None,
+        max_growth: float | None = 10.0,
         same_rng: bool = True,
         log: Trajectory | None = None,
     ) -> None:
         who = "BoldDriver"
         check_rewind(rewind, who)
-        super().__init__(rewind, accept=NoIncrease(tolerance, who), step_size=StepSize(shrink, grow, lr_max, who),
-                         max_tries=max_tries, same_rng=same_rng, log=log)  # fmt: skip
+        super().__init__(rewind, accept=NoIncrease(tolerance, who),
+                         step_size=StepSize(shrink, grow, lr_max, who, max_growth), max_tries=max_tries,
+                         same_rng=same_rng, log=log)  # fmt: skip
 
     tolerance = property(lambda self: self.accept.tolerance)
 

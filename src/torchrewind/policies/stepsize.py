@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .._checks import check_number
-from ..errors import RewindTypeError
+from ..errors import RewindTypeError, RewindValueError
 from ._common import check_factor
 from ._state import check_state, header
 from .lr import lrs, scale_lrs, set_lrs
@@ -18,8 +18,11 @@ from .lr import lrs, scale_lrs, set_lrs
 
 class StepSize:
     """×``shrink`` after a rejected trial; ×``grow`` after an accepted step, with the largest group lr capped at
-    ``lr_max`` (None: no cap; ``"initial"``: the largest lr the optimizer has when :meth:`bind` is called); the lrs
-    the iteration started with after a search that found nothing.
+    ``lr_max`` (None: no cap; ``"initial"``: the largest lr the optimizer has when :meth:`bind` is called) and at
+    ``max_growth`` times that initial lr (None: no such cap; ``"auto"``: 1 around an optimizer that scales each
+    parameter's step itself — one with an ``eps`` setting: Adam, AdamW, RMSprop, Adagrad, ... —, whose lr is a
+    per-parameter step size already, 10 around any other, such as SGD); the lrs the iteration started with after a
+    search that found nothing.
 
     Example::
 
@@ -29,16 +32,27 @@ class StepSize:
     """
 
     def __init__(self, shrink: float = 0.5, grow: float = 1.1, lr_max: float | str | None = None,
-                 who: str = "StepSize") -> None:  # fmt: skip
+                 who: str = "StepSize", max_growth: float | str | None = None) -> None:  # fmt: skip
         self.shrink = check_factor("shrink", shrink, who)
         self.grow = check_number("grow", grow, who, lo=1.0)
         self.lr_max_given = lr_max if lr_max == "initial" else _check_cap(lr_max, who)
-        self.lr_max: float | None = None if lr_max == "initial" else self.lr_max_given  # the cap in force
+        if max_growth is not None and max_growth != "auto":
+            if isinstance(max_growth, str):
+                raise RewindValueError(f"{who}: max_growth must be a number >= 1, 'auto' or None, got {max_growth!r}.")
+            max_growth = check_number("max_growth", max_growth, who, lo=1.0)
+        self.max_growth: float | str | None = max_growth  # as given ("auto" resolved by bind)
+        self.growth: float | None = None if max_growth == "auto" or max_growth is None else float(max_growth)
+        relative = lr_max == "initial" or max_growth is not None
+        self.lr_max: float | None = None if relative else self.lr_max_given  # the cap in force
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Resolve ``lr_max="initial"`` to the optimizer's largest lr now."""
-        if self.lr_max_given == "initial":
-            self.lr_max = max(lrs(optimizer))
+        """Resolve ``lr_max="initial"`` and ``max_growth`` against the optimizer's largest lr now."""
+        top = max(lrs(optimizer))
+        if self.max_growth == "auto":
+            self.growth = 1.0 if "eps" in optimizer.defaults else 10.0
+        caps = [c for c in (top if self.lr_max_given == "initial" else self.lr_max_given,
+                            None if self.growth is None else top * self.growth) if c is not None]  # fmt: skip
+        self.lr_max = min(caps) if caps else None
 
     def shrink_lrs(self, optimizer: torch.optim.Optimizer) -> None:
         scale_lrs(optimizer, self.shrink)
@@ -62,18 +76,19 @@ class StepSize:
 
     # -- state ----------------------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        return {"shrink": self.shrink, "grow": self.grow, "lr_max": self.lr_max_given}
+        return {"shrink": self.shrink, "grow": self.grow, "lr_max": self.lr_max_given, "max_growth": self.max_growth}
 
     def state_dict(self) -> dict[str, Any]:
-        """The cap in force (``"initial"`` resolved when the search was built: a resumed search keeps the original
-        run's cap, not the lr it resumes with) and the settings."""
+        """The cap in force (``"initial"`` and ``max_growth`` resolved when the search was built: a resumed search
+        keeps the original run's cap, not the lr it resumes with) and the settings."""
         return {**header(self, self.settings()), "lr_max": self.lr_max}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         who = "StepSize.load_state_dict"
         sd = check_state(self, state_dict, self.settings(), ("lr_max",), strict, who)
         cap = _check_cap(sd["lr_max"], who)
-        if strict or self.lr_max_given == "initial":  # strict=False with an explicit cap keeps that cap
+        relative = self.lr_max_given == "initial" or self.max_growth is not None
+        if strict or relative:  # strict=False with an explicit cap keeps that cap
             self.lr_max = cap
 
 
