@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..rewind import Rewind
-from ..trajectory import Trajectory
 from .guard import Decision, Guard
 
 
@@ -22,18 +20,6 @@ class NonFiniteGuard(Guard):
         loss.backward()
         guard.step(loss)              # instead of opt.step()
     """
-
-    def __init__(
-        self,
-        rewind: Rewind,
-        *,
-        check_grads: bool = True,
-        check_params: bool = False,
-        max_consecutive: int = 10,
-        log: Trajectory | None = None,
-    ) -> None:
-        super().__init__(rewind, check_grads=check_grads, check_params=check_params,
-                         max_consecutive=max_consecutive, log=log)  # fmt: skip
 
     def decide(self, loss: float, grad_norm: float | None) -> Decision:
         """Skip a step whose loss or gradient norm is not finite; apply any other.
