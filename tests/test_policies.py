@@ -318,7 +318,7 @@ class SearchRun:
                 self.sched.step()
         return out
 
-    def replay(self, log: Trajectory, data, *, accept, shrink, grow, lr_max, max_tries) -> None:
+    def replay(self, log: Trajectory, data, *, accept, shrink, grow, lr_max, max_tries, lr_min=None) -> None:
         """Replay a LineSearch/BoldDriver log by hand: step, evaluate the trial loss on the same batch with the
         first evaluation's RNG state (then put the RNG back), undo + shrink on rejection, reset the lr on
         exhaustion, grow (capped) on acceptance. Asserts the log's losses, lrs and decisions on the way."""
@@ -376,12 +376,17 @@ class SearchRun:
                 rw.undo()
                 assert get_lrs(opt) == e.lrs  # the Rewind brought back the lrs this trial used
                 hopeless = accept.descent and gd >= 0  # a smaller lr cannot turn it into a descent direction
+                floor = lr_min is not None and max(get_lrs(opt)) <= lr_min  # the lr cannot fall any lower
                 if e.kind == "exhausted":
-                    assert tries == len(evs) and (tries == max_tries or hopeless), (e, tries, gd)
+                    assert tries == len(evs) and (tries == max_tries or hopeless or floor), (e, tries, gd)
                     put_lrs(opt, start)
                 else:
-                    assert e.kind == "rejected" and tries < max_tries and not hopeless
-                    put_lrs(opt, [lr * shrink for lr in get_lrs(opt)])
+                    assert e.kind == "rejected" and tries < max_tries and not hopeless and not floor
+                    factor = shrink if lr_min is None else max(shrink, lr_min / max(get_lrs(opt)))
+                    put_lrs(opt, [lr * factor for lr in get_lrs(opt)])
+                    if lr_min is not None and max(get_lrs(opt)) < lr_min:  # an ulp under the floor: clamped
+                        top = max(get_lrs(opt))
+                        put_lrs(opt, [lr * (lr_min / top) for lr in get_lrs(opt)])
             if self.sched is not None:
                 self.sched.step()
 
@@ -585,6 +590,8 @@ SEARCHES = {
     "bolddriver-sgd": ("sgd", 0.5, BoldDriver, dict(max_tries=4), bold(0.0), 5.0),  # max_growth=10 by default
     "bolddriver-adam-tol": ("adam", 0.02, BoldDriver, dict(max_tries=3, tolerance=1e-4, grow=1.2, lr_max=None,
                                                            max_growth=None), bold(1e-4), None),
+    # a floor high enough to be reached in 24 iterations (BoldDriver's default is 1e-3 of the initial lr)
+    "bolddriver-sgd-floor": ("sgd", 0.5, BoldDriver, dict(max_tries=4, min_fraction=0.5), bold(0.0), 5.0),
 }
 
 
@@ -606,10 +613,13 @@ def test_search_replay_is_exact(name, sched):
     for e in log:
         assert e.lrs[1] / e.lrs[0] == pytest.approx(0.25, rel=1e-12)
 
+    if "floor" in name:  # the floor was reached and ended a search
+        assert any("floor" in e.reason for e in log if e.kind == "exhausted")
     default_grow = 1.1 if cls is LineSearch else 1.05
     rep = SearchRun(opt=opt, lr=lr, groups=True, sched=sched)
+    floor = kw.get("min_fraction", 1e-3 if cls is BoldDriver else None)
     rep.replay(log, data, accept=accept, shrink=kw.get("shrink", 0.5), grow=kw.get("grow", default_grow),
-               lr_max=lr_max, max_tries=kw["max_tries"])  # fmt: skip
+               lr_max=lr_max, max_tries=kw["max_tries"], lr_min=None if floor is None else floor * lr)  # fmt: skip
     assert_same(run.state(), rep.state())
 
 
@@ -681,7 +691,8 @@ def test_search_random_replay(faults, bolddriver, opt, log_lr, shrink, grow, max
     pol = cls(run.rw, **kw)
     run.train(pol, data)
     rep = SearchRun(opt=opt, lr=lr, groups=groups)
-    rep.replay(pol.log, data, accept=accept, shrink=shrink, grow=grow, lr_max=lr_max, max_tries=max_tries)
+    rep.replay(pol.log, data, accept=accept, shrink=shrink, grow=grow, lr_max=lr_max, max_tries=max_tries,
+               lr_min=1e-3 * lr if bolddriver else None)  # BoldDriver's default floor
     assert_same(run.state(), rep.state())
 
 
@@ -2211,6 +2222,35 @@ def test_search_max_growth_caps_the_lr():
         LineSearch(SearchRun().rw, max_growth=0.5)
     with pytest.raises(RewindError, match="max_growth"):
         BoldDriver(SearchRun().rw, max_growth="lots")
+
+
+def test_bolddriver_lr_floor():
+    """BoldDriver's lr never falls below min_fraction (1e-3 by default) x its initial lr (it fell to 1e-10x before);
+    at the floor a rejection ends the search with the iteration's starting lr; the floor is kept by state_dict."""
+    data = make_data(30, {k: "poison" for k in range(3, 30, 2)})  # every other batch rejects every try
+    run = SearchRun(opt="sgd", lr=0.5)
+    bd = BoldDriver(run.rw, min_fraction=0.05, shrink=0.3, max_tries=10)
+    run.train(bd, data)
+    assert bd.step_size.lr_min == pytest.approx(0.5 * 0.05)
+    assert min(e.lrs[0] for e in bd.log) >= 0.5 * 0.05  # never below the floor ...
+    assert any(e.lrs[0] == pytest.approx(0.025) for e in bd.log)  # ... reached (0.5 * 0.3**3 would be under it)
+    floor_ends = [e for e in bd.log if e.kind == "exhausted" and "floor" in e.reason]
+    assert floor_ends and all(e.extra["tries"] < 10 for e in floor_ends)
+    assert BoldDriver(SearchRun(lr=0.2).rw).step_size.lr_min == pytest.approx(0.2 * 1e-3)  # the default
+    assert BoldDriver(SearchRun(lr=0.2).rw, min_fraction=None).step_size.lr_min is None
+    assert LineSearch(SearchRun(lr=0.2).rw).step_size.lr_min is None  # exhaustion resets its lr already
+    # state_dict round trip: the floor in force is the original run's, not one resolved from the resumed lr
+    sd = bd.state_dict()
+    assert sd["step_size"]["lr_min"] == bd.step_size.lr_min and sd["step_size"]["settings"]["min_fraction"] == 0.05
+    other = BoldDriver(SearchRun(opt="sgd", lr=0.01).rw, min_fraction=0.05, shrink=0.3, max_tries=10)
+    other.load_state_dict(sd)
+    assert other.step_size.lr_min == bd.step_size.lr_min and other.state_dict() == sd
+    with pytest.raises(RewindError, match="min_fraction"):
+        other.load_state_dict({**sd, "step_size": {**sd["step_size"], "settings": {**sd["step_size"]["settings"],
+                                                                                   "min_fraction": 0.1}}})
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(RewindError, match="min_fraction"):
+            BoldDriver(SearchRun().rw, min_fraction=bad)
 
 
 def test_linesearch_around_adam_never_collapses():

@@ -21,8 +21,9 @@ class StepSize:
     ``lr_max`` (None: no cap; ``"initial"``: the largest lr the optimizer has when :meth:`bind` is called) and at
     ``max_growth`` times that initial lr (None: no such cap; ``"auto"``: 1 around an optimizer that scales each
     parameter's step itself — one with an ``eps`` setting: Adam, AdamW, RMSprop, Adagrad, ... —, whose lr is a
-    per-parameter step size already, 10 around any other, such as SGD); the lrs the iteration started with after a
-    search that found nothing.
+    per-parameter step size already, 10 around any other, such as SGD); ×``shrink`` never takes the largest lr below
+    ``min_fraction`` times that initial lr (None: no floor; at the floor a rejection ends the search); the lrs the
+    iteration started with after a search that found nothing.
 
     Example::
 
@@ -32,7 +33,8 @@ class StepSize:
     """
 
     def __init__(self, shrink: float = 0.5, grow: float = 1.1, lr_max: float | str | None = None,
-                 who: str = "StepSize", max_growth: float | str | None = None) -> None:  # fmt: skip
+                 who: str = "StepSize", max_growth: float | str | None = None,
+                 min_fraction: float | None = None) -> None:  # fmt: skip
         self.shrink = check_factor("shrink", shrink, who)
         self.grow = check_number("grow", grow, who, lo=1.0)
         self.lr_max_given = lr_max if lr_max == "initial" else _check_cap(lr_max, who)
@@ -44,6 +46,9 @@ class StepSize:
         self.growth: float | None = None if max_growth == "auto" or max_growth is None else float(max_growth)
         relative = lr_max == "initial" or max_growth is not None
         self.lr_max: float | None = None if relative else self.lr_max_given  # the cap in force
+        self.min_fraction = None if min_fraction is None else check_number("min_fraction", min_fraction, who, lo=0.0,
+                                                                           hi=1.0, lo_open=True)  # fmt: skip
+        self.lr_min: float | None = None  # the floor in force (resolved by bind)
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Resolve ``lr_max="initial"`` and ``max_growth`` against the optimizer's largest lr now."""
@@ -53,9 +58,21 @@ class StepSize:
         caps = [c for c in (top if self.lr_max_given == "initial" else self.lr_max_given,
                             None if self.growth is None else top * self.growth) if c is not None]  # fmt: skip
         self.lr_max = min(caps) if caps else None
+        self.lr_min = None if self.min_fraction is None else top * self.min_fraction
+
+    def can_shrink(self, optimizer: torch.optim.Optimizer) -> bool:
+        """False when the largest lr is at the floor already: a rejection there ends the search."""
+        return self.lr_min is None or max(lrs(optimizer)) > self.lr_min
 
     def shrink_lrs(self, optimizer: torch.optim.Optimizer) -> None:
-        scale_lrs(optimizer, self.shrink)
+        factor = self.shrink
+        if self.lr_min is not None:
+            top = max(lrs(optimizer))
+            factor = max(factor, self.lr_min / top) if top > 0 else factor
+        scale_lrs(optimizer, factor)
+        if self.lr_min is not None and max(lrs(optimizer)) < self.lr_min:  # an ulp below the floor: clamp
+            top = max(lrs(optimizer))
+            scale_lrs(optimizer, self.lr_min / top)
 
     def grow_lrs(self, optimizer: torch.optim.Optimizer) -> None:
         if self.grow == 1.0:
@@ -76,25 +93,30 @@ class StepSize:
 
     # -- state ----------------------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        return {"shrink": self.shrink, "grow": self.grow, "lr_max": self.lr_max_given, "max_growth": self.max_growth}
+        return {"shrink": self.shrink, "grow": self.grow, "lr_max": self.lr_max_given, "max_growth": self.max_growth,
+                "min_fraction": self.min_fraction}
 
     def state_dict(self) -> dict[str, Any]:
-        """The cap in force (``"initial"`` and ``max_growth`` resolved when the search was built: a resumed search
-        keeps the original run's cap, not the lr it resumes with) and the settings."""
-        return {**header(self, self.settings()), "lr_max": self.lr_max}
+        """The cap and floor in force (``"initial"``, ``max_growth`` and ``min_fraction`` resolved when the search
+        was built: a resumed search keeps the original run's cap and floor, not the lr it resumes with) and the
+        settings."""
+        return {**header(self, self.settings()), "lr_max": self.lr_max, "lr_min": self.lr_min}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         who = "StepSize.load_state_dict"
         sd = check_state(self, state_dict, self.settings(), ("lr_max",), strict, who)
         cap = _check_cap(sd["lr_max"], who)
+        floor = _check_cap(sd.get("lr_min"), who, "lr_min")
         relative = self.lr_max_given == "initial" or self.max_growth is not None
         if strict or relative:  # strict=False with an explicit cap keeps that cap
             self.lr_max = cap
+        if self.min_fraction is not None and (floor is not None or strict):
+            self.lr_min = floor
 
 
-def _check_cap(lr_max: Any, who: str) -> float | None:
+def _check_cap(lr_max: Any, who: str, name: str = "lr_max") -> float | None:
     if lr_max is None:
         return None
     if not isinstance(lr_max, (int, float)) or isinstance(lr_max, bool):
-        raise RewindTypeError(f"{who}: lr_max must be a positive finite number, 'initial' or None, got {lr_max!r}.")
-    return check_number("lr_max", lr_max, who, lo=0.0, lo_open=True)
+        raise RewindTypeError(f"{who}: {name} must be a positive finite number, 'initial' or None, got {lr_max!r}.")
+    return check_number(name, lr_max, who, lo=0.0, lo_open=True)
