@@ -5,10 +5,11 @@ A checkpoint is a *state tree* (nested dicts/lists/tuples of tensors and plain P
 ``{"model": [sd], "optimizer": opt.state_dict(), ...}``) written as three files in ``step_<n>/``:
 
 * ``tensors.bin``: every tensor's bytes, 64-byte aligned, one after the other. A save first copies the tensors into
-  one reused host staging buffer (the only part that stalls training), then a background thread writes that buffer
-  with a few large sequential writes (this rank's shards under FSDP2: one directory per rank);
+  one reused host staging buffer (the only part that stalls training); a background thread starts writing it with
+  large sequential writes as soon as the first block is copied (this rank's shards under FSDP2: one directory per
+  rank);
 * ``skeleton.json``: format version, the structure, Python values, dict key types and the tensor table;
-* ``manifest.json``: a checksum of every 64 MiB block of both files (xxh3-128 with ``xxhash`` installed, else CRC-32
+* ``manifest.json``: a checksum of every 16 MiB block (``BLOCK``; the size is recorded) of both files (xxh3-128 with ``xxhash`` installed, else CRC-32
   from the standard library) and their sizes, written last.
 
 Atomicity: everything is written into ``step_<n>.tmp-<pid>/``, fsynced, then renamed to ``step_<n>/`` — the rename is
