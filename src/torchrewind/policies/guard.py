@@ -66,6 +66,16 @@ class Decision:
 _APPLY = Decision("apply")  # the common case, allocated once
 
 
+
+def nonfinite_reason(loss: float, grad_norm: float | None) -> str:
+    """Why an iteration's loss and (global) gradient norm are not finite ("" if they are): the words every guard and
+    the triage log."""
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return "non-finite gradient"
+    return ""
+
 class Guard:
     """Base of the guards (:class:`~torchrewind.NonFiniteGuard`, :class:`~torchrewind.SpikeGuard`): a guard judges
     each iteration's step from its loss (and global gradient norm) with :meth:`decide`, and this class carries the
@@ -124,11 +134,7 @@ class Guard:
 
     def nonfinite_reason(self, loss: float, grad_norm: float | None) -> str:
         """Why this iteration's numbers are not finite ("" if they are)."""
-        if not math.isfinite(loss):
-            return f"non-finite loss ({loss})"
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            return "non-finite gradient"
-        return ""
+        return nonfinite_reason(loss, grad_norm)
 
     def nonfinite_decision(self, reason: str) -> Decision:
         """What to do about a non-finite loss, gradient, or a step that made parameters non-finite: skip it."""

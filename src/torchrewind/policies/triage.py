@@ -42,7 +42,7 @@ from ._common import check_rewind
 from ._state import check_state, header, load_all
 from .detector import SpikeDetector
 from .determinism import DeterminismReport, compare_grads, copy_grads
-from .guard import Guard
+from .guard import Guard, nonfinite_reason
 from .lr import lrs
 from .outcome import Outcome, rel_diff, same_number
 from .quarantine import Quarantine, plain_id
@@ -350,19 +350,17 @@ class FaultTriage:
 
     def _check(self, v: float, gn: float | None) -> str:
         """Why this iteration's numbers fail the check ("" if they pass)."""
-        reason = ""
         if self.guard is not None:
             d = self.guard.decide(v, gn)
+            reason = ""
             if d.action != "apply":
                 reason = d.reason or f"{type(self.guard).__name__} would {d.action.replace('_', ' ')}"
-        elif not math.isfinite(v):
-            reason = f"non-finite loss ({v})"
-        elif gn is not None and not math.isfinite(gn):
-            reason = "non-finite gradient"
-        elif self.detector is not None and self.detector.is_spike(v):
-            reason = f"loss spike (z={self.detector.score(v):.1f})"
-        elif self.grad_detector is not None and gn is not None and self.grad_detector.is_spike(gn):
-            reason = f"gradient-norm spike (z={self.grad_detector.score(gn):.1f})"
+        else:
+            reason = nonfinite_reason(v, gn)
+            if not reason and self.detector is not None and self.detector.is_spike(v):
+                reason = f"loss spike (z={self.detector.score(v):.1f})"
+            if not reason and self.grad_detector is not None and gn is not None and self.grad_detector.is_spike(gn):
+                reason = f"gradient-norm spike (z={self.grad_detector.score(gn):.1f})"
         if not reason and self.check is not None:
             r = self.check(v, gn)
             if r:
