@@ -44,14 +44,7 @@ LATE = 2  # the model's "late" parameters get their first gradient (and so their
 EDIT_AT = 2  # step at which scenario 3 changes hyperparameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (BatchNorm parallelises even 6 channels), which
-    dominates the runtime on a busy 2-core machine. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.one_thread)
 
 
 # ---------------------------------------------------------------------------------------------------- models / data

@@ -42,14 +42,7 @@ from torchrewind.trajectory import KINDS
 from torchrewind.core.values import values_equal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one intra-op thread is ~40x faster than two contended ones on a 2-core runner.
-    (Every comparison is between two runs in the same process, so the thread count cannot affect exactness.)"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.one_thread)
 
 
 # =============================================================================================== the training setup
@@ -812,7 +805,6 @@ def test_nonfinite_guard_check_grads_false_only_checks_the_loss():
     assert not params_finite(m)
 
 
-
 def test_check_params_undo_is_logged_in_event_undone():
     m, o, rw = tiny()
     guard = NonFiniteGuard(rw, check_params=True)
@@ -1234,7 +1226,6 @@ def test_spike_guard_gradient_norm_spike():
             assert guard.log[12].kind == "rolled_back"  # ... and the next loss pays for it
 
 
-
 def test_spike_guard_first_argument_not_a_rewind():
     m, o, rw = tiny()
     with pytest.raises(RewindError, match="needs a torchrewind.Rewind as its first argument"):
@@ -1285,7 +1276,6 @@ def test_linesearch_grow_is_capped_at_lr_max():
     assert top[:5] == [0.01, 0.02, 0.04, 0.08, 0.1]
     assert all(t <= 0.1 for t in top)
     assert all(e.lrs[1] / e.lrs[0] == pytest.approx(0.25, rel=1e-12) for e in ls.log)
-
 
 
 def test_linesearch_cap_is_exact():
@@ -1408,7 +1398,6 @@ def test_bolddriver_recovers_from_a_100x_too_low_lr():
         run.model.eval(), base.model.eval()
         ours, theirs = F.cross_entropy(run.model(X), y).item(), F.cross_entropy(base.model(X), y).item()
     assert ours < 0.5 * theirs, (ours, theirs)
-
 
 
 def test_search_exception_in_trial_evaluation_restores_state():
@@ -1560,7 +1549,6 @@ def test_contradictory_settings(cls, kw, msg):
         cls(**kw) if cls is SpikeDetector else cls(rw, **kw)
     assert_same(before, full_state(m, o))
     assert len(rw) == 1 and tracked == []  # a refused SpikeGuard tracks nothing
-
 
 
 @pytest.mark.parametrize("cls", [LineSearch, BoldDriver])

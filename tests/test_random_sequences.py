@@ -460,13 +460,7 @@ def run_sequence(cfg: dict, seq: list) -> None:
     r.final_replay_check()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and stall badly on a loaded 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.one_thread)
 
 
 BASE = {"opt": "adam", "sched": "chain", "capacity": 2, "seed": 0}

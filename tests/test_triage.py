@@ -9,6 +9,7 @@ optimizer state for any of this to hold.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import socket
@@ -39,12 +40,7 @@ from torchrewind.policies.inject import flip_bit
 from torchrewind.policies.outcome import Outcome, grad_checksum, same_number
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread is much faster on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.one_thread)
 
 
 D_IN, N_CLS, BS = 16, 4, 32
@@ -348,6 +344,14 @@ def test_determinism_report_records_a_nondeterministic_rerun():
 # ============================================================================================ framework protocol
 
 
+def backprop(model, o, x, y):
+    """What a framework's training step does before the optimizer step: zero_grad, forward, backward; the loss."""
+    o.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
 def test_framework_before_step_protocol_matches_the_plain_loop():
     """A loop shaped like the HF Trainer: judge before the framework's step, undo it after when it must not stand."""
     data = make_data(24, nan={9})
@@ -358,13 +362,7 @@ def test_framework_before_step_protocol_matches_the_plain_loop():
     for i, (x, y, _) in enumerate(data):
         if i == 15:
             inj.arm()
-
-        def fwd_bwd(x=x, y=y):
-            o.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss.detach()
-
+        fwd_bwd = functools.partial(backprop, model, o, x, y)
         assert t.begin()
         stands = t.judge(fwd_bwd(), fwd_bwd, framework="before_step")
         o.step()  # the framework steps regardless
@@ -385,13 +383,7 @@ def test_framework_after_step_protocol_matches_the_plain_loop():
     for i, (x, y, _) in enumerate(data):
         if i == 15:
             inj.arm()
-
-        def fwd_bwd(x=x, y=y):
-            o.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss.detach()
-
+        fwd_bwd = functools.partial(backprop, model, o, x, y)
         assert t.begin()
         loss = fwd_bwd()
         o.step()

@@ -16,18 +16,10 @@ from torch.utils.data import DataLoader, SequentialSampler
 from torchrewind import FaultInjector, Quarantine, ReproducibleFaultError, RewindError, SpikeDetector
 from torchrewind.errors import RewindTypeError, RewindValueError
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 BIG = lambda v, g: "loss above 50" if v > 50 else ""  # noqa: E731
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def state(model, opt, sched) -> dict:

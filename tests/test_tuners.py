@@ -35,14 +35,7 @@ from torchrewind.tuners import suggest
 from torchrewind.tuners.data import data_state
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread is far faster than two contended ones on a 2-core runner (both runs of a
-    comparison are in the same process, so the thread count cannot affect exactness)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.one_thread)
 
 
 # =============================================================================================== the training setup
