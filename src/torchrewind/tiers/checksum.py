@@ -7,7 +7,6 @@ of calling it corrupt.
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 from ..errors import RewindError
@@ -28,7 +27,3 @@ def xxhash_or_refuse(what: str, install: str) -> Any:
     except ImportError:
         raise RewindError(f"{what} is checksummed with xxh3, which needs xxhash: {install}.") from None
     return xxhash
-
-
-def crc32(data: Any) -> int:
-    return zlib.crc32(data)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ import torch
 
 from .._checks import check_int
 from ..errors import RewindError, RewindTypeError, RewindValueError
-from .checksum import crc32, have_xxhash, xxhash_or_refuse
+from .checksum import have_xxhash, xxhash_or_refuse
 
 try:
     import numpy as np
@@ -89,7 +90,7 @@ def _checker() -> str:
 def _checksum(kind: str, data: bytes) -> int:
     if kind == "xxh3_64":
         return xxhash_or_refuse("codec: this buffer", INSTALL).xxh3_64_intdigest(data)
-    return crc32(data)
+    return zlib.crc32(data)
 
 
 class _Scratch(threading.local):

@@ -46,7 +46,7 @@ import torch
 from .._checks import check_bool, check_int, check_optional_int
 from ..distributed import local, rank_and_world
 from ..errors import RewindError, RewindValueError
-from .checksum import crc32, have_xxhash, xxhash_or_refuse
+from .checksum import have_xxhash, xxhash_or_refuse
 
 FORMAT = 2  # 1: torch.distributed.checkpoint files + SHA-256 manifest (torchrewind 0.1); 2: this one
 ALIGN = 64
@@ -68,7 +68,7 @@ def _digest(algo: str, data: Any) -> str:
         xxhash = xxhash_or_refuse("DiskCheckpoints: this checkpoint", "pip install 'torchrewind[disk]'")
         return xxhash.xxh3_128_hexdigest(data)
     if algo == "crc32":
-        return f"{crc32(data):08x}"
+        return f"{zlib.crc32(data):08x}"
     raise RewindError(f"DiskCheckpoints: unknown checksum {algo!r} in the manifest; not loading it.")
 
 
