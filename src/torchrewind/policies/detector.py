@@ -102,10 +102,10 @@ class SpikeDetector:
                 lin = self.mean, math.sqrt(self.var)
                 logc = self.log_mean, math.sqrt(self.log_var)
             else:
-                lin = med, 1.4826 * _median(sorted(abs(x - med) for x in xs))
+                lin = med, _mad(xs, med)
                 us = [_log(x) for x in xs]  # sorted too: log is monotone
                 um = _median(us)
-                spread = 1.4826 * _median(sorted(abs(u - um) for u in us))
+                spread = _mad(us, um)
                 if self.noise == "diff" and len(self.values) >= 3:
                     # batch-to-batch noise: MAD of consecutive differences (about their median, the trend) / sqrt 2;
                     # the smaller of the two, since a trend inflates the spread and a few heavy-tailed values the
@@ -113,7 +113,7 @@ class SpikeDetector:
                     seq = [_log(x) for x in self.values]
                     ds = sorted(b - a for a, b in zip(seq, seq[1:]))
                     dm = _median(ds)
-                    spread = min(spread, 1.4826 * _median(sorted(abs(d - dm) for d in ds)) / math.sqrt(2.0))
+                    spread = min(spread, _mad(ds, dm) / math.sqrt(2.0))
                 logc = um, spread
             self._cached = (med, *logc, *lin)
         return self._cached
@@ -230,3 +230,8 @@ def _median(xs: list[float]) -> float:
         return 0.0
     m = n // 2
     return xs[m] if n % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
+def _mad(xs: list[float], centre: float) -> float:
+    """1.4826 x the median absolute deviation from ``centre``: the standard deviation for normal data, robust."""
+    return 1.4826 * _median(sorted(abs(x - centre) for x in xs))
