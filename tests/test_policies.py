@@ -608,7 +608,7 @@ def test_search_replay_is_exact(name, sched):
 
     if "floor" in name:  # the floor was reached and ended a search
         assert any("floor" in e.reason for e in log if e.kind == "exhausted")
-    default_grow = 1.1 if cls is LineSearch else 1.05
+    default_grow = (10.0 if opt == "adam" else 1.1) if cls is LineSearch else 1.05  # LineSearch: grow="auto"
     rep = SearchRun(opt=opt, lr=lr, groups=True, sched=sched)
     floor = kw.get("min_fraction", 1e-3 if cls is BoldDriver else None)
     rep.replay(log, data, accept=accept, shrink=kw.get("shrink", 0.5), grow=kw.get("grow", default_grow),
@@ -1278,6 +1278,25 @@ def test_linesearch_grow_is_capped_at_lr_max():
     assert all(e.lrs[1] / e.lrs[0] == pytest.approx(0.25, rel=1e-12) for e in ls.log)
 
 
+def test_linesearch_grow_auto_returns_adam_to_its_lr():
+    # grow="auto": 1.1 around SGD; 10 around Adam (eps setting), where with max_growth="auto" (cap 1x) the iteration
+    # after a rejection starts at Adam's own lr again instead of creeping back over ~20 iterations
+    assert LineSearch(SearchRun(opt="sgd", lr=1.0).rw).grow == 1.1
+    run = SearchRun(opt="adam", lr=0.05)
+    ls = LineSearch(run.rw)
+    assert ls.grow == 10.0 and ls.step_size.settings()["grow"] == "auto"
+    run.train(ls, make_data(24, {9: "poison", 14: "poison"}))
+    groups = group_by_iteration(ls.log)
+    lowered = [i for i, evs in enumerate(groups) if evs[-1].kind == "accepted" and max(evs[-1].lrs) < 0.05]
+    assert lowered, "the poisoned batches should have made the search lower some step"
+    for i in lowered:  # the next iteration starts at the optimizer's lr (0.05 capped, not 0.05 * shrink * 1.1)
+        if i + 1 < len(groups):
+            assert max(groups[i + 1][0].lrs) == 0.05
+    assert get_lrs(run.opt) == (0.05,)
+    # an explicit grow is kept as given
+    assert LineSearch(SearchRun(opt="adam", lr=0.05).rw, grow=1.1).grow == 1.1
+
+
 def test_linesearch_cap_is_exact():
     run = SearchRun(opt="sgd_plain", lr=0.01, dropout=0.0)
     ls = LineSearch(run.rw, lr_max=0.1, grow=1.1)
@@ -1518,6 +1537,7 @@ BAD_SETTINGS = [
     (LineSearch, dict(shrink=1.5), "shrink must be a finite number in"),
     (LineSearch, dict(shrink=0.0), "shrink must be a finite number in"),
     (LineSearch, dict(grow=0.9), r"grow must be a finite number in \[1, inf\)"),
+    (LineSearch, dict(grow="fast"), "grow must be a number >= 1 or 'auto'"),
     (LineSearch, dict(max_tries=0), "max_tries must be an int >= 1"),
     (LineSearch, dict(max_tries=2.0), "max_tries must be an int >= 1"),
     (LineSearch, dict(c=0.0), "c must be a finite number in"),

@@ -17,7 +17,9 @@ from .lr import lrs, scale_lrs, set_lrs
 
 
 class StepSize:
-    """×``shrink`` after a rejected trial; ×``grow`` after an accepted step, with the largest group lr capped at
+    """×``shrink`` after a rejected trial; ×``grow`` after an accepted step (``"auto"``: 10 around an optimizer with
+    an ``eps`` setting — with ``max_growth="auto"`` that is straight back to its lr: a rejection lowers one step, not
+    the next ones —, 1.1 around any other), with the largest group lr capped at
     ``lr_max`` (None: no cap; ``"initial"``: the largest lr the optimizer has when :meth:`bind` is called) and at
     ``max_growth`` times that initial lr (None: no such cap; ``"auto"``: 1 around an optimizer that scales each
     parameter's step itself — one with an ``eps`` setting: Adam, AdamW, RMSprop, Adagrad, ... —, whose lr is a
@@ -32,11 +34,14 @@ class StepSize:
         sizes.grow_lrs(opt)            # after an accepted step
     """
 
-    def __init__(self, shrink: float = 0.5, grow: float = 1.1, lr_max: float | str | None = None,
+    def __init__(self, shrink: float = 0.5, grow: float | str = 1.1, lr_max: float | str | None = None,
                  who: str = "StepSize", max_growth: float | str | None = None,
                  min_fraction: float | None = None) -> None:  # fmt: skip
         self.shrink = check_factor("shrink", shrink, who)
-        self.grow = check_number("grow", grow, who, lo=1.0)
+        if isinstance(grow, str) and grow != "auto":
+            raise RewindValueError(f"{who}: grow must be a number >= 1 or 'auto', got {grow!r}.")
+        self.grow_given: float | str = grow if grow == "auto" else check_number("grow", grow, who, lo=1.0)
+        self.grow: float = 1.1 if grow == "auto" else float(grow)  # the factor in force ("auto" resolved by bind)
         self.lr_max_given = lr_max if lr_max == "initial" else _check_cap(lr_max, who)
         if max_growth is not None and max_growth != "auto":
             if isinstance(max_growth, str):
@@ -51,10 +56,13 @@ class StepSize:
         self.lr_min: float | None = None  # the floor in force (resolved by bind)
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Resolve ``lr_max="initial"`` and ``max_growth`` against the optimizer's largest lr now."""
+        """Resolve ``lr_max="initial"``, ``max_growth`` and ``grow`` against the optimizer (its largest lr now)."""
         top = max(lrs(optimizer))
+        scaled = "eps" in optimizer.defaults  # the optimizer scales each parameter's step itself (Adam & co.)
         if self.max_growth == "auto":
-            self.growth = 1.0 if "eps" in optimizer.defaults else 10.0
+            self.growth = 1.0 if scaled else 10.0
+        if self.grow_given == "auto":
+            self.grow = 10.0 if scaled else 1.1
         caps = [c for c in (top if self.lr_max_given == "initial" else self.lr_max_given,
                             None if self.growth is None else top * self.growth) if c is not None]  # fmt: skip
         self.lr_max = min(caps) if caps else None
@@ -93,8 +101,8 @@ class StepSize:
 
     # -- state ----------------------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        return {"shrink": self.shrink, "grow": self.grow, "lr_max": self.lr_max_given, "max_growth": self.max_growth,
-                "min_fraction": self.min_fraction}
+        return {"shrink": self.shrink, "grow": self.grow_given, "lr_max": self.lr_max_given,
+                "max_growth": self.max_growth, "min_fraction": self.min_fraction}
 
     def state_dict(self) -> dict[str, Any]:
         """The cap and floor in force (``"initial"``, ``max_growth`` and ``min_fraction`` resolved when the search
