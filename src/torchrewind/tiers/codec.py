@@ -48,6 +48,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import threading
@@ -87,10 +88,11 @@ def _checker() -> str:
     return "xxh3_64" if have_xxhash() else "crc32"
 
 
-def _checksum(kind: str, data: bytes) -> int:
+def _hasher(kind: str):
+    """The function that checksums a chunk's bytes with ``kind`` (looked up once per buffer, not per chunk)."""
     if kind == "xxh3_64":
-        return xxhash_or_refuse("codec: this buffer", INSTALL).xxh3_64_intdigest(data)
-    return zlib.crc32(data)
+        return xxhash_or_refuse("codec: this buffer", INSTALL).xxh3_64_intdigest
+    return zlib.crc32
 
 
 class _Scratch(threading.local):
@@ -252,23 +254,30 @@ def _plan(length: int, segments: Sequence[tuple[int, int]]) -> list[tuple[int, i
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _word(k: int) -> tuple[np.dtype, np.unsignedinteger]:
+    """The k-byte unsigned dtype and its offset (built once: small buffers feel per-call costs)."""
+    u = np.dtype(_UINT[k])
+    return u, u.type(_OFFSET[k])
+
+
 def _diff(x: np.ndarray, r: np.ndarray, k: int) -> np.ndarray:
     """(x - r) + OFFSET on k-byte unsigned integers (wrapping), in this thread's scratch buffer (no allocation); r may
     be shorter (the rest: x + OFFSET)."""
-    u = np.dtype(_UINT[k])
+    u, off = _word(k)
     d, xs, n = _scratch.get("diff", x.size).view(u), x.view(u), r.size // k
     np.subtract(xs[:n], r[: n * k].view(u), out=d[:n])
     d[n:] = xs[n:]
-    d += u.type(_OFFSET[k])
+    d += off
     return d
 
 
 def _undiff(out: np.ndarray, r: np.ndarray, k: int) -> None:
     """In place: out holds (x - r) + OFFSET (k-byte elements) and becomes x: two passes over the chunk blosc2 just
     wrote (pieces sized for L2 measured no faster: the calls cost what the cache saves)."""
-    u = np.dtype(_UINT[k])
+    u, off = _word(k)
     o, n = out.view(u), r.size // k
-    o -= u.type(_OFFSET[k])
+    o -= off
     np.add(o[:n], r[: n * k].view(u), out=o[:n])
 
 
@@ -310,6 +319,7 @@ def encode(
     check_int("threads", threads, 1, "codec")
     b2 = _blosc2()
     kind = _checker()
+    hasher = _hasher(kind)
     b = _bytes(data, "data").numpy()
     r = _bytes(ref, "ref").numpy() if ref is not None else b[:0]
     n = min(r.size, b.size)
@@ -326,7 +336,7 @@ def encode(
         # than blosc2's 128 KiB blocks with a frame per stream, at 0-3% of the ratio (bench_delta.py)
         blob = b2.compress2(z, typesize=k, clevel=level, codec=b2.Codec.ZSTD, filters=[b2.Filter.SHUFFLE],
                             splitmode=b2.SplitMode.NEVER_SPLIT, blocksize=CHUNK, nthreads=1)  # fmt: skip
-        return Chunk(s, length, k, rlen, _checksum(kind, blob), blob)
+        return Chunk(s, length, k, rlen, hasher(blob), blob)
 
     chunks = _Pool.map(one, _plan(b.size, segments), threads)
     return Encoded(tuple(chunks), b.size, data.dtype, n if ref is not None else 0, checksum=kind)
@@ -356,8 +366,10 @@ def decode(
     if enc.checksum not in CHECKS:
         raise RewindError(f"codec: unknown checksum {enc.checksum!r}; this buffer cannot be verified.")
 
+    hasher = _hasher(enc.checksum)
+
     def one(c: Chunk) -> None:
-        if _checksum(enc.checksum, c.data) != c.check:
+        if hasher(c.data) != c.check:
             raise RewindError(f"codec: chunk at byte {c.start} fails its checksum: the compressed history is corrupt.")
         dst = o[c.start : c.start + c.length]
         try:
