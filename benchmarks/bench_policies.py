@@ -25,7 +25,9 @@ loss) is the ±2 standard-error rule of ``stats.compare``.
    ``clip_grad_norm_(1.0)``, clipping + ``NonFiniteGuard``, ``NonFiniteGuard``, Lightning's ``SpikeDetection``
    (the real class; its ``on_train_batch_end`` is driven with a minimal Fabric stand-in, and its documented
    recovery — resume from a checkpoint, skipping the batch it names and the one before — is emulated at no cost by
-   undoing those two steps), ``SpikeGuard`` with its defaults (capacity 8), with ``SpikeDetector(noise="level")``
+   undoing those two steps), ``SpikeGuard`` with its defaults (capacity 8) watching the model's buffers
+   (``buffers=model``), the same with ``drop_first=False`` (every spike rolled back at once), SpikeGuard as it was
+   before both (no buffers, ``drop_first=False``), and with ``buffers=model``: with ``SpikeDetector(noise="level")``
    (noise measured by the spread of the window's log-losses rather than their batch-to-batch differences) and with
    its previous detector (median/MAD of raw losses, min_rel 0.2).
 2. **Step sizes** (no faults): ``LineSearch`` and ``BoldDriver`` with defaults and no grid (around SGD with
@@ -80,12 +82,16 @@ def _guard_info(guard: Any) -> dict[str, Any]:
     return {**guard.log.counts(), "iterations": guard.iteration, "steps": guard.steps, "events": _events(guard.log)}
 
 
-def spike_guard(run: Any, opt: torch.optim.Optimizer, previous: bool = False, level: bool = False) -> Step:
-    """SpikeGuard with its defaults (or with the previous default detector, or with the noise measured from the
-    spread of the log-losses instead of their batch-to-batch differences) on a Rewind of capacity 8."""
+def spike_guard(run: Any, opt: torch.optim.Optimizer, previous: bool = False, level: bool = False,
+                buffers: bool = True, drop_first: bool = True) -> Step:
+    """SpikeGuard with its defaults, watching the model's buffers (``buffers=model``), on a Rewind of capacity 8; or
+    with the previous default detector, or with the noise measured from the spread of the log-losses instead of
+    their batch-to-batch differences; ``buffers=False, drop_first=False``: SpikeGuard as it was before it watched
+    buffers and dropped a first spike's batch (every spike rolled back)."""
     det = SpikeDetector(space="linear", min_scale=0.0, min_abs=0.0, min_rel=0.2) if previous else \
         SpikeDetector(noise="level") if level else None  # fmt: skip
-    guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), detector=det)
+    guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), detector=det,
+                       buffers=run.model if buffers else None, drop_first=drop_first)  # fmt: skip
     return Step(after_backward=guard.step, wrap=guard.wrap, info=lambda: _guard_info(guard))
 
 
@@ -238,16 +244,31 @@ GUARD_METHODS = {  # name: (label, step factory, plans)
                 ("none", "mixed", "drift")),
     "nonfinite": ("NonFiniteGuard", policy("NonFiniteGuard"), ("none", "mixed")),
     "lightning": ("Lightning SpikeDetection (+ free restart)", lightning_detector, ("none", "mixed", "drift")),
-    "spike": ("**SpikeGuard** (defaults)", spike_guard, ("none", "mixed", "drift")),
+    "spike-before": ("SpikeGuard before (no buffers, every spike rolled back)",
+                     functools.partial(spike_guard, buffers=False, drop_first=False), ("none", "mixed", "drift")),
+    "spike-nodrop": ("SpikeGuard, `drop_first=False`", functools.partial(spike_guard, drop_first=False),
+                     ("none", "mixed")),
+    "spike": ("**SpikeGuard** (defaults, `buffers=model`)", spike_guard, ("none", "mixed", "drift")),
     "spike-level": ("SpikeGuard, noise=\"level\"", functools.partial(spike_guard, level=True),
                     ("none", "mixed", "drift")),
     "spike-prev": ("SpikeGuard, previous detector", functools.partial(spike_guard, previous=True),
                    ("none", "mixed", "drift")),
 }
+# The run cache is keyed by a config's name: a method whose behaviour changed gets a new revision, so its runs are
+# redone (rev 2: SpikeGuard watches the model's buffers and drops a first spike's batch). "spike-before" is rev 1's
+# "spike" exactly (same code path), so its cached runs stand.
+REVISION = {"spike": 2, "spike-level": 2, "spike-prev": 2, "spike-nodrop": 2}
+CACHE_NAME = {"spike-before": "spike"}
+
+
+def cname(method: str, plan: str) -> str:
+    """The config (and cache) name of a guard method under a fault plan."""
+    rev = REVISION.get(method)
+    return f"guard/{CACHE_NAME.get(method, method)}{f'@{rev}' if rev else ''}/{plan}"
 
 
 def guard_configs(only: tuple[str, ...] = ("none", "mixed", "drift")) -> list[Config]:
-    return [Config(f"guard/{m}/{plan}", adam(), step, faults=None if plan == "none" else plan)
+    return [Config(cname(m, plan), adam(), step, faults=None if plan == "none" else plan)
             for m, (_, step, plans) in GUARD_METHODS.items() for plan in plans if plan in only]  # fmt: skip
 
 
@@ -284,16 +305,19 @@ def false_rate(r: dict[str, Any]) -> float:
     return 1000.0 * len(ev) / max(r.get("completed", 0) or r["iterations"], 1)
 
 
+FALSE_METHODS = ("spike", "spike-before", "spike-level", "spike-prev", "lightning")  # columns of the false-alarm table
+
+
 def guard_analysis(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, Any]:
     g = by(results)
     rows_false, rows_fault, verdicts, records = [], [], {}, []
     for t in task_names:
         split = tasks.TASKS[t].split
-        ref = g.get(("guard/plain/none", t), [])
+        ref = g.get((cname("plain", "none"), t), [])
         hib = bool(ref and ref[0]["higher_is_better"])
         row = [f"`{t}`", split]
-        for m in ("spike", "spike-level", "spike-prev", "lightning"):
-            rs = g.get((f"guard/{m}/none", t), [])
+        for m in FALSE_METHODS:
+            rs = g.get((cname(m, "none"), t), [])
             if not rs:
                 continue
             rates = [false_rate(r) for r in rs]
@@ -304,7 +328,7 @@ def guard_analysis(results: list[dict[str, Any]], task_names: list[str]) -> dict
         for plan in ("none", "mixed", "drift"):
             frow = [f"`{t}`", split, plan]
             for m in GUARD_METHODS:
-                rs = g.get((f"guard/{m}/{plan}", t), [])
+                rs = g.get((cname(m, plan), t), [])
                 if not rs:
                     frow.append("–")
                     continue
@@ -396,9 +420,9 @@ def cost_analysis(results: list[dict[str, Any]]) -> dict[str, Any]:
     g = {(r["config"], r["task"], r["seed"]): r for r in results}
     out = {}
     for m in GUARD_METHODS:
-        ratios = [r["wall_s"] / g[("guard/plain/none", t, s)]["wall_s"] for (c, t, s), r in g.items()
-                  if c == f"guard/{m}/none" and ("guard/plain/none", t, s) in g
-                  and g[("guard/plain/none", t, s)]["wall_s"] > 0]  # fmt: skip
+        p = cname("plain", "none")
+        ratios = [r["wall_s"] / g[(p, t, s)]["wall_s"] for (c, t, s), r in g.items()
+                  if c == cname(m, "none") and (p, t, s) in g and g[(p, t, s)]["wall_s"] > 0]  # fmt: skip
         if ratios:
             out[m] = statistics.median(ratios)
     return out
@@ -453,8 +477,7 @@ def main() -> None:
         print("## 1. Fault injection and false alarms (Adam, suggested lr)\n")
         print("False roll-backs and skips per 1000 clean iterations (goal 0; \"raised\": the guard stopped a healthy "
               "run):\n")  # fmt: skip
-        print(stats.table(["task", "split", "SpikeGuard", "SpikeGuard, noise=\"level\"", "SpikeGuard, previous detector",
-                           "Lightning SpikeDetection"], ga["false"]))  # fmt: skip
+        print(stats.table(["task", "split", *[GUARD_METHODS[m][0] for m in FALSE_METHODS]], ga["false"]))
         print("\nFinal test metric; the verdict compares with plain training without faults (\"ev\": non-accepted "
               "decisions per run):\n")  # fmt: skip
         print(stats.table(["task", "split", "plan", *[GUARD_METHODS[m][0] for m in GUARD_METHODS]], ga["faults"]))

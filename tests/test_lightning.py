@@ -147,8 +147,8 @@ def plain(batches, make_guard, opt_kind, sched_spec=None, epochs=1, accumulate=1
                 for s, iv in scheds:
                     if iv == "step":
                         s.step()
-            elif dropout and guard.log[-1].kind == "skipped":
-                torch.set_rng_state(rng)
+            elif dropout and (guard.log[-1].kind == "skipped" or guard.log[-1].undone == 0):
+                torch.set_rng_state(rng)  # a skip, or a spike's batch dropped with nothing undone
         for s, iv in scheds:
             if iv == "epoch":
                 s.step()
