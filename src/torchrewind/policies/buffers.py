@@ -45,65 +45,94 @@ class BufferWatch:
             by_device.setdefault(t.device, []).append(t)
         self.groups = list(by_device.values())
         self.count = len(tensors)
-        self.ref: torch.Tensor | None = None  # norms at the last accepted point (float64, CPU)
-        self._now: torch.Tensor | None = None  # norms measured by the last change()
+        # per device group: the log-norms at the last accepted point (float32, on the buffers' device; nan for a
+        # norm of 0, which has no scale to compare with), or None before the first accepted point
+        self._ref: list[torch.Tensor] | None = None
+        self._now: list[torch.Tensor] | None = None  # log-norms measured by the last change() (None: non-finite)
+
+    def _log_norms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for g in self.groups:
+            n = torch.stack(torch._foreach_norm(g, 2, dtype=torch.float32))
+            out.append((n, n.log()))
+        return out
 
     def norms(self) -> torch.Tensor:
         """The L2 norm of every watched buffer now (float64, on the CPU)."""
         if not self.groups:
             return torch.zeros(0, dtype=torch.float64)
-        out = [torch.stack(torch._foreach_norm(g, 2, dtype=torch.float32)).to("cpu", torch.float64)
-               for g in self.groups]  # fmt: skip
-        return out[0] if len(out) == 1 else torch.cat(out)
+        return torch.cat([n.to("cpu", torch.float64) for n, _ in self._log_norms()])
 
     def change(self) -> float:
         """log of the largest factor (up or down) by which a watched buffer's norm changed since the reference; 0.0
-        without a reference or buffers, ``nan`` if a buffer holds a non-finite value."""
-        now = self.norms()
-        self._now = now
-        ref = self.ref
-        if ref is None or not len(now):
+        without a reference or buffers, ``nan`` if a buffer holds a non-finite value. A few fused ops per device
+        and one host sync, whatever the number of buffers."""
+        self._now = None
+        if not self.groups:
             return 0.0
-        if not bool(now.isfinite().all()):
-            return math.nan
-        tiny = torch.finfo(torch.float64).tiny
-        d = torch.where(ref > 0, (now.clamp_min(tiny).log() - ref.clamp_min(tiny).log()).abs(), 0.0)
-        return min(float(d.max()), MAX_LOG)
+        now = self._log_norms()
+        ref = self._ref
+        out = 0.0
+        for k, (n, u) in enumerate(now):
+            # a reference of nan (norm 0) gives nan: counted 0; a norm that fell to 0 gives inf: a collapse
+            d = (u - ref[k]).abs().nan_to_num(0.0).max() if ref is not None else n.new_zeros(())
+            big, total = torch.stack([d, n.sum()]).tolist()  # the sum is finite iff every norm is
+            if not math.isfinite(total):
+                return math.nan
+            out = max(out, big)
+        self._now = [u for _, u in now]
+        return min(out, MAX_LOG) if ref is not None else 0.0
 
     def accept(self) -> None:
-        """The buffers as last measured by :meth:`change` stand: they become the reference."""
-        if self._now is not None and bool(self._now.isfinite().all()):
-            self.ref = self._now
-        self._now = None
+        """The buffers as last measured by :meth:`change` stand: they become the reference (unless non-finite)."""
+        now, self._now = self._now, None
+        if now is not None:
+            self._ref = [u.masked_fill(u.isneginf(), math.nan) for u in now]
 
     def rebase(self) -> None:
-        """Measure the buffers now and make that the reference (after a roll-back put older buffers back)."""
-        now = self.norms()
-        self.ref = now if bool(now.isfinite().all()) else None
-        self._now = None
+        """Measure the buffers now and make that the reference (after a roll-back put older buffers back; unless
+        non-finite)."""
+        self._ref = None
+        self.change()
+        self.accept()
+
+    @property
+    def ref(self) -> torch.Tensor | None:
+        """The norms at the last accepted point (float64, CPU; 0 for a norm of 0), or None before it."""
+        if self._ref is None:
+            return None
+        return torch.cat([r.nan_to_num(-math.inf).exp().to("cpu", torch.float64) for r in self._ref])
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The reference norms as a list of floats (None before the first accepted point)."""
-        return {"ref": None if self.ref is None else self.ref.tolist()}
+        """The reference log-norms as a list of floats (None for a norm of 0; ``"ref": None`` before the first
+        accepted point)."""
+        if self._ref is None:
+            return {"ref": None}
+        return {"ref": [None if math.isnan(v) else v for r in self._ref for v in r.tolist()]}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
-        """Restore :meth:`state_dict` (one non-negative finite norm per watched buffer, or None)."""
+        """Restore :meth:`state_dict` (one finite log-norm or None per watched buffer; or ``"ref": None``)."""
         who = "BufferWatch.load_state_dict"
         check_type("state_dict", state_dict, dict, who, "a dict returned by BufferWatch.state_dict()")
         ref = state_dict.get("ref")
         if ref is not None:
-            check_type("ref", ref, (list, tuple), who, "a list of norms")
-            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            check_type("ref", ref, (list, tuple), who, "a list of log-norms")
+            ok = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
                      for v in ref)  # fmt: skip
             if len(ref) != self.count or not ok:
                 raise RewindValueError(
-                    f"{who}: expected {self.count} finite non-negative norms (one per watched buffer), got {ref!r}; "
-                    "pass what state_dict() returned for a guard that watches the same buffers."
+                    f"{who}: expected {self.count} log-norms (one finite number or None per watched buffer), got "
+                    f"{ref!r}; pass what state_dict() returned for a guard that watches the same buffers."
                 )
-            self.ref = torch.tensor([float(v) for v in ref], dtype=torch.float64)
+            parts, k = [], 0
+            for g in self.groups:
+                vals = [math.nan if v is None else float(v) for v in ref[k : k + len(g)]]
+                parts.append(torch.tensor(vals, dtype=torch.float32, device=g[0].device))
+                k += len(g)
+            self._ref = parts
         else:
-            self.ref = None
+            self._ref = None
         self._now = None
 
 
