@@ -12,6 +12,9 @@ Usage::
     python benchmarks/bench_policies.py --json out.json  # also write the settings, tables, verdicts and every run
     python benchmarks/bench_policies.py --cache f.json   # where finished runs are kept (default: benchmarks/.cache/)
     python benchmarks/bench_policies.py --split tune     # only the tune half (how the defaults were chosen)
+    python benchmarks/bench_policies.py --section guards --plans scale,burst,lr,nan --tasks cnn_bn,recommender
+                                                         # which single fault costs what (plain, SpikeGuard
+                                                         # before and now)
 
 Every configuration runs on every task of the chosen halves (``tune`` and ``report``; the defaults were chosen on
 ``tune`` alone) for several seeds through ``run_many`` (2 worker processes, one torch thread each, denormals
@@ -267,9 +270,16 @@ def cname(method: str, plan: str) -> str:
     return f"guard/{CACHE_NAME.get(method, method)}{f'@{rev}' if rev else ''}/{plan}"
 
 
+SINGLE_FAULT_METHODS = ("plain", "spike-before", "spike")  # what runs under the single-fault plans (--plans)
+
+
 def guard_configs(only: tuple[str, ...] = ("none", "mixed", "drift")) -> list[Config]:
+    """The guard configs of the plans in ``only``; a plan outside the study's three (``scale``, ``burst``, ``lr``,
+    ``nan``: one kind of fault each) runs plain training and SpikeGuard before and now, to see which fault costs
+    what."""
     return [Config(cname(m, plan), adam(), step, faults=None if plan == "none" else plan)
-            for m, (_, step, plans) in GUARD_METHODS.items() for plan in plans if plan in only]  # fmt: skip
+            for m, (_, step, plans) in GUARD_METHODS.items() for plan in only
+            if plan in plans or (plan not in ("none", "mixed", "drift") and m in SINGLE_FAULT_METHODS)]  # fmt: skip
 
 
 SEARCH_METHODS = {  # name: (label, optimizer factory, step factory)
@@ -308,7 +318,8 @@ def false_rate(r: dict[str, Any]) -> float:
 FALSE_METHODS = ("spike", "spike-before", "spike-level", "spike-prev", "lightning")  # columns of the false-alarm table
 
 
-def guard_analysis(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, Any]:
+def guard_analysis(results: list[dict[str, Any]], task_names: list[str],
+                   plans: tuple[str, ...] = ("none", "mixed", "drift")) -> dict[str, Any]:  # fmt: skip
     g = by(results)
     rows_false, rows_fault, verdicts, records = [], [], {}, []
     for t in task_names:
@@ -325,7 +336,7 @@ def guard_analysis(results: list[dict[str, Any]], task_names: list[str]) -> dict
             row.append(f"{stats.mean(rates):.1f}" + (f" ({errs} raised)" if errs else ""))
             records.append({"table": "false", "task": t, "method": m, "per_1000": rates, "errors": errs})
         rows_false.append(row)
-        for plan in ("none", "mixed", "drift"):
+        for plan in plans:
             frow = [f"`{t}`", split, plan]
             for m in GUARD_METHODS:
                 rs = g.get((cname(m, plan), t), [])
@@ -442,6 +453,9 @@ def main() -> None:
     p.add_argument("--scale", type=float, help="run length and data as a fraction of the suite's (default 0.5)")
     p.add_argument("--split", choices=("tune", "report", "both"), default="both", help="which halves (default both)")
     p.add_argument("--section", choices=("guards", "search", "both"), default="both")
+    p.add_argument("--plans", help="guard section: fault plans, comma-separated (default none,mixed,drift; the "
+                   "single-fault plans scale, burst, lr, nan run plain and SpikeGuard before/now)")
+    p.add_argument("--tasks", help="only these tasks, comma-separated (default: those of --split)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args()
@@ -451,6 +465,8 @@ def main() -> None:
     scale = args.scale if args.scale else (0.06 if args.quick else 0.5)
     if args.quick:
         task_names = ["wine_zero", "gru_forecast"]  # one per half
+    elif args.tasks:
+        task_names = args.tasks.split(",")
     else:
         task_names = tasks.names(None if args.split == "both" else args.split)
     with_sls = (PEERS / "sls" / "sls.py").exists()
@@ -468,11 +484,14 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     if args.section in ("guards", "both"):
-        plans = ("none", "mixed") if args.quick else ("none", "mixed", "drift")
+        plans = tuple(args.plans.split(",")) if args.plans else ("none", "mixed") if args.quick else \
+            ("none", "mixed", "drift")  # fmt: skip
+        if "none" not in plans:
+            plans = ("none", *plans)  # the fault-free reference
         res = run_many(guard_configs(plans), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
                        workers=args.workers, progress=not args.quiet)  # fmt: skip
         results += res
-        ga = guard_analysis(res, task_names)
+        ga = guard_analysis(res, task_names, plans)
         out["faults"] = ga
         print("## 1. Fault injection and false alarms (Adam, suggested lr)\n")
         print("False roll-backs and skips per 1000 clean iterations (goal 0; \"raised\": the guard stopped a healthy "

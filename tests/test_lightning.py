@@ -251,7 +251,7 @@ def test_lr_scheduler_is_rolled_back_with_the_steps():
     n = 20
     batches = make_batches(n, spike=(11,), nan=(n - 1,))  # spike in each epoch, NaN on each epoch's last batch
     probe = Probe()
-    cb = RewindCallback("spike", **spike_kwargs())
+    cb = RewindCallback("spike", **spike_kwargs(), drop_first=False)  # every spike rolls back
     module = Net("sgd", "step+epoch")
     fit(module, batches, [cb, probe], epochs=2)
     step_sched, epoch_sched = (s for s, _ in module.scheds)

@@ -1758,7 +1758,8 @@ def test_rollback_after_a_nonfinite_step_in_a_cooldown_leaves_the_restored_lrs()
     o = torch.optim.SGD([*m.parameters(), big], lr=1.0)
     sched = torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9)
     rw = Rewind(m, o, schedulers=[sched], capacity=4)
-    guard = SpikeGuard(rw, detector=det(), rollback=2, cooldown=3, ramp=0, check_params=True, max_consecutive=1)
+    guard = SpikeGuard(rw, detector=det(), rollback=2, cooldown=3, ramp=0, check_params=True, max_consecutive=1,
+                       drop_first=False)  # fmt: skip
 
     def step(loss, boom=False):
         backprop(m, o)

@@ -232,7 +232,7 @@ class SpikeGuard(Guard):
             # the first spike's drop: the state stands as it was (no cool-down); a spike before a step stands is a
             # repeat and rolls back
             self.suspect = True
-            return {"dropped": True}
+            return {"dropped": True, "lr_factor": self.lr_cooldown.scale}
         self.stepped_since_rollback = False
         self.suspect = False
         return {"lr_factor": self.lr_cooldown.spiked()}
