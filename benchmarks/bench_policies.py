@@ -41,7 +41,8 @@ loss) is the ±2 standard-error rule of ``stats.compare``.
    full-batch ``LBFGS(line_search_fn="strong_wolfe")`` given as many examples as the mini-batch runs see. "passes"
    counts a backward as two forwards, relative to plain training's 3 per iteration.
 3. **Cost**: the wall time of the guarded runs relative to plain runs of the same task and seed (medians; noisy under
-   load) and the passes of the searches.
+   load; only runs timed in the same session compare), the passes of the searches, and what watching buffers costs
+   per iteration (``buffer_watch_cost``: interleaved, on one thread).
 
 Nothing here asserts on a number: the verdicts are printed and stored in the JSON; the exit status is 0.
 """
@@ -439,6 +440,62 @@ def cost_analysis(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def buffer_watch_cost(quick: bool = False) -> dict[str, Any]:
+    """What watching buffers (``SpikeGuard(..., buffers=model)``) costs per iteration, on one thread: the watch alone
+    (``BufferWatch.change()`` + ``accept()``) for ``cnn_bn``'s 4 buffers and for the 98 BatchNorm buffers of
+    ResNet-50's channel widths, and whole ``cnn_bn`` iterations with the buffers watched / not, in interleaved blocks
+    (medians)."""
+    import torch.nn.functional as F
+
+    from torchrewind.policies import BufferWatch
+
+    widths = [64] + [64, 64, 256] * 3 + [128, 128, 512] * 4 + [256, 256, 1024] * 6 + [512, 512, 2048] * 3
+    resnet_bn = torch.nn.Sequential(*[torch.nn.BatchNorm2d(c) for c in widths])
+    reps, blocks = (50, 3) if quick else (300, 9)
+
+    def watch_ms(model: torch.nn.Module) -> tuple[float, int]:
+        w = BufferWatch(model)
+        w.change()
+        w.accept()
+        ts = []
+        for _ in range(blocks):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                w.change()
+                w.accept()
+            ts.append((time.perf_counter() - t0) / reps * 1e3)
+        return statistics.median(ts), w.count
+
+    runs = {}
+    for watched in (False, True):
+        run = tasks.make("cnn_bn", 0, 0.5)
+        opt = torch.optim.Adam(run.model.parameters(), lr=run.adam_lr)
+        guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), buffers=run.model if watched else None)
+        runs[watched] = (run, opt, guard, iter(guard.wrap(run.batches())))
+
+    def block(watched: bool, n: int) -> float:
+        run, opt, guard, it = runs[watched]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = next(it)
+            loss = F.cross_entropy(run.model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+        return (time.perf_counter() - t0) / n * 1e3
+
+    ratios = []
+    for _ in range(blocks):
+        a = block(False, 10 if quick else 50)
+        b = block(True, 10 if quick else 50)
+        ratios.append(b / a)
+    cnn_ms, cnn_n = watch_ms(runs[True][0].model)
+    res_ms, res_n = watch_ms(resnet_bn)
+    return {"cnn_bn_watch_ms": cnn_ms, "cnn_bn_buffers": cnn_n, "resnet50_bn_watch_ms": res_ms,
+            "resnet50_bn_buffers": res_n, "cnn_bn_iteration_ratio": statistics.median(ratios),
+            "cnn_bn_iteration_ratios": ratios}  # fmt: skip
+
+
 def verdict_line(v: dict[str, list[str]]) -> str:
     return ", ".join(f"{k} {len(v.get(k, []))}" for k in stats.VERDICTS)
 
@@ -524,8 +581,16 @@ def main() -> None:
     cost = cost_analysis(results)
     out["overhead"] = cost
     print("## 3. Overhead\n")
-    print("Median wall time of a clean run relative to plain training, same task and seed: " +
+    print("Median wall time of a clean run relative to plain training, same task and seed (only meaningful for runs "
+          "timed in the same session: cached runs keep the load of theirs): " +
           ", ".join(f"{k} {v:.2f}x" for k, v in cost.items()) + "\n")  # fmt: skip
+    if args.section in ("guards", "both"):
+        bw = buffer_watch_cost(args.quick)
+        out["overhead_buffers"] = bw
+        print(f"Watching buffers (`SpikeGuard(..., buffers=model)`, 1 thread, medians): {bw['cnn_bn_watch_ms']:.3f} ms "
+              f"per iteration for cnn_bn's {bw['cnn_bn_buffers']} buffers, {bw['resnet50_bn_watch_ms']:.3f} ms for "
+              f"the {bw['resnet50_bn_buffers']} BatchNorm buffers of ResNet-50's widths; a whole cnn_bn iteration "
+              f"watched / not: {bw['cnn_bn_iteration_ratio']:.2f}x (interleaved blocks)\n")  # fmt: skip
     out["verdicts"] = {"guards": out.get("faults", {}).get("verdicts", {}),
                        "search": out.get("linesearch", {}).get("verdicts", {})}  # fmt: skip
     out["total_s"] = time.time() - t0
