@@ -12,6 +12,9 @@ Usage::
     python benchmarks/bench_policies.py --json out.json  # also write the settings, tables, verdicts and every run
     python benchmarks/bench_policies.py --cache f.json   # where finished runs are kept (default: benchmarks/.cache/)
     python benchmarks/bench_policies.py --split tune     # only the tune half (how the defaults were chosen)
+    python benchmarks/bench_policies.py --section guards --plans scale,burst,lr,nan --tasks cnn_bn,recommender
+                                                         # which single fault costs what (plain, SpikeGuard
+                                                         # before and now)
 
 Every configuration runs on every task of the chosen halves (``tune`` and ``report``; the defaults were chosen on
 ``tune`` alone) for several seeds through ``run_many`` (2 worker processes, one torch thread each, denormals
@@ -25,7 +28,9 @@ loss) is the ±2 standard-error rule of ``stats.compare``.
    ``clip_grad_norm_(1.0)``, clipping + ``NonFiniteGuard``, ``NonFiniteGuard``, Lightning's ``SpikeDetection``
    (the real class; its ``on_train_batch_end`` is driven with a minimal Fabric stand-in, and its documented
    recovery — resume from a checkpoint, skipping the batch it names and the one before — is emulated at no cost by
-   undoing those two steps), ``SpikeGuard`` with its defaults (capacity 8), with ``SpikeDetector(noise="level")``
+   undoing those two steps), ``SpikeGuard`` with its defaults (capacity 8) watching the model's buffers
+   (``buffers=model``), the same with ``drop_first=False`` (every spike rolled back at once), SpikeGuard as it was
+   before both (no buffers, ``drop_first=False``), and with ``buffers=model``: with ``SpikeDetector(noise="level")``
    (noise measured by the spread of the window's log-losses rather than their batch-to-batch differences) and with
    its previous detector (median/MAD of raw losses, min_rel 0.2).
 2. **Step sizes** (no faults): ``LineSearch`` and ``BoldDriver`` with defaults and no grid (around SGD with
@@ -36,7 +41,8 @@ loss) is the ±2 standard-error rule of ``stats.compare``.
    full-batch ``LBFGS(line_search_fn="strong_wolfe")`` given as many examples as the mini-batch runs see. "passes"
    counts a backward as two forwards, relative to plain training's 3 per iteration.
 3. **Cost**: the wall time of the guarded runs relative to plain runs of the same task and seed (medians; noisy under
-   load) and the passes of the searches.
+   load; only runs timed in the same session compare), the passes of the searches, and what watching buffers costs
+   per iteration (``buffer_watch_cost``: interleaved, on one thread).
 
 Nothing here asserts on a number: the verdicts are printed and stored in the JSON; the exit status is 0.
 """
@@ -80,12 +86,16 @@ def _guard_info(guard: Any) -> dict[str, Any]:
     return {**guard.log.counts(), "iterations": guard.iteration, "steps": guard.steps, "events": _events(guard.log)}
 
 
-def spike_guard(run: Any, opt: torch.optim.Optimizer, previous: bool = False, level: bool = False) -> Step:
-    """SpikeGuard with its defaults (or with the previous default detector, or with the noise measured from the
-    spread of the log-losses instead of their batch-to-batch differences) on a Rewind of capacity 8."""
+def spike_guard(run: Any, opt: torch.optim.Optimizer, previous: bool = False, level: bool = False,
+                buffers: bool = True, drop_first: bool = True) -> Step:
+    """SpikeGuard with its defaults, watching the model's buffers (``buffers=model``), on a Rewind of capacity 8; or
+    with the previous default detector, or with the noise measured from the spread of the log-losses instead of
+    their batch-to-batch differences; ``buffers=False, drop_first=False``: SpikeGuard as it was before it watched
+    buffers and dropped a first spike's batch (every spike rolled back)."""
     det = SpikeDetector(space="linear", min_scale=0.0, min_abs=0.0, min_rel=0.2) if previous else \
         SpikeDetector(noise="level") if level else None  # fmt: skip
-    guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), detector=det)
+    guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), detector=det,
+                       buffers=run.model if buffers else None, drop_first=drop_first)  # fmt: skip
     return Step(after_backward=guard.step, wrap=guard.wrap, info=lambda: _guard_info(guard))
 
 
@@ -238,17 +248,39 @@ GUARD_METHODS = {  # name: (label, step factory, plans)
                 ("none", "mixed", "drift")),
     "nonfinite": ("NonFiniteGuard", policy("NonFiniteGuard"), ("none", "mixed")),
     "lightning": ("Lightning SpikeDetection (+ free restart)", lightning_detector, ("none", "mixed", "drift")),
-    "spike": ("**SpikeGuard** (defaults)", spike_guard, ("none", "mixed", "drift")),
+    "spike-before": ("SpikeGuard before (no buffers, every spike rolled back)",
+                     functools.partial(spike_guard, buffers=False, drop_first=False), ("none", "mixed", "drift")),
+    "spike-nodrop": ("SpikeGuard, `drop_first=False`", functools.partial(spike_guard, drop_first=False),
+                     ("none", "mixed")),
+    "spike": ("**SpikeGuard** (defaults, `buffers=model`)", spike_guard, ("none", "mixed", "drift")),
     "spike-level": ("SpikeGuard, noise=\"level\"", functools.partial(spike_guard, level=True),
                     ("none", "mixed", "drift")),
     "spike-prev": ("SpikeGuard, previous detector", functools.partial(spike_guard, previous=True),
                    ("none", "mixed", "drift")),
 }
+# The run cache is keyed by a config's name: a method whose behaviour changed gets a new revision, so its runs are
+# redone (rev 2: SpikeGuard watches the model's buffers and drops a first spike's batch). "spike-before" is rev 1's
+# "spike" exactly (same code path), so its cached runs stand.
+REVISION = {"spike": 2, "spike-level": 2, "spike-prev": 2, "spike-nodrop": 2}
+CACHE_NAME = {"spike-before": "spike"}
+
+
+def cname(method: str, plan: str) -> str:
+    """The config (and cache) name of a guard method under a fault plan."""
+    rev = REVISION.get(method)
+    return f"guard/{CACHE_NAME.get(method, method)}{f'@{rev}' if rev else ''}/{plan}"
+
+
+SINGLE_FAULT_METHODS = ("plain", "spike-before", "spike")  # what runs under the single-fault plans (--plans)
 
 
 def guard_configs(only: tuple[str, ...] = ("none", "mixed", "drift")) -> list[Config]:
-    return [Config(f"guard/{m}/{plan}", adam(), step, faults=None if plan == "none" else plan)
-            for m, (_, step, plans) in GUARD_METHODS.items() for plan in plans if plan in only]  # fmt: skip
+    """The guard configs of the plans in ``only``; a plan outside the study's three (``scale``, ``burst``, ``lr``,
+    ``nan``: one kind of fault each) runs plain training and SpikeGuard before and now, to see which fault costs
+    what."""
+    return [Config(cname(m, plan), adam(), step, faults=None if plan == "none" else plan)
+            for m, (_, step, plans) in GUARD_METHODS.items() for plan in only
+            if plan in plans or (plan not in ("none", "mixed", "drift") and m in SINGLE_FAULT_METHODS)]  # fmt: skip
 
 
 SEARCH_METHODS = {  # name: (label, optimizer factory, step factory)
@@ -284,16 +316,20 @@ def false_rate(r: dict[str, Any]) -> float:
     return 1000.0 * len(ev) / max(r.get("completed", 0) or r["iterations"], 1)
 
 
-def guard_analysis(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, Any]:
+FALSE_METHODS = ("spike", "spike-before", "spike-level", "spike-prev", "lightning")  # columns of the false-alarm table
+
+
+def guard_analysis(results: list[dict[str, Any]], task_names: list[str],
+                   plans: tuple[str, ...] = ("none", "mixed", "drift")) -> dict[str, Any]:  # fmt: skip
     g = by(results)
     rows_false, rows_fault, verdicts, records = [], [], {}, []
     for t in task_names:
         split = tasks.TASKS[t].split
-        ref = g.get(("guard/plain/none", t), [])
+        ref = g.get((cname("plain", "none"), t), [])
         hib = bool(ref and ref[0]["higher_is_better"])
         row = [f"`{t}`", split]
-        for m in ("spike", "spike-level", "spike-prev", "lightning"):
-            rs = g.get((f"guard/{m}/none", t), [])
+        for m in FALSE_METHODS:
+            rs = g.get((cname(m, "none"), t), [])
             if not rs:
                 continue
             rates = [false_rate(r) for r in rs]
@@ -301,10 +337,10 @@ def guard_analysis(results: list[dict[str, Any]], task_names: list[str]) -> dict
             row.append(f"{stats.mean(rates):.1f}" + (f" ({errs} raised)" if errs else ""))
             records.append({"table": "false", "task": t, "method": m, "per_1000": rates, "errors": errs})
         rows_false.append(row)
-        for plan in ("none", "mixed", "drift"):
+        for plan in plans:
             frow = [f"`{t}`", split, plan]
             for m in GUARD_METHODS:
-                rs = g.get((f"guard/{m}/{plan}", t), [])
+                rs = g.get((cname(m, plan), t), [])
                 if not rs:
                     frow.append("–")
                     continue
@@ -396,12 +432,68 @@ def cost_analysis(results: list[dict[str, Any]]) -> dict[str, Any]:
     g = {(r["config"], r["task"], r["seed"]): r for r in results}
     out = {}
     for m in GUARD_METHODS:
-        ratios = [r["wall_s"] / g[("guard/plain/none", t, s)]["wall_s"] for (c, t, s), r in g.items()
-                  if c == f"guard/{m}/none" and ("guard/plain/none", t, s) in g
-                  and g[("guard/plain/none", t, s)]["wall_s"] > 0]  # fmt: skip
+        p = cname("plain", "none")
+        ratios = [r["wall_s"] / g[(p, t, s)]["wall_s"] for (c, t, s), r in g.items()
+                  if c == cname(m, "none") and (p, t, s) in g and g[(p, t, s)]["wall_s"] > 0]  # fmt: skip
         if ratios:
             out[m] = statistics.median(ratios)
     return out
+
+
+def buffer_watch_cost(quick: bool = False) -> dict[str, Any]:
+    """What watching buffers (``SpikeGuard(..., buffers=model)``) costs per iteration, on one thread: the watch alone
+    (``BufferWatch.change()`` + ``accept()``) for ``cnn_bn``'s 4 buffers and for the 98 BatchNorm buffers of
+    ResNet-50's channel widths, and whole ``cnn_bn`` iterations with the buffers watched / not, in interleaved blocks
+    (medians)."""
+    import torch.nn.functional as F
+
+    from torchrewind.policies import BufferWatch
+
+    widths = [64] + [64, 64, 256] * 3 + [128, 128, 512] * 4 + [256, 256, 1024] * 6 + [512, 512, 2048] * 3
+    resnet_bn = torch.nn.Sequential(*[torch.nn.BatchNorm2d(c) for c in widths])
+    reps, blocks = (50, 3) if quick else (300, 9)
+
+    def watch_ms(model: torch.nn.Module) -> tuple[float, int]:
+        w = BufferWatch(model)
+        w.change()
+        w.accept()
+        ts = []
+        for _ in range(blocks):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                w.change()
+                w.accept()
+            ts.append((time.perf_counter() - t0) / reps * 1e3)
+        return statistics.median(ts), w.count
+
+    runs = {}
+    for watched in (False, True):
+        run = tasks.make("cnn_bn", 0, 0.5)
+        opt = torch.optim.Adam(run.model.parameters(), lr=run.adam_lr)
+        guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), buffers=run.model if watched else None)
+        runs[watched] = (run, opt, guard, iter(guard.wrap(run.batches())))
+
+    def block(watched: bool, n: int) -> float:
+        run, opt, guard, it = runs[watched]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = next(it)
+            loss = F.cross_entropy(run.model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+        return (time.perf_counter() - t0) / n * 1e3
+
+    ratios = []
+    for _ in range(blocks):
+        a = block(False, 10 if quick else 50)
+        b = block(True, 10 if quick else 50)
+        ratios.append(b / a)
+    cnn_ms, cnn_n = watch_ms(runs[True][0].model)
+    res_ms, res_n = watch_ms(resnet_bn)
+    return {"cnn_bn_watch_ms": cnn_ms, "cnn_bn_buffers": cnn_n, "resnet50_bn_watch_ms": res_ms,
+            "resnet50_bn_buffers": res_n, "cnn_bn_iteration_ratio": statistics.median(ratios),
+            "cnn_bn_iteration_ratios": ratios}  # fmt: skip
 
 
 def verdict_line(v: dict[str, list[str]]) -> str:
@@ -418,6 +510,9 @@ def main() -> None:
     p.add_argument("--scale", type=float, help="run length and data as a fraction of the suite's (default 0.5)")
     p.add_argument("--split", choices=("tune", "report", "both"), default="both", help="which halves (default both)")
     p.add_argument("--section", choices=("guards", "search", "both"), default="both")
+    p.add_argument("--plans", help="guard section: fault plans, comma-separated (default none,mixed,drift; the "
+                   "single-fault plans scale, burst, lr, nan run plain and SpikeGuard before/now)")
+    p.add_argument("--tasks", help="only these tasks, comma-separated (default: those of --split)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args()
@@ -427,6 +522,8 @@ def main() -> None:
     scale = args.scale if args.scale else (0.06 if args.quick else 0.5)
     if args.quick:
         task_names = ["wine_zero", "gru_forecast"]  # one per half
+    elif args.tasks:
+        task_names = args.tasks.split(",")
     else:
         task_names = tasks.names(None if args.split == "both" else args.split)
     with_sls = (PEERS / "sls" / "sls.py").exists()
@@ -444,17 +541,19 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     if args.section in ("guards", "both"):
-        plans = ("none", "mixed") if args.quick else ("none", "mixed", "drift")
+        plans = tuple(args.plans.split(",")) if args.plans else ("none", "mixed") if args.quick else \
+            ("none", "mixed", "drift")  # fmt: skip
+        if "none" not in plans:
+            plans = ("none", *plans)  # the fault-free reference
         res = run_many(guard_configs(plans), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
                        workers=args.workers, progress=not args.quiet)  # fmt: skip
         results += res
-        ga = guard_analysis(res, task_names)
+        ga = guard_analysis(res, task_names, plans)
         out["faults"] = ga
         print("## 1. Fault injection and false alarms (Adam, suggested lr)\n")
         print("False roll-backs and skips per 1000 clean iterations (goal 0; \"raised\": the guard stopped a healthy "
               "run):\n")  # fmt: skip
-        print(stats.table(["task", "split", "SpikeGuard", "SpikeGuard, noise=\"level\"", "SpikeGuard, previous detector",
-                           "Lightning SpikeDetection"], ga["false"]))  # fmt: skip
+        print(stats.table(["task", "split", *[GUARD_METHODS[m][0] for m in FALSE_METHODS]], ga["false"]))
         print("\nFinal test metric; the verdict compares with plain training without faults (\"ev\": non-accepted "
               "decisions per run):\n")  # fmt: skip
         print(stats.table(["task", "split", "plan", *[GUARD_METHODS[m][0] for m in GUARD_METHODS]], ga["faults"]))
@@ -482,8 +581,16 @@ def main() -> None:
     cost = cost_analysis(results)
     out["overhead"] = cost
     print("## 3. Overhead\n")
-    print("Median wall time of a clean run relative to plain training, same task and seed: " +
+    print("Median wall time of a clean run relative to plain training, same task and seed (only meaningful for runs "
+          "timed in the same session: cached runs keep the load of theirs): " +
           ", ".join(f"{k} {v:.2f}x" for k, v in cost.items()) + "\n")  # fmt: skip
+    if args.section in ("guards", "both"):
+        bw = buffer_watch_cost(args.quick)
+        out["overhead_buffers"] = bw
+        print(f"Watching buffers (`SpikeGuard(..., buffers=model)`, 1 thread, medians): {bw['cnn_bn_watch_ms']:.3f} ms "
+              f"per iteration for cnn_bn's {bw['cnn_bn_buffers']} buffers, {bw['resnet50_bn_watch_ms']:.3f} ms for "
+              f"the {bw['resnet50_bn_buffers']} BatchNorm buffers of ResNet-50's widths; a whole cnn_bn iteration "
+              f"watched / not: {bw['cnn_bn_iteration_ratio']:.2f}x (interleaved blocks)\n")  # fmt: skip
     out["verdicts"] = {"guards": out.get("faults", {}).get("verdicts", {}),
                        "search": out.get("linesearch", {}).get("verdicts", {})}  # fmt: skip
     out["total_s"] = time.time() - t0

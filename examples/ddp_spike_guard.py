@@ -1,4 +1,4 @@
-"""SpikeGuard under DistributedDataParallel: a fault on one rank rolls back every rank, together.
+"""SpikeGuard under DistributedDataParallel: a fault on one rank is handled on every rank, together.
 
     python examples/ddp_spike_guard.py                          # spawns 2 CPU processes (gloo)
     torchrun --nproc-per-node 2 examples/ddp_spike_guard.py     # or let torchrun start them
@@ -6,9 +6,9 @@
 Digits (scikit-learn, bundled), an MLP, Adam, each rank its own shard of every batch. Rank 1 gets a batch with
 inputs x1000 at iteration 60 and rank 0 a NaN at iteration 100. DDP averages gradients, so one rank's fault poisons
 every replica: plain training ends in NaN. With ``SpikeGuard`` the decision is taken on the loss averaged over
-the ranks (one all-reduce), so every rank undoes the same steps and skips the same batches, and the replicas stay
-bitwise identical. (The log counts the guard's iterations: the 2 batches skipped after the roll-back are not
-iterations, so batch 100 is iteration 98.)
+the ranks (one all-reduce), so every rank drops the same batch (a spike on the next one too would undo the same
+steps on every rank) and skips the same batches, and the replicas stay bitwise identical. (The log counts the guard's
+iterations: the 2 batches skipped after the spike are not iterations, so batch 100 is iteration 98.)
 """
 
 from __future__ import annotations

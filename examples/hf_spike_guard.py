@@ -4,8 +4,10 @@
 
 The data is a stream of synthetic token sequences (arithmetic progressions mod 61, easy to learn). Steps 80-81 see
 random tokens (a corrupted shard: a loss spike) and step 140 produces NaN (a stand-in for an fp16 overflow). A plain
-``Trainer`` ends with NaN weights; ``RewindTrainer`` with ``RewindTrainerCallback("spike")`` undoes the spiking step and
-the one before it, does not apply the next batch's step, cools the lr down, skips the NaN step, and finishes.
+``Trainer`` ends with NaN weights; ``RewindTrainer`` with ``RewindTrainerCallback("spike")`` undoes the spiking step
+(the Trainer took it) and drops its batch, does not apply the next batch's step (``skip_batches=1``), skips the NaN
+step, and finishes. (Had the batch after a spike spiked too, the guard would also have undone the ``rollback=2`` steps
+before it and cooled the lr down; ``drop_first=False`` does that at every spike.)
 """
 
 import logging

@@ -4,8 +4,8 @@
 
 Digits (scikit-learn, bundled), an MLP, SGD with momentum. Batches 150, 300 and 450 have their inputs multiplied by
 1000 and batch 220 contains a NaN. Plain Lightning training diverges to NaN; with ``RewindCallback("spike")`` each
-fault is caught after Lightning's step, the step is undone with the ones before it, the next batch's step is dropped,
-the lr is cooled down and brought back, and the run ends where the fault-free one would.
+fault is caught after Lightning's step, the step is undone and its batch dropped (a spike on the next batch too would
+also undo the steps before it and cool the lr down), and the run ends where the fault-free one would.
 """
 
 import argparse

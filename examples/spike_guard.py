@@ -3,8 +3,9 @@
     python examples/spike_guard.py [--plot spikes.png]
 
 Batches 150, 300 and 450 have their inputs multiplied by 1000 and batch 220 contains a NaN. Plain training
-diverges; with ``SpikeGuard`` every fault is caught before its step is applied, the last steps are rolled back, the lr
-is cooled down and brought back, and the run ends where the fault-free run would. Every decision is in ``guard.log``.
+diverges; with ``SpikeGuard`` every fault is caught before its step is applied and its batch dropped (a spike on the
+next batch too would roll the last steps back and cool the lr down), and the run ends where the fault-free run would.
+Every decision is in ``guard.log``.
 """
 
 import argparse

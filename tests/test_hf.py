@@ -136,7 +136,7 @@ def test_spike_and_nan_equal_plain_loop_guard(tmp_path, ga):
     leave exactly the state of guard.step(loss) in a plain loop; with ga=2 the loss judged is the sum over
     micro-batches."""
     steps, spike, nan = 22, (12,), (17,)
-    kw = dict(rollback=2, skip_batches=1, cooldown=2, ramp=2)
+    kw = dict(rollback=2, skip_batches=1, cooldown=2, ramp=2, drop_first=False)
     data = dataset(steps, ga, spike, nan)
     cb = RewindTrainerCallback("spike", detector=SpikeDetector(window=10, warmup=5), **kw)
     model, trainer = train_hf(tmp_path, data, steps, ga, cb)

@@ -38,6 +38,8 @@ from torchrewind import (
     SpikeGuard,
     Trajectory,
 )
+from torchrewind.errors import RewindTypeError, RewindValueError
+from torchrewind.policies import BufferWatch
 from torchrewind.trajectory import KINDS
 from torchrewind.core.values import values_equal
 
@@ -422,7 +424,7 @@ SPIKE_FAULTS = {3: "nan_loss", 5: "inf_grad", 12: "poison", 17: "nan_loss", 21: 
 
 def spike_guard(rw, **kw):
     opts = dict(detector=SpikeDetector(window=16, threshold=6, warmup=8), rollback=3, skip_batches=2, cooldown=3,
-                ramp=4, max_consecutive=2, check_params=True, max_rollbacks=20)  # fmt: skip
+                ramp=4, max_consecutive=2, check_params=True, max_rollbacks=20, drop_first=False)  # fmt: skip
     opts.update(kw)
     return SpikeGuard(rw, **opts)
 
@@ -632,16 +634,17 @@ FAULT_KINDS = ["nan_loss", "inf_loss", "inf_grad", "poison", "grad_spike", "lr_b
     max_consecutive=st.integers(1, 3),
     check_params=st.booleans(),
     opt=st.sampled_from(["sgd", "adam"]),
+    drop_first=st.booleans(),
 )
 def test_spike_guard_random_faults_replay(faults, capacity, rollback_frac, skip, cooldown, ramp, max_consecutive,
-                                          check_params, opt):  # fmt: skip
+                                          check_params, opt, drop_first):  # fmt: skip
     if not check_params:
         faults = {k: v for k, v in faults.items() if v != "lr_boom"}
     data = make_data(28, faults)
     rollback = 1 + int(rollback_frac * (capacity - 1))
     kw = dict(detector=SpikeDetector(window=8, threshold=5, warmup=4), rollback=rollback, skip_batches=skip,
               cooldown=cooldown, ramp=ramp, max_consecutive=max_consecutive, check_params=check_params,
-              max_rollbacks=100, lr_factor=0.5)  # fmt: skip
+              max_rollbacks=100, lr_factor=0.5, drop_first=drop_first)  # fmt: skip
     lr = 0.05 if opt == "sgd" else 0.01
     run = GuardRun(opt=opt, lr=lr, capacity=capacity)
     guard = SpikeGuard(run.rw, **kw)
@@ -957,7 +960,7 @@ def det(**kw) -> SpikeDetector:
 
 def test_spike_guard_detects_after_warmup_not_during():
     m, o, rw = tiny(capacity=8)
-    guard = SpikeGuard(rw, detector=det(warmup=5))
+    guard = SpikeGuard(rw, drop_first=False, detector=det(warmup=5))
     for i in range(2):
         backprop(m, o)
         assert guard.step(quiet(i))
@@ -980,7 +983,7 @@ def test_spike_guard_detects_after_warmup_not_during():
 def test_spike_guard_rolls_back_min_of_rollback_and_history():
     m, o, rw = tiny(capacity=8)
     states = []
-    guard = SpikeGuard(rw, detector=det(warmup=3))  # rollback defaults to the capacity, 8
+    guard = SpikeGuard(rw, drop_first=False, detector=det(warmup=3))  # rollback defaults to the capacity, 8
     assert guard.rollback == 8
     start = full_state(m, o)
     for i in range(6):
@@ -994,7 +997,7 @@ def test_spike_guard_rolls_back_min_of_rollback_and_history():
     assert values_equal(start["model"], full_state(m, o)["model"])
 
     m, o, rw = tiny(capacity=8)
-    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=3)
+    guard = SpikeGuard(rw, drop_first=False, detector=det(warmup=3), rollback=3)
     states = []
     for i in range(6):
         backprop(m, o)
@@ -1025,7 +1028,7 @@ def test_spike_guard_detector_statistics_roll_back_with_history():
     undone steps (the first one measured at the parameters that are live again) and of the spike are forgotten, so
     the history is the same whether the guard or a framework's step (before_step/after_step) recorded it."""
     m, o, rw = tiny(capacity=4)
-    guard = SpikeGuard(rw, detector=det(warmup=3, window=20), rollback=3, grad_norm=True,
+    guard = SpikeGuard(rw, drop_first=False, detector=det(warmup=3, window=20), rollback=3, grad_norm=True,
                        grad_detector=det(warmup=3, window=20))  # fmt: skip
     accepted, grad_values = [], []
     for i in range(7):
@@ -1044,7 +1047,7 @@ def test_spike_guard_detector_statistics_roll_back_with_history():
 def test_spike_guard_cooldown_and_linear_ramp():
     m, o, rw = tiny(lr=0.1)
     f, cooldown, ramp = 0.5, 3, 4
-    guard = SpikeGuard(rw, detector=det(), lr_factor=f, cooldown=cooldown, ramp=ramp, rollback=1)
+    guard = SpikeGuard(rw, drop_first=False, detector=det(), lr_factor=f, cooldown=cooldown, ramp=ramp, rollback=1)
     for i in range(6):
         backprop(m, o)
         guard.step(quiet(i))
@@ -1070,8 +1073,8 @@ def test_spike_guard_cooldown_and_linear_ramp():
 
 def test_spike_guard_factor_compounds_and_is_floored():
     m, o, rw = tiny()
-    guard = SpikeGuard(rw, detector=det(), lr_factor=0.1, min_lr_factor=0.02, cooldown=5, ramp=5, rollback=1,
-                       max_rollbacks=10)  # fmt: skip
+    guard = SpikeGuard(rw, drop_first=False, detector=det(), lr_factor=0.1, min_lr_factor=0.02, cooldown=5, ramp=5,
+                       rollback=1, max_rollbacks=10)  # fmt: skip
     for i in range(6):
         backprop(m, o)
         guard.step(quiet(i))
@@ -1108,7 +1111,7 @@ def test_spike_guard_keeps_scheduler_lr_exact():
     opt = make_opt(model, "sgd", 0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
     rw = Rewind(model, opt, schedulers=[sched], capacity=4)
-    guard = SpikeGuard(rw, detector=SpikeDetector(window=8, warmup=6), cooldown=3, ramp=3, rollback=2)
+    guard = SpikeGuard(rw, drop_first=False, detector=SpikeDetector(window=8, warmup=6), cooldown=3, ramp=3, rollback=2)
     scaled = 0
     for i, x, t, fault in guard.wrap(data):
         loss = forward_loss(model, x, t, fault)
@@ -1214,7 +1217,7 @@ def test_spike_guard_gradient_norm_spike():
     data = make_data(16, {11: "grad_spike"})
     for grad_norm in (True, False):
         run = GuardRun(capacity=4, sched=False)
-        guard = SpikeGuard(run.rw, detector=SpikeDetector(window=10, warmup=8), grad_norm=grad_norm,
+        guard = SpikeGuard(run.rw, drop_first=False, detector=SpikeDetector(window=10, warmup=8), grad_norm=grad_norm,
                            grad_detector=SpikeDetector(window=10, warmup=8), rollback=2)  # fmt: skip
         run.train(guard, data)
         e = guard.log[11]
@@ -1775,7 +1778,8 @@ def test_rollback_after_a_nonfinite_step_in_a_cooldown_leaves_the_restored_lrs()
     o = torch.optim.SGD([*m.parameters(), big], lr=1.0)
     sched = torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9)
     rw = Rewind(m, o, schedulers=[sched], capacity=4)
-    guard = SpikeGuard(rw, detector=det(), rollback=2, cooldown=3, ramp=0, check_params=True, max_consecutive=1)
+    guard = SpikeGuard(rw, detector=det(), rollback=2, cooldown=3, ramp=0, check_params=True, max_consecutive=1,
+                       drop_first=False)  # fmt: skip
 
     def step(loss, boom=False):
         backprop(m, o)
@@ -1855,7 +1859,7 @@ RESUME_FAULTS = {5: "nan_loss", 20: "poison", 27: "inf_grad", 40: "poison", 47: 
 def resume_guard(rw, **kw):
     """warmup=16: a detector that restarted at a resume would still be warming up 10 iterations later."""
     opts = dict(detector=SpikeDetector(window=16, threshold=6, warmup=16), rollback=3, skip_batches=2, cooldown=3,
-                ramp=4, max_consecutive=2, check_params=True)  # fmt: skip
+                ramp=4, max_consecutive=2, check_params=True, drop_first=False)  # fmt: skip
     opts.update(kw)
     return SpikeGuard(rw, **opts)
 
@@ -2161,7 +2165,7 @@ def test_a_batch_skipped_without_wrap_still_poisons_batchnorm():
 def test_spike_guard_burst_rolls_back_once_then_drops_batches():
     """Spikes back to back (no step stands between them) undo nothing more: one roll-back, then dropped batches."""
     m, o, rw = tiny(capacity=8)
-    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=4)
+    guard = SpikeGuard(rw, drop_first=False, detector=det(warmup=3), rollback=4)
     for i in range(8):
         backprop(m, o)
         guard.step(quiet(i))
@@ -2178,7 +2182,7 @@ def test_spike_guard_burst_rolls_back_once_then_drops_batches():
     assert guard.log[-1].undone == 4
     sd = guard.state_dict()
     assert sd["stepped_since_rollback"] is False
-    other = SpikeGuard(Rewind(*tiny(capacity=8)[:2], capacity=8), detector=det(warmup=3), rollback=4)
+    other = SpikeGuard(Rewind(*tiny(capacity=8)[:2], capacity=8), drop_first=False, detector=det(warmup=3), rollback=4)
     other.load_state_dict(json.loads(json.dumps(sd)))
     assert other.stepped_since_rollback is False
 
@@ -2288,3 +2292,150 @@ def test_spike_detector_noise_from_differences_sees_a_spike_during_a_fast_descen
     assert diff.settings()["noise"] == "diff"
     with pytest.raises(RewindError, match="noise"):
         SpikeDetector(noise="trend")
+
+
+# ================================================================== SpikeGuard: first spikes dropped, buffers watched
+
+
+def test_spike_guard_first_spike_drops_its_batch_a_repeat_rolls_back():
+    """drop_first (default): a spike's step was never applied, so one bad batch is only dropped (nothing undone, no
+    cool-down); a spike on the next batch too means the state is bad: roll back and cool down."""
+    m, o, rw = tiny(capacity=8)
+    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=4)
+    for i in range(8):
+        backprop(m, o)
+        guard.step(quiet(i))
+    params = [p.detach().clone() for p in m.parameters()]
+    backprop(m, o)
+    assert guard.step(1e3) is False  # one bad batch
+    e = guard.log[-1]
+    assert (e.kind, e.undone, e.extra["dropped"]) == ("rolled_back", 0, True) and "batch dropped" in e.reason
+    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters())) and rw.step == 8 and guard.steps == 8
+    assert guard.lr_scale == 1.0 and guard.suspect
+    backprop(m, o)
+    assert guard.step(quiet(0)) and not guard.suspect and guard.log[-1].reason == ""  # full lr: no cool-down
+    for _ in range(2):  # two bad batches in a row: the second rolls back
+        backprop(m, o)
+        guard.step(1e3)
+    assert [e.undone for e in guard.log[-2:]] == [0, 4] and guard.lr_scale == 0.5 and guard.steps == 5
+    backprop(m, o)
+    guard.step(1e3)  # a burst goes on: no step stands since the roll-back, the batch is dropped
+    assert guard.log[-1].undone == 0 and "no step since the last roll-back" in guard.log[-1].reason
+    sd = json.loads(json.dumps(guard.state_dict()))
+    assert sd["suspect"] is False and sd["settings"]["drop_first"] is True
+    # non-finite iterations in a row are already a repeat: they roll back at once
+    m, o, rw = tiny(capacity=8)
+    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=4, max_consecutive=2)
+    for i in range(6):
+        backprop(m, o)
+        guard.step(quiet(i))
+    for _ in range(2):
+        backprop(m, o)
+        guard.step(float("nan"))
+    assert [e.kind for e in guard.log[-2:]] == ["skipped", "rolled_back"] and guard.log[-1].undone == 4
+
+
+def _bn_batches(n: int, scale_at: tuple[int, ...] = (), factor: float = 1e3):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 3, generator=g)
+    out = []
+    for i in range(n):
+        x = torch.randn(16, 4, generator=g)
+        out.append((x * factor if i in scale_at else x, (x @ w).argmax(1)))
+    return out
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
+def test_spike_guard_rolls_back_a_batchnorm_running_stat_jump(opt_kind):
+    """Inputs x1e3: BatchNorm (train mode) normalises them away, so the loss does not spike, but the running variance
+    jumps ~1e5-fold (eval mode would be broken for ~100 steps). With buffers=model the guard sees the jump and takes
+    the batch back, running statistics included (wrap: recorded before forward), bit for bit; without, it cannot."""
+    for watch in (True, False):
+        model = _bn_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05) if opt_kind == "sgd" else \
+            torch.optim.Adam(model.parameters(), lr=0.01)  # fmt: skip
+        guard = SpikeGuard(Rewind(model, opt, capacity=4), buffers=model if watch else None)
+        bn = model[1]
+        for i, (x, y) in enumerate(guard.wrap(_bn_batches(40, scale_at=(30,)))):
+            var = bn.running_var.clone()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            ok = guard.step(loss)
+            if i == 30:
+                e = guard.log[-1]
+                if watch:
+                    assert not ok and e.kind == "rolled_back" and e.reason.startswith("buffer jump")
+                    assert torch.equal(bn.running_var, var)  # the jump is taken back with the batch
+                else:
+                    assert ok and float(bn.running_var.max() / var.max()) > 1e3  # the loss did not show it
+        events = [(e.iteration, e.kind) for e in guard.log if e.kind != "accepted"]
+        assert events == ([(30, "rolled_back")] if watch else [])
+        if watch:
+            assert guard.settings()["buffers"] == 2 and guard.buffer_detector is not None
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
+def test_spike_guard_watching_buffers_never_fires_on_a_clean_batchnorm_run(opt_kind):
+    """300 healthy iterations of a BatchNorm network from its first step (running statistics moving fastest): no
+    decision other than "accepted" with the buffers watched, SGD with momentum or Adam. (The loss detector is off:
+    this is about the buffers; 16-example batches with dropout give the loss a heavy tail.)"""
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_kind == "sgd" else \
+        torch.optim.Adam(model.parameters(), lr=0.01)  # fmt: skip
+    guard = SpikeGuard(Rewind(model, opt, capacity=4), buffers=model, detector=SpikeDetector(threshold=math.inf))
+    for x, y in guard.wrap(_bn_batches(300)):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    assert guard.log.counts()["accepted"] == 300
+    assert guard.buffer_detector.count == 299  # every change after the first step was learnt
+
+
+def test_spike_guard_buffer_watch_state_and_errors():
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = SpikeGuard(Rewind(model, opt, capacity=4), buffers=model)
+    for x, y in guard.wrap(_bn_batches(25)):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    sd = json.loads(json.dumps(guard.state_dict()))
+    assert len(sd["buffer_watch"]["ref"]) == 2 and sd["buffer_detector"]["count"] == 24  # mean and variance
+    other = SpikeGuard(Rewind(_bn_model(), torch.optim.SGD(model.parameters(), lr=0.05), capacity=4),
+                       buffers=_bn_model())  # fmt: skip
+    other.load_state_dict(sd)
+    assert other.buffer_watch.state_dict() == sd["buffer_watch"]
+    assert values_equal(other.state_dict(), guard.state_dict())
+    plain = SpikeGuard(Rewind(_bn_model(), torch.optim.SGD(model.parameters(), lr=0.05), capacity=4))
+    with pytest.raises(RewindValueError, match="buffers: 2 saved, 0 here"):
+        plain.load_state_dict(sd)
+    bad = json.loads(json.dumps(sd))
+    bad["buffer_watch"]["ref"] = [1.0]
+    with pytest.raises(RewindValueError, match="expected 2 log-norms"):
+        other.load_state_dict(bad)
+    assert other.buffer_watch.state_dict() == sd["buffer_watch"]  # a refused state changed nothing
+    rw = Rewind(*tiny()[:2])
+    with pytest.raises(RewindTypeError, match="buffers must be an nn.Module"):
+        SpikeGuard(rw, buffers="model")
+    with pytest.raises(RewindValueError, match="must be floating-point"):
+        SpikeGuard(rw, buffers=[torch.zeros(3, dtype=torch.long)])
+    assert SpikeGuard(rw, buffers=torch.nn.Linear(2, 2)).buffer_watch is None  # no buffers: nothing to watch
+
+
+def test_buffer_watch_measures_the_largest_change_of_norm():
+    a, b, z = torch.ones(4), torch.full((2,), 3.0), torch.zeros(3)
+    watch = BufferWatch([a, b, z])
+    assert watch.change() == 0.0  # no reference yet
+    watch.accept()
+    a.mul_(2.0)  # x2
+    b.mul_(0.25)  # x0.25: the largest change, either way
+    z.fill_(5.0)  # was 0: no scale to compare with, not judged
+    assert watch.change() == pytest.approx(math.log(4.0))
+    watch.accept()
+    b.fill_(float("nan"))
+    assert math.isnan(watch.change())
+    watch.accept()  # a non-finite measurement never becomes the reference
+    assert watch.ref[1] == pytest.approx(0.75 * math.sqrt(2.0))

@@ -180,7 +180,7 @@ def test_spike_guard_rolls_back_beyond_the_device_ring(keep):
 
     r = Run(Tiers(device=2, host=HostArchive(keep=keep, every=1)))
     guard = SpikeGuard(r.rw, detector=SpikeDetector(window=16, warmup=8, threshold=6), rollback=10, cooldown=0,
-                       ramp=0)  # fmt: skip
+                       ramp=0, drop_first=False)  # fmt: skip
     for k in range(30):
         g = torch.Generator().manual_seed(k)
         x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)

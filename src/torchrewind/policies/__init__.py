@@ -1,9 +1,10 @@
 """Policies built on exact undo: guards against non-finite values and loss spikes, and step-size search.
 
 One concept per module: ``guard`` (the :class:`Guard` base, its :class:`Decision` and the driver that carries it
-out), ``nonfinite`` and ``spike`` (the two guards), ``detector`` (:class:`SpikeDetector`), ``cooldown``
-(:class:`LrCooldown`), ``budget`` (:class:`RollbackBudget`), ``linesearch`` (the backtracking engine, LineSearch,
-BoldDriver), ``acceptance`` (their acceptance rules), ``stepsize`` (their lr schedule), ``lr`` (lr edits);
+out), ``nonfinite`` and ``spike`` (the two guards), ``detector`` (:class:`SpikeDetector`), ``buffers``
+(:class:`BufferWatch`), ``cooldown`` (:class:`LrCooldown`), ``budget`` (:class:`RollbackBudget`), ``linesearch``
+(the backtracking engine, LineSearch, BoldDriver), ``acceptance`` (their acceptance rules), ``stepsize`` (their lr
+schedule), ``lr`` (lr edits);
 ``triage`` (:class:`FaultTriage`: a transient machine fault or bad data, by exact rerun), ``outcome`` (what a run
 produced, compared bit for bit), ``quarantine`` (:class:`Quarantine`), ``determinism`` (:class:`DeterminismReport`),
 ``inject`` (:class:`FaultInjector`, for tests and demos).
@@ -11,6 +12,7 @@ produced, compared bit for bit), ``quarantine`` (:class:`Quarantine`), ``determi
 
 from .acceptance import Armijo, NoIncrease
 from .budget import RollbackBudget
+from .buffers import BufferWatch
 from .cooldown import LrCooldown
 from .detector import SpikeDetector
 from .determinism import DeterminismReport
@@ -28,6 +30,7 @@ __all__ = [
     "Armijo",
     "Backtracking",
     "BoldDriver",
+    "BufferWatch",
     "Decision",
     "DeterminismReport",
     "FaultInjector",

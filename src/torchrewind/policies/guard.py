@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from .._checks import check_bool, check_int, check_type
-from ..distributed import all_sum, local
+from ..distributed import all_sum, local, world_size
 from ..errors import RewindError
 from ..rewind import Rewind
 from ..skipping import BatchSkips, SkippableIterator
@@ -120,6 +120,7 @@ class Guard:
         self._top = False  # the wrapped iterator recorded a point at the top of this iteration, before forward
         self._mark: int | None = None  # rw.step at before_step(): after_step() sees whether the step ran
         self._scaled = OneStepLrScale(self.optimizer)  # lr_scale for a framework's step
+        self.signals: tuple[float, ...] = ()  # this iteration's _signals(), agreed across ranks
 
     # -- what a guard decides (subclasses) ----------------------------------------------------------------------
     def decide(self, loss: float, grad_norm: float | None) -> Decision:
@@ -140,14 +141,21 @@ class Guard:
         """What to do about a non-finite loss, gradient, or a step that made parameters non-finite: skip it."""
         return Decision.skip(reason)
 
+    def _signals(self) -> tuple[float, ...]:
+        """Numbers this guard measures for its decision besides the loss and gradient norm, before :meth:`decide`;
+        they are averaged over the Rewind's ranks (in the loss's collective) and :meth:`decide` reads them from
+        ``self.signals``."""
+        return ()
+
     def _stepped(self, loss: float, grad_norm: float | None, scale: float) -> None:
         """A step taken at lr ``scale`` stands (learn from it). The Rewind recorded the undo point before."""
 
     def _rolling_back(self, iteration: int, reason: str) -> None:
         """Before a roll-back's undo (e.g. charge a budget; may raise)."""
 
-    def _rolled_back(self) -> dict[str, Any]:
-        """After a roll-back's undo; returns what to add to the event's ``extra``."""
+    def _rolled_back(self, d: Decision, steps: int) -> dict[str, Any]:
+        """After a roll-back's undo (``steps``: how many earlier steps it undid); returns what to add to the event's
+        ``extra``."""
         return {}
 
     # -- the plain loop ---------------------------------------------------------------------------------------
@@ -258,12 +266,17 @@ class Guard:
     def _judge(self, loss: Any, how: _Stepping, who: str) -> bool:
         # the loss (and the squared gradient norm) agreed over the ranks in one collective, validated before the
         # iteration counts
+        # a subclass's own signals (e.g. SpikeGuard's buffer change) ride along, averaged over the ranks
+        own = self._signals()
+        n = world_size(self.rw.group)
+        own = tuple(x / n for x in own) if n > 1 else own
         if self.check_grads:
-            v, sq = agreed_loss(self.rw, loss, who, (grad_sq(self.optimizer, self.rw.group),))
+            v, sq, *sig = agreed_loss(self.rw, loss, who, (grad_sq(self.optimizer, self.rw.group), *own))
             gn: float | None = math.sqrt(sq) if math.isfinite(v) else None
         else:
-            (v,) = agreed_loss(self.rw, loss, who)
+            v, *sig = agreed_loss(self.rw, loss, who, own)
             gn = None
+        self.signals = tuple(sig)
         it = self._next_iteration()
         if self._skips.take_queued():  # a batch skipped after a roll-back, with no wrapped iterator
             undone = how.discard()
@@ -326,7 +339,7 @@ class Guard:
         if top and not n and not undone:
             self.rw.revert()  # nothing to undo (no history yet): still take back this iteration's forward
         self._skips.skip(d.skip_batches)
-        extra = self._rolled_back()
+        extra = self._rolled_back(d, n)
         self.consecutive = 0
         self.rollbacks += 1
         self.steps = max(self.steps - n, 0)

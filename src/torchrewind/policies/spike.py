@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
+
+import torch
 
 from .._checks import check_bool, check_int, check_type
 from ..errors import RewindError, RewindValueError
@@ -10,6 +14,7 @@ from ..rewind import Rewind
 from ..trajectory import Trajectory
 from ._common import check_rewind
 from .budget import RollbackBudget
+from .buffers import MAX_LOG, BufferWatch
 from .cooldown import LrCooldown
 from .detector import SpikeDetector
 from .guard import Decision, Guard
@@ -28,10 +33,16 @@ def _setting(piece: str, name: str) -> property:
 class SpikeGuard(Guard):
     """Loss-spike recovery: detect a spike, roll back, skip the data, cool the learning rate down, carry on.
 
-    On a spike in the loss (or, with ``grad_norm=True``, in the global gradient norm) the step is not applied and:
+    A spike is judged on the iteration's loss (or, with ``grad_norm=True``, the global gradient norm; with
+    ``buffers=model``, the largest one-step change of any floating-point buffer's norm) *before* its step is
+    applied, so the step that would have used the spiking batch is never taken. Then:
 
+    0. with ``drop_first`` (default) a first spike only drops its batch (nothing undone, no cool-down): if the batch
+       was bad, that is the whole repair. A spike on the next batch too (before any step stands) means the state is
+       bad — e.g. steps at a too-high lr — and starts the roll-back below; so do ``max_consecutive`` non-finite
+       iterations in a row. ``drop_first=False``: every spike rolls back at once;
     1. the last ``rollback`` steps are undone (default: the whole history, ``rewind.capacity``) — parameters,
-       optimizer state, schedulers, RNG and the detector's own statistics (which forget the losses measured after
+       optimizer state, schedulers, RNG and the detectors' own statistics (which forget the values measured after
        the restored point). With a host or disk tier, ``rollback`` may exceed the device history (PaLM-style
        roll-backs of ~100 steps): the guard then restores the newest point kept at or before that step;
     2. the next ``skip_batches`` batches of the iterator returned by :meth:`wrap` are skipped (the batches of the
@@ -42,20 +53,31 @@ class SpikeGuard(Guard):
        between them (a burst of bad batches), do not, and undo nothing more: the state is already the restored one,
        so such a batch is only dropped (it still counts as a roll-back). ``lr_factor=1`` keeps the lr (see
        :class:`LrCooldown`);
-    4. the decision is logged. More than ``max_rollbacks`` roll-backs within ``budget_window`` iterations raise
-       :class:`~torchrewind.RewindError` (see :class:`RollbackBudget`).
+    4. the decision is logged (a dropped batch is a ``rolled_back`` event with ``undone=0``). More than
+       ``max_rollbacks`` roll-backs within ``budget_window`` iterations raise :class:`~torchrewind.RewindError`
+       (see :class:`RollbackBudget`).
+
+    ``buffers`` (a module, modules, or tensors; None: none): BatchNorm normalises a batch of inputs x1e3 away in
+    train mode, so the loss does not move, but its running variance jumps ~1e5-fold and takes ~100 steps (momentum
+    0.1) to wash out, leaving eval mode at chance. With ``buffers=model`` the guard measures, after each forward,
+    the largest factor by which a floating-point buffer's norm changed since the last accepted step
+    (:class:`BufferWatch`: one fused norm per device) and judges it with ``buffer_detector`` like the loss; a
+    non-finite buffer is treated like a non-finite loss. Pass the model: the Rewind does not expose its modules.
 
     Non-finite losses/gradients skip the step; ``max_consecutive`` of them in a row are treated as a spike. With
-    :meth:`wrap`, every iteration's undo point is recorded before its forward pass, so a skipped or rolled-back
-    iteration also loses what its forward did to BatchNorm statistics and the RNG (a NaN batch cannot poison them).
-    The default detector judges log-losses against the run's own noise (see :class:`SpikeDetector`): on the 14 tasks
-    of ``benchmarks/suite`` it made no false roll-back on any clean run.
-    The pieces are public attributes: ``detector`` / ``grad_detector`` (:class:`SpikeDetector`), ``lr_cooldown``
+    :meth:`wrap`, every iteration's undo point is recorded before its forward pass, so a skipped, dropped or
+    rolled-back iteration also loses what its forward did to BatchNorm statistics and the RNG (a NaN batch or an
+    x1e3 batch cannot poison them). The default detector judges log-losses against the run's own noise (see
+    :class:`SpikeDetector`). On the 14 tasks of ``benchmarks/suite`` (``benchmarks/bench_policies.py``) the
+    defaults with ``buffers=model`` made no false roll-back on any clean run; ``drop_first`` was chosen on its
+    ``tune`` half (see the README).
+    The pieces are public attributes: ``detector`` / ``grad_detector`` / ``buffer_detector``
+    (:class:`SpikeDetector`), ``buffer_watch`` (:class:`BufferWatch` or None), ``lr_cooldown``
     (:class:`LrCooldown`), ``budget`` (:class:`RollbackBudget`); :meth:`state_dict` saves them all.
 
     Example::
 
-        guard = SpikeGuard(Rewind(model, opt, capacity=8))
+        guard = SpikeGuard(Rewind(model, opt, capacity=8), buffers=model)
         for x, y in guard.wrap(loader):
             loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward()
             guard.step(loss)
@@ -68,7 +90,10 @@ class SpikeGuard(Guard):
         detector: SpikeDetector | None = None,
         grad_norm: bool = False,
         grad_detector: SpikeDetector | None = None,
+        buffers: torch.nn.Module | Iterable[torch.nn.Module | torch.Tensor] | None = None,
+        buffer_detector: SpikeDetector | None = None,
         rollback: int | None = None,
+        drop_first: bool = True,
         skip_batches: int = 0,
         lr_factor: float = 0.5,
         min_lr_factor: float = 1e-3,
@@ -91,18 +116,25 @@ class SpikeGuard(Guard):
                 "tier (Rewind(..., tiers=Tiers(host=HostArchive(keep=...)))), or lower rollback."
             )
         self.skip_batches = check_int("skip_batches", skip_batches, 0, who)
-        for name, det in (("detector", detector), ("grad_detector", grad_detector)):
+        for name, det in (("detector", detector), ("grad_detector", grad_detector),
+                          ("buffer_detector", buffer_detector)):  # fmt: skip
             if det is not None:
                 check_type(name, det, SpikeDetector, who, "a SpikeDetector")
         self.use_grad_norm = check_bool("grad_norm", grad_norm, who)
+        self.drop_first = check_bool("drop_first", drop_first, who)
+        watch = BufferWatch(buffers, who) if buffers is not None else None
         self.lr_cooldown = LrCooldown(lr_factor, min_lr_factor, cooldown, ramp, who)
         self.budget = RollbackBudget(max_rollbacks, budget_window, who)
         super().__init__(rewind, check_grads=True, check_params=check_params, max_consecutive=max_consecutive,
                          log=log)  # fmt: skip
         self.rollback = k
         self.stepped_since_rollback = True  # False right after a roll-back, until a step stands
+        self.suspect = False  # the last spike only dropped its batch: another before a step stands rolls back
         self.detector = detector or SpikeDetector()
         self.grad_detector = (grad_detector or SpikeDetector()) if grad_norm else None
+        # the watched buffers (None: none): their largest one-step change of norm, judged like the loss
+        self.buffer_watch = watch if watch is not None and watch.count else None
+        self.buffer_detector = (buffer_detector or SpikeDetector()) if self.buffer_watch is not None else None
         # the detectors' statistics are part of the training state: a roll-back also forgets the undone steps'
         # losses (last: a refused guard tracks nothing)
         self.rw.track(_TrackedDetectors(self))
@@ -117,6 +149,9 @@ class SpikeGuard(Guard):
             d = guard.decide(1e4, None)      # after warm-up: Decision(action='roll_back', reason='loss spike ...')
         """
         reason = self.nonfinite_reason(loss, grad_norm)
+        change = self.buffer_change
+        if not reason and change is not None and not math.isfinite(change):
+            reason = "non-finite buffer"
         if reason:
             return self.nonfinite_decision(reason)
         if self.detector.is_spike(loss):
@@ -124,19 +159,39 @@ class SpikeGuard(Guard):
         g = self.grad_detector
         if g is not None and grad_norm is not None and g.is_spike(grad_norm):
             return self._spike(f"gradient-norm spike (z={g.score(grad_norm):.1f})")
+        b = self.buffer_detector
+        if b is not None and change is not None and b.is_spike(math.exp(change)):
+            return self._spike(f"buffer jump (a buffer's norm changed x{math.exp(change):.3g}, "
+                               f"z={b.score(math.exp(change)):.1f})")  # fmt: skip
         return Decision.apply()
+
+    @property
+    def buffer_change(self) -> float | None:
+        """This iteration's largest change of a watched buffer's norm, as a log (None: no buffers watched, or not
+        measured yet)."""
+        if self.buffer_watch is None or not self.signals:
+            return None
+        return min(self.signals[0], MAX_LOG)
+
+    def _signals(self) -> tuple[float, ...]:
+        return (self.buffer_watch.change(),) if self.buffer_watch is not None else ()
 
     def nonfinite_decision(self, reason: str) -> Decision:
         # max_consecutive non-finite iterations in a row are treated as a spike: the parameters may be broken
         if self.consecutive + 1 >= self.max_consecutive:
-            return self._spike(f"{reason}, {self.consecutive + 1} in a row")
+            return self._spike(f"{reason}, {self.consecutive + 1} in a row", confirmed=True)
         return Decision.skip(reason)
 
-    def _spike(self, reason: str) -> Decision:
+    def _spike(self, reason: str, confirmed: bool = False) -> Decision:
         if not self.stepped_since_rollback:
             # no step stands since the last roll-back (a burst of bad batches): the state is the restored one, there
             # is nothing new to undo; drop the batch (and its forward) and go on
             return Decision.roll_back(f"{reason}; no step since the last roll-back: batch dropped", 0,
+                                      self.skip_batches)  # fmt: skip
+        if self.drop_first and not (confirmed or self.suspect):
+            # the spiking batch's step was never applied: if the batch is bad, dropping it is the whole repair; the
+            # next batch tells whether the state is bad too (then it spikes again and the guard rolls back)
+            return Decision.roll_back(f"{reason}; batch dropped (a spike on the next batch rolls back)", 0,
                                       self.skip_batches)  # fmt: skip
         return Decision.roll_back(reason, self.rollback, self.skip_batches)
 
@@ -151,8 +206,14 @@ class SpikeGuard(Guard):
         self.detector.update(loss)
         if self.grad_detector is not None and grad_norm is not None:
             self.grad_detector.update(grad_norm)
+        change = self.buffer_change
+        if self.buffer_detector is not None and self.buffer_watch is not None:
+            if change is not None and self.buffer_watch.ref is not None:
+                self.buffer_detector.update(math.exp(change))
+            self.buffer_watch.accept()
         self.lr_cooldown.stepped(scale)
         self.stepped_since_rollback = True
+        self.suspect = False
 
     def _rolling_back(self, iteration: int, reason: str) -> None:
         if not self.budget.charge(iteration):
@@ -164,8 +225,16 @@ class SpikeGuard(Guard):
                 f"data, or raise max_rollbacks. This spike: {reason} at iteration {iteration}. Recent events:\n{recent}"
             )
 
-    def _rolled_back(self) -> dict[str, Any]:
+    def _rolled_back(self, d: Decision, steps: int) -> dict[str, Any]:
+        if steps and self.buffer_watch is not None:
+            self.buffer_watch.rebase()  # older buffers are back: changes count from them
+        if d.steps == 0 and self.stepped_since_rollback:
+            # the first spike's drop: the state stands as it was (no cool-down); a spike before a step stands is a
+            # repeat and rolls back
+            self.suspect = True
+            return {"dropped": True, "lr_factor": self.lr_cooldown.scale}
         self.stepped_since_rollback = False
+        self.suspect = False
         return {"lr_factor": self.lr_cooldown.spiked()}
 
     # -- the pieces' settings, as the guard's own (settable, e.g. guard.max_rollbacks = 40) ------------------
@@ -179,27 +248,32 @@ class SpikeGuard(Guard):
     # -- state ----------------------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "rollback": self.rollback, "skip_batches": self.skip_batches,
-                "grad_norm": self.use_grad_norm}  # fmt: skip
+                "grad_norm": self.use_grad_norm, "drop_first": self.drop_first,
+                "buffers": self.buffer_watch.count if self.buffer_watch is not None else 0}  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "stepped_since_rollback": self.stepped_since_rollback}
+        return {**super().state_dict(), "stepped_since_rollback": self.stepped_since_rollback,
+                "suspect": self.suspect}  # fmt: skip
 
     state_dict.__doc__ = Guard.state_dict.__doc__
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         who = "SpikeGuard.load_state_dict"
-        if isinstance(state_dict, dict) and "stepped_since_rollback" not in state_dict:
-            raise RewindValueError(f"{who}: the state lacks ['stepped_since_rollback']; pass what "
-                                   "SpikeGuard.state_dict() returned.")  # fmt: skip
-        flag = check_bool("stepped_since_rollback", state_dict.get("stepped_since_rollback"), who) \
-            if isinstance(state_dict, dict) else True
+        flags = {"stepped_since_rollback": True, "suspect": False}
+        if isinstance(state_dict, dict):
+            missing = [k for k in flags if k not in state_dict]
+            if missing:
+                raise RewindValueError(f"{who}: the state lacks {missing}; pass what SpikeGuard.state_dict() "
+                                       "returned.")  # fmt: skip
+            flags = {k: check_bool(k, state_dict[k], who) for k in flags}
         super().load_state_dict(state_dict, strict)
-        self.stepped_since_rollback = flag
+        self.stepped_since_rollback, self.suspect = flags["stepped_since_rollback"], flags["suspect"]
 
     load_state_dict.__doc__ = Guard.load_state_dict.__doc__
 
     def _parts(self) -> dict[str, Any]:
         return {**super()._parts(), "detector": self.detector, "grad_detector": self.grad_detector,
+                "buffer_detector": self.buffer_detector, "buffer_watch": self.buffer_watch,
                 "cooldown": self.lr_cooldown, "budget": self.budget}  # fmt: skip
 
 
@@ -207,12 +281,15 @@ class _TrackedDetectors:
     """The detectors' statistics as the Rewind records them at every undo point (settings stay as they are)."""
 
     def __init__(self, guard: SpikeGuard) -> None:
-        self.loss, self.grad = guard.detector, guard.grad_detector
+        self.loss, self.grad, self.buf = guard.detector, guard.grad_detector, guard.buffer_detector
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss.stats(), "grad": self.grad.stats() if self.grad else None}
+        return {"loss": self.loss.stats(), "grad": self.grad.stats() if self.grad else None,
+                "buffers": self.buf.stats() if self.buf else None}  # fmt: skip
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.loss.load_stats(sd["loss"])
         if self.grad is not None and sd["grad"] is not None:
             self.grad.load_stats(sd["grad"])
+        if self.buf is not None and sd.get("buffers") is not None:
+            self.buf.load_stats(sd["buffers"])
