@@ -252,7 +252,7 @@ GUARD_METHODS = {  # name: (label, step factory, plans)
                      functools.partial(spike_guard, buffers=False, drop_first=False), ("none", "mixed", "drift")),
     "spike-nodrop": ("SpikeGuard, `drop_first=False`", functools.partial(spike_guard, drop_first=False),
                      ("none", "mixed")),
-    "spike": ("**SpikeGuard** (defaults, `buffers=model`)", spike_guard, ("none", "mixed", "drift")),
+    "spike": ("**SpikeGuard** (defaults)", spike_guard, ("none", "mixed", "drift")),
     "spike-level": ("SpikeGuard, noise=\"level\"", functools.partial(spike_guard, level=True),
                     ("none", "mixed", "drift")),
     "spike-prev": ("SpikeGuard, previous detector", functools.partial(spike_guard, previous=True),

@@ -2348,13 +2348,14 @@ def _bn_batches(n: int, scale_at: tuple[int, ...] = (), factor: float = 1e3):
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
 def test_spike_guard_rolls_back_a_batchnorm_running_stat_jump(opt_kind):
     """Inputs x1e3: BatchNorm (train mode) normalises them away, so the loss does not spike, but the running variance
-    jumps ~1e5-fold (eval mode would be broken for ~100 steps). With buffers=model the guard sees the jump and takes
+    jumps ~1e5-fold (eval mode would be broken for ~100 steps). Watching buffers the guard sees the jump and takes
     the batch back, running statistics included (wrap: recorded before forward), bit for bit; without, it cannot."""
     for watch in (True, False):
         model = _bn_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05) if opt_kind == "sgd" else \
             torch.optim.Adam(model.parameters(), lr=0.01)  # fmt: skip
-        guard = SpikeGuard(Rewind(model, opt, capacity=4), buffers=model if watch else None)
+        # the default (buffers="auto") watches the Rewind's own modules
+        guard = SpikeGuard(Rewind(model, opt, capacity=4), **({} if watch else {"buffers": None}))
         bn = model[1]
         for i, (x, y) in enumerate(guard.wrap(_bn_batches(40, scale_at=(30,)))):
             var = bn.running_var.clone()
@@ -2409,7 +2410,7 @@ def test_spike_guard_buffer_watch_state_and_errors():
     other.load_state_dict(sd)
     assert other.buffer_watch.state_dict() == sd["buffer_watch"]
     assert values_equal(other.state_dict(), guard.state_dict())
-    plain = SpikeGuard(Rewind(_bn_model(), torch.optim.SGD(model.parameters(), lr=0.05), capacity=4))
+    plain = SpikeGuard(Rewind(_bn_model(), torch.optim.SGD(model.parameters(), lr=0.05), capacity=4), buffers=None)
     with pytest.raises(RewindValueError, match="buffers: 2 saved, 0 here"):
         plain.load_state_dict(sd)
     bad = json.loads(json.dumps(sd))
@@ -2418,11 +2419,24 @@ def test_spike_guard_buffer_watch_state_and_errors():
         other.load_state_dict(bad)
     assert other.buffer_watch.state_dict() == sd["buffer_watch"]  # a refused state changed nothing
     rw = Rewind(*tiny()[:2])
-    with pytest.raises(RewindTypeError, match="buffers must be an nn.Module"):
+    with pytest.raises(RewindValueError, match="buffers must be 'auto', a module"):
         SpikeGuard(rw, buffers="model")
+    with pytest.raises(RewindTypeError, match="buffers must be an nn.Module"):
+        SpikeGuard(rw, buffers=3)
     with pytest.raises(RewindValueError, match="must be floating-point"):
         SpikeGuard(rw, buffers=[torch.zeros(3, dtype=torch.long)])
     assert SpikeGuard(rw, buffers=torch.nn.Linear(2, 2)).buffer_watch is None  # no buffers: nothing to watch
+
+
+def test_spike_guard_watches_the_rewinds_modules_by_default():
+    model = _bn_model()
+    rw = Rewind(model, torch.optim.SGD(model.parameters(), lr=0.05), capacity=4)
+    assert rw.modules == (model,)
+    assert SpikeGuard(rw).buffer_watch.count == 2  # BatchNorm's running mean and variance (not num_batches_tracked)
+    assert SpikeGuard(rw, buffers=None).buffer_watch is None
+    two = (torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert Rewind(two, torch.optim.SGD([p for m in two for p in m.parameters()], lr=0.1)).modules == two
+    assert SpikeGuard(Rewind(*tiny()[:2])).buffer_watch is None  # no floating-point buffers: nothing to watch
 
 
 def test_buffer_watch_measures_the_largest_change_of_norm():

@@ -549,6 +549,12 @@ class Rewind:
         return self._ring.capacity
 
     @property
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        """The modules whose parameters and buffers this Rewind restores (``model=``), e.g. for a policy that watches
+        their buffers. Read-only: to track more state, use :meth:`track`."""
+        return tuple(self._modules)
+
+    @property
     def shard(self) -> bool:
         """Whether each rank keeps 1/world of every snapshot (``shard=True``, replicated state)."""
         return self.config.shard

@@ -34,7 +34,7 @@ class SpikeGuard(Guard):
     """Loss-spike recovery: detect a spike, roll back, skip the data, cool the learning rate down, carry on.
 
     A spike is judged on the iteration's loss (or, with ``grad_norm=True``, the global gradient norm; with
-    ``buffers=model``, the largest one-step change of any floating-point buffer's norm) *before* its step is
+    by default also the largest one-step change of any floating-point buffer's norm) *before* its step is
     applied, so the step that would have used the spiking batch is never taken. Then:
 
     0. with ``drop_first`` (default) a first spike only drops its batch (nothing undone, no cool-down): if the batch
@@ -57,19 +57,20 @@ class SpikeGuard(Guard):
        ``max_rollbacks`` roll-backs within ``budget_window`` iterations raise :class:`~torchrewind.RewindError`
        (see :class:`RollbackBudget`).
 
-    ``buffers`` (a module, modules, or tensors; None: none): BatchNorm normalises a batch of inputs x1e3 away in
-    train mode, so the loss does not move, but its running variance jumps ~1e5-fold and takes ~100 steps (momentum
-    0.1) to wash out, leaving eval mode at chance. With ``buffers=model`` the guard measures, after each forward,
+    ``buffers`` (``"auto"``, the default: the floating-point buffers of the Rewind's modules, ``rewind.modules``; a
+    module, modules, or tensors; None: none): BatchNorm normalises a batch of inputs x1e3 away in train mode, so the
+    loss does not move, but its running variance jumps ~1e5-fold and takes ~100 steps (momentum 0.1) to wash out,
+    leaving eval mode at chance. Watching buffers, the guard measures, after each forward,
     the largest factor by which a floating-point buffer's norm changed since the last accepted step
     (:class:`BufferWatch`: one fused norm per device) and judges it with ``buffer_detector`` like the loss; a
-    non-finite buffer is treated like a non-finite loss. Pass the model: the Rewind does not expose its modules.
+    non-finite buffer is treated like a non-finite loss. A model without floating-point buffers costs nothing.
 
     Non-finite losses/gradients skip the step; ``max_consecutive`` of them in a row are treated as a spike. With
     :meth:`wrap`, every iteration's undo point is recorded before its forward pass, so a skipped, dropped or
     rolled-back iteration also loses what its forward did to BatchNorm statistics and the RNG (a NaN batch or an
     x1e3 batch cannot poison them). The default detector judges log-losses against the run's own noise (see
     :class:`SpikeDetector`). On the 14 tasks of ``benchmarks/suite`` (``benchmarks/bench_policies.py``) the
-    defaults with ``buffers=model`` made no false roll-back on any clean run; ``drop_first`` was chosen on its
+    defaults (buffers watched) made no false roll-back on any clean run; ``drop_first`` was chosen on its
     ``tune`` half (see the README).
     The pieces are public attributes: ``detector`` / ``grad_detector`` / ``buffer_detector``
     (:class:`SpikeDetector`), ``buffer_watch`` (:class:`BufferWatch` or None), ``lr_cooldown``
@@ -77,7 +78,7 @@ class SpikeGuard(Guard):
 
     Example::
 
-        guard = SpikeGuard(Rewind(model, opt, capacity=8), buffers=model)
+        guard = SpikeGuard(Rewind(model, opt, capacity=8))
         for x, y in guard.wrap(loader):
             loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward()
             guard.step(loss)
@@ -90,7 +91,7 @@ class SpikeGuard(Guard):
         detector: SpikeDetector | None = None,
         grad_norm: bool = False,
         grad_detector: SpikeDetector | None = None,
-        buffers: torch.nn.Module | Iterable[torch.nn.Module | torch.Tensor] | None = None,
+        buffers: torch.nn.Module | Iterable[torch.nn.Module | torch.Tensor] | str | None = "auto",
         buffer_detector: SpikeDetector | None = None,
         rollback: int | None = None,
         drop_first: bool = True,
@@ -122,7 +123,11 @@ class SpikeGuard(Guard):
                 check_type(name, det, SpikeDetector, who, "a SpikeDetector")
         self.use_grad_norm = check_bool("grad_norm", grad_norm, who)
         self.drop_first = check_bool("drop_first", drop_first, who)
-        watch = BufferWatch(buffers, who) if buffers is not None else None
+        if isinstance(buffers, str) and buffers != "auto":
+            raise RewindValueError(f"{who}: buffers must be 'auto', a module, modules, tensors or None, got "
+                                   f"{buffers!r}.")  # fmt: skip
+        auto = isinstance(buffers, str)  # "auto": the Rewind's own modules
+        watch = None if buffers is None else BufferWatch(rewind.modules if auto else buffers, who)
         self.lr_cooldown = LrCooldown(lr_factor, min_lr_factor, cooldown, ramp, who)
         self.budget = RollbackBudget(max_rollbacks, budget_window, who)
         super().__init__(rewind, check_grads=True, check_params=check_params, max_consecutive=max_consecutive,
