@@ -141,10 +141,17 @@ def test_segments_threads_and_chunks():
     m2 = m + 1e-4 * torch.randn(m.shape, generator=g)
     ref = torch.cat([w2.view(torch.uint8), m2.view(torch.uint8)])  # 3 bytes shorter than data
     segs = [(w.numel() * 2, 2), (m.numel() * 4 + 3, 4)]
+    import blosc2
+
+    blobs = {}
     for threads in (1, 3):
         enc = encode(data, ref, segments=segs, threads=threads)
         assert len(enc.chunks) >= 4 and {c.itemsize for c in enc.chunks} == {1, 2, 4}
         assert torch.equal(decode(enc, ref, threads=threads), data)
+        blobs[threads] = enc.to_bytes()
+        # threads turn blosc2's GIL release on for the call only: the process's setting is what it was
+        assert blosc2.set_releasegil(False) is False
+    assert blobs[1] == blobs[3]  # the bytes do not depend on the number of threads
     as_halves = encode(data, ref, itemsize=2)
     assert torch.equal(decode(as_halves, ref), data)
     assert enc.nbytes < 0.9 * as_halves.nbytes

@@ -286,20 +286,34 @@ def _undiff(out: np.ndarray, r: np.ndarray, k: int) -> None:
 
 
 class _Pool:
-    """One shared thread pool per size (the codec's work releases the GIL)."""
+    """One shared thread pool per size. blosc2 holds the GIL while it codes unless ``blosc2.set_releasegil(True)``
+    (off by default: measured, two threads then coded no faster than one); a parallel map turns it on and the last one
+    to finish puts back what it found, so other blosc2 users in the process keep their setting."""
 
     _pools: dict[int, ThreadPoolExecutor] = {}
     _lock = threading.Lock()
+    _active = 0  # parallel maps running
+    _saved_gil = False  # blosc2's releasegil setting before the first of them
 
     @classmethod
     def map(cls, fn, items: list, threads: int) -> list:
         if threads <= 1 or len(items) <= 1:
             return [fn(i) for i in items]
+        b2 = _blosc2()
         with cls._lock:
             pool = cls._pools.get(threads)
             if pool is None:
                 pool = cls._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="torchrewind-codec")
-        return list(pool.map(fn, items))
+            if cls._active == 0:
+                cls._saved_gil = b2.set_releasegil(True)
+            cls._active += 1
+        try:
+            return list(pool.map(fn, items))
+        finally:
+            with cls._lock:
+                cls._active -= 1
+                if cls._active == 0:
+                    b2.set_releasegil(cls._saved_gil)
 
 
 def encode(
