@@ -34,8 +34,8 @@ zstd 1 on the raw bytes                               1.08       1.28       1.10
 Format 3 (this one) replaces zigzag by the per-byte offset: the same ratios, a decode of two passes instead of five.
 Each chunk is one blosc2 block whose byte streams zstd codes as one frame (``NEVER_SPLIT``, ``blocksize`` 1 MiB):
 against blosc2's default 128 KiB blocks with a frame per byte stream, 0-3% less ratio (still above XOR + blosc2 on
-all 18 histories) for 1.2-1.5x faster decoding and faster encoding of a 52 MB state (per core: 633 / 1006 MB/s
-encode / decode, XOR + blosc2 371 / 827).
+all 18 histories) for 1.2-1.5x faster decoding and faster encoding of a 52 MB state (per core: 605 / 977 MB/s
+encode / decode, XOR + blosc2 327 / 713; two threads: 1.51x / 1.80x one).
 This codec has the best ratio on all 18 histories. Subtraction beats XOR on every one (fp32 +2-4%, bf16/fp16
 +5-16%); zstd's fast mode (-1) on the low planes cost bf16 a quarter of its ratio (it turns off Huffman coding of
 literals, and in bf16 the low byte is the top of the mantissa, not noise). Alternatives measured on the same kind of
