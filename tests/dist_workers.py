@@ -204,6 +204,36 @@ def guard_agreement(rank: int, world: int, port: int, wrap: str) -> None:
     finish()
 
 
+def buffer_jump_agreement(rank: int, world: int, port: int) -> None:
+    """Inputs x1e3 on one rank only, into a DDP BatchNorm network: the loss does not spike (BatchNorm normalises the
+    batch), but that rank's running variance jumps. The buffer signal is averaged over ranks with the loss, so every
+    rank drops the iteration together, and the parameters stay bitwise equal on all ranks."""
+    init(rank, world, port)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10))  # fmt: skip
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    guard = SpikeGuard(Rewind(net, opt, capacity=4))  # buffers="auto": the Rewind's modules
+    assert guard.buffer_watch is not None and guard.buffer_watch.count == 2
+    bn = model[1]
+    for i, x, t, fault in guard.wrap(rank_data(45, {(1, 35): "poison"})):  # after the detector's warm-up (20)
+        var = bn.running_var.clone()
+        loss = F.cross_entropy(net(x), t)
+        opt.zero_grad()
+        loss.backward()
+        ok = guard.step(loss)
+        if i == 35:
+            assert not ok and guard.log[-1].reason.startswith("buffer jump"), guard.log[-1]
+            assert torch.equal(bn.running_var, var)  # the jump is taken back with the batch, on the faulty rank too
+    logs = gather([(e.iteration, e.kind, e.reason) for e in guard.log if e.kind != "accepted"])
+    assert all(x == logs[0] for x in logs), "ranks took different decisions"
+    assert [k for _, k, _ in logs[0]] == ["rolled_back"], logs[0]
+    params = gather({k: v.detach().clone() for k, v in model.named_parameters()})
+    assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])
+    finish()
+
+
 def nonfinite_params_agreement(rank: int, world: int, port: int) -> None:
     """check_params: parameters made non-finite on one rank only undo the step on every rank."""
     init(rank, world, port)

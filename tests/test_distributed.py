@@ -37,6 +37,12 @@ def test_fault_on_one_rank_rolls_back_all_ranks(wrap):
     spawn(dist_workers.guard_agreement, wrap)
 
 
+def test_buffer_jump_on_one_rank_drops_the_iteration_on_every_rank():
+    import dist_workers
+
+    spawn(dist_workers.buffer_jump_agreement)
+
+
 def test_nonfinite_parameters_on_one_rank_undo_every_rank():
     import dist_workers
 
