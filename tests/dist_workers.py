@@ -206,7 +206,7 @@ def guard_agreement(rank: int, world: int, port: int, wrap: str) -> None:
 
 def buffer_jump_agreement(rank: int, world: int, port: int) -> None:
     """Inputs x1e3 on one rank only, into a DDP BatchNorm network: the loss does not spike (BatchNorm normalises the
-    batch), but that rank's running variance jumps. The buffer signal is averaged over ranks with the loss, so every
+    batch), but that rank's running variance jumps. The buffer signal is summed over ranks with the loss, so every
     rank drops the iteration together, and the parameters stay bitwise equal on all ranks."""
     init(rank, world, port)
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from .._checks import check_bool, check_int, check_type
-from ..distributed import all_sum, local, world_size
+from ..distributed import all_sum, local
 from ..errors import RewindError
 from ..rewind import Rewind
 from ..skipping import BatchSkips, SkippableIterator
@@ -143,8 +143,8 @@ class Guard:
 
     def _signals(self) -> tuple[float, ...]:
         """Numbers this guard measures for its decision besides the loss and gradient norm, before :meth:`decide`;
-        they are averaged over the Rewind's ranks (in the loss's collective) and :meth:`decide` reads them from
-        ``self.signals``."""
+        they are summed over the Rewind's ranks (in the loss's collective; a sum, not a mean, so one rank's jump is
+        not diluted by the others on a large world) and :meth:`decide` reads them from ``self.signals``."""
         return ()
 
     def _stepped(self, loss: float, grad_norm: float | None, scale: float) -> None:
@@ -266,10 +266,8 @@ class Guard:
     def _judge(self, loss: Any, how: _Stepping, who: str) -> bool:
         # the loss (and the squared gradient norm) agreed over the ranks in one collective, validated before the
         # iteration counts
-        # a subclass's own signals (e.g. SpikeGuard's buffer change) ride along, averaged over the ranks
+        # a subclass's own signals (e.g. SpikeGuard's buffer change) ride along, summed over the ranks
         own = self._signals()
-        n = world_size(self.rw.group)
-        own = tuple(x / n for x in own) if n > 1 else own
         if self.check_grads:
             v, sq, *sig = agreed_loss(self.rw, loss, who, (grad_sq(self.optimizer, self.rw.group), *own))
             gn: float | None = math.sqrt(sq) if math.isfinite(v) else None
