@@ -313,7 +313,8 @@ class SearchRun:
                 self.sched.step()
         return out
 
-    def replay(self, log: Trajectory, data, *, accept, shrink, grow, lr_max, max_tries, lr_min=None) -> None:
+    def replay(self, log: Trajectory, data, *, accept, shrink, grow, lr_max, max_tries, lr_min=None,
+               take_uphill=False) -> None:
         """Replay a LineSearch/BoldDriver log by hand: step, evaluate the trial loss on the same batch with the
         first evaluation's RNG state (then put the RNG back), undo + shrink on rejection, reset the lr on
         exhaustion, grow (capped) on acceptance. Asserts the log's losses, lrs and decisions on the way."""
@@ -357,6 +358,11 @@ class SearchRun:
                     f1 = loss_fn().item()
                 torch.set_rng_state(rng_after)
                 assert same_float(f1, e.loss_after), (e, f1)
+                if e.kind == "accepted" and not accept(f0, f1, gd):  # a failed non-descent step, taken as it is
+                    assert take_uphill and accept.descent and gd >= 0 and math.isfinite(f1) and f1 != f0, (e, gd)
+                    assert tries == len(evs) and e.undone == 0
+                    put_lrs(opt, start)
+                    continue
                 assert accept(f0, f1, gd) == (e.kind == "accepted"), (e, f0, f1, gd)
                 if e.kind == "accepted":
                     assert tries == len(evs) and e.undone == 0
@@ -582,6 +588,9 @@ SEARCHES = {
     "linesearch-sgd-growth": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, max_growth=2.0), armijo(0.1), 6.0),
     "linesearch-adam": ("adam", 0.05, LineSearch, dict(max_tries=4, c=0.3, shrink=0.3, lr_max="initial"),
                         armijo(0.3), 0.05),
+    # uphill="skip": a failed non-descent step ends the iteration without a step (the default around SGD)
+    "linesearch-adam-skip": ("adam", 0.05, LineSearch, dict(max_tries=4, c=0.3, shrink=0.3, lr_max="initial",
+                                                            uphill="skip"), armijo(0.3), 0.05),
     "bolddriver-sgd": ("sgd", 0.5, BoldDriver, dict(max_tries=4), bold(0.0), 5.0),  # max_growth=10 by default
     "bolddriver-adam-tol": ("adam", 0.02, BoldDriver, dict(max_tries=3, tolerance=1e-4, grow=1.2, lr_max=None,
                                                            max_growth=None), bold(1e-4), None),
@@ -600,8 +609,13 @@ def test_search_replay_is_exact(name, sched):
     returned = run.train(pol, data)
     log = pol.log
     c = log.counts()
-    # around Adam every failure here is a non-descent step, which ends the search at once (no "rejected")
-    assert c["accepted"] and (c["rejected"] or opt == "adam") and c["exhausted"] and c["skipped"] == 2, c
+    take_uphill = cls is LineSearch and opt == "adam" and kw.get("uphill", "auto") != "skip"
+    uphill = [e for e in log if e.kind == "accepted" and e.reason.startswith("not a descent direction")]
+    if take_uphill:  # uphill="auto" around Adam: a failed non-descent step is taken as Adam proposes it
+        assert c["accepted"] and uphill and not c["exhausted"] and c["skipped"] == 2, c
+    else:  # around Adam every failure here is a non-descent step, which ends the search at once (no "rejected")
+        assert c["accepted"] and (c["rejected"] or opt == "adam") and c["exhausted"] and c["skipped"] == 2, c
+        assert not uphill
     # step() returns the loss before the step
     assert all(same_float(r, evs[0].loss) for r, evs in zip(returned, group_by_iteration(log)))
     # per-group lrs are scaled together: the 4:1 ratio holds in every decision
@@ -614,7 +628,8 @@ def test_search_replay_is_exact(name, sched):
     rep = SearchRun(opt=opt, lr=lr, groups=True, sched=sched)
     floor = kw.get("min_fraction", 1e-3 if cls is BoldDriver else None)
     rep.replay(log, data, accept=accept, shrink=kw.get("shrink", 0.5), grow=kw.get("grow", default_grow),
-               lr_max=lr_max, max_tries=kw["max_tries"], lr_min=None if floor is None else floor * lr)  # fmt: skip
+               lr_max=lr_max, max_tries=kw["max_tries"], lr_min=None if floor is None else floor * lr,
+               take_uphill=take_uphill)  # fmt: skip
     assert_same(run.state(), rep.state())
 
 
@@ -688,7 +703,8 @@ def test_search_random_replay(faults, bolddriver, opt, log_lr, shrink, grow, max
     run.train(pol, data)
     rep = SearchRun(opt=opt, lr=lr, groups=groups)
     rep.replay(pol.log, data, accept=accept, shrink=shrink, grow=grow, lr_max=lr_max, max_tries=max_tries,
-               lr_min=1e-3 * lr if bolddriver else None)  # BoldDriver's default floor
+               lr_min=1e-3 * lr if bolddriver else None,  # BoldDriver's default floor
+               take_uphill=not bolddriver and opt == "adam")  # LineSearch's uphill="auto" around Adam
     assert_same(run.state(), rep.state())
 
 
@@ -2266,15 +2282,24 @@ def test_bolddriver_lr_floor():
 
 
 def test_linesearch_around_adam_never_collapses():
-    """Adam's step is often not a descent direction for the mini-batch: one failure ends that search, and a step that
-    does not change the float32 loss is never accepted, so the lr stays within [start * shrink**max_tries, start]."""
-    data = make_data(60)
-    run = SearchRun(opt="adam", lr=0.05, dropout=0.0)  # at 0.05 one of Adam's steps goes uphill on its batch
-    ls = LineSearch(run.rw)
-    run.train(ls, data)
-    assert all(not (e.kind == "accepted" and e.loss_after == e.loss) for e in ls.log)
-    assert min(e.lrs[0] for e in ls.log) >= 0.05 * 0.5**10 and get_lrs(run.opt)[0] <= 0.05
-    assert any("not a descent direction" in e.reason for e in ls.log if e.kind == "exhausted")
+    """Adam's step is often not a descent direction for the mini-batch: a failure cannot be helped by a smaller lr, so
+    the search ends there (uphill="auto" takes Adam's step as it is, uphill="skip" takes none), and a step that does
+    not change the float32 loss is never accepted, so the lr stays within [start * shrink**max_tries, start]."""
+    for uphill, kind in (("auto", "accepted"), ("skip", "exhausted")):
+        data = make_data(60)
+        run = SearchRun(opt="adam", lr=0.05, dropout=0.0)  # at 0.05 one of Adam's steps goes uphill on its batch
+        ls = LineSearch(run.rw, uphill=uphill)
+        run.train(ls, data)
+        assert all(not (e.kind == "accepted" and e.loss_after == e.loss) for e in ls.log)
+        assert min(e.lrs[0] for e in ls.log) >= 0.05 * 0.5**10 and get_lrs(run.opt)[0] <= 0.05
+        uphill_events = [e for e in ls.log if "not a descent direction" in e.reason]
+        assert uphill_events and all(e.kind == kind for e in uphill_events), uphill
+        if kind == "accepted":  # taken as Adam proposed it: the loss went up, the step stands
+            assert all(e.loss_after > e.loss for e in uphill_events)
+    with pytest.raises(RewindValueError, match="uphill must be one of"):
+        LineSearch(SearchRun().rw, uphill="never")
+    assert LineSearch(SearchRun(opt="sgd").rw).take_uphill is False  # around SGD a failed uphill step is skipped
+    assert LineSearch(SearchRun(opt="adam").rw).take_uphill is True
 
 
 def test_spike_detector_noise_from_differences_sees_a_spike_during_a_fast_descent():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_bool, check_int, check_type
+from .._checks import check_bool, check_choice, check_int, check_type
 from ..distributed import all_sum, local, replicas
 from ..errors import RewindTypeError
 from ..rewind import Rewind
@@ -30,7 +30,11 @@ from .stepsize import StepSize
 
 class Backtracking:
     """The engine of a step-size search: take the optimizer's step, test it with ``accept`` on the same mini-batch,
-    undo it and shrink the lrs (``step_size``) until it passes or ``max_tries`` trials failed.
+    undo it and shrink the lrs (``step_size``) until it passes or ``max_tries`` trials failed. A failed step whose
+    direction is not a descent direction (``∇f·Δ ≥ 0``, with a rule that needs the direction) cannot be helped by a
+    smaller lr: ``uphill="skip"`` ends the iteration without a step, ``"take"`` applies the optimizer's step as it
+    is (if the loss stays finite and changes), ``"auto"`` takes it around optimizers with an ``eps`` setting (Adam &
+    co.) and skips it around others.
 
     Example::
 
@@ -48,9 +52,11 @@ class Backtracking:
         max_tries: int = 10,
         same_rng: bool = True,
         log: Trajectory | None = None,
+        uphill: str = "skip",
     ) -> None:
         who = type(self).__name__
         self.rw = check_rewind(rewind, who)
+        self.uphill = check_choice("uphill", uphill, ("auto", "skip", "take"), who)
         if not callable(accept):
             raise RewindTypeError(f"{who}: accept must be a rule like Armijo(...) or NoIncrease(...), got {accept!r}.")
         self.accept = accept
@@ -61,6 +67,9 @@ class Backtracking:
         if log is not None:
             check_type("log", log, Trajectory, who, "a torchrewind.Trajectory")
         self.optimizer = self.rw.optimizer
+        # resolved: take a failed non-descent step (around Adam-like optimizers skipping it stalls training: near a
+        # zero loss their mini-batch step is often uphill, and the search left 20-60% of iterations without a step)
+        self.take_uphill = uphill == "take" or (uphill == "auto" and "eps" in self.optimizer.defaults)
         self.log = log if log is not None else Trajectory()
         self.iteration = 0
         self.steps = 0
@@ -146,10 +155,17 @@ class Backtracking:
                 self.log.add(Event(it, self.steps, "accepted", f0, f1, used, why, extra={"tries": tries}))
                 self.step_size.grow_lrs(opt)
                 return f0
-            self.rw.undo()
             # a step that is not a descent direction (∇f·Δ ≥ 0: momentum, Adam) and failed: the direction does not
-            # depend on the lr, so a smaller one cannot make it one; give up now rather than shrink to nothing
+            # depend on the lr, so a smaller one cannot make it one; take it as the optimizer proposes it, or give up
+            # now rather than shrink to nothing
             hopeless = self.accept.needs_direction and gd >= 0
+            if hopeless and self.take_uphill and math.isfinite(f1) and f1 != f0:
+                self.steps += 1
+                self.log.add(Event(it, self.steps, "accepted", f0, f1, used, "not a descent direction: the "
+                                   "optimizer's step taken as it is", extra={"tries": tries}))  # fmt: skip
+                self.step_size.reset(opt, start_lrs)  # the lr was not judged by this step
+                return f0
+            self.rw.undo()
             if tries == self.max_tries or hopeless or not self.step_size.can_shrink(opt):
                 self.step_size.reset(opt, start_lrs)
                 if hopeless:
@@ -188,7 +204,7 @@ class Backtracking:
     def settings(self) -> dict[str, Any]:
         """The settings a saved state must match (those of the rule and the schedule: see :meth:`load_state_dict`)."""
         rule = self.accept.settings() if hasattr(self.accept, "settings") else {"accept": type(self.accept).__name__}
-        return {**rule, "max_tries": self.max_tries, "same_rng": self.same_rng}
+        return {**rule, "max_tries": self.max_tries, "same_rng": self.same_rng, "uphill": self.uphill}
 
     def state_dict(self) -> dict[str, Any]:
         """Settings, counters (iterations, kept steps, forward and backward passes), the lr schedule's state (the
@@ -229,8 +245,10 @@ class LineSearch(Backtracking):
     iteration starts at the optimizer's own lr again, so a rejected step lowers that step only (with 1.1, 3-5
     rejections in a run kept Adam's lr low for ~20 iterations each and cost train loss). A trial that leaves the loss exactly as it was is rejected (the lr
     is below what the loss resolves: accepting it would be a no-op step). If Δ is not a descent direction
-    (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss decreased", and one failure ends the
-    search (Δ's direction does not depend on the lr: a smaller one cannot help). A zero loss or a zero gradient
+    (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss decreased", and a failure cannot be
+    helped by a smaller lr (Δ's direction does not depend on it): ``uphill="auto"`` then takes the optimizer's step
+    as it is around Adam & co. (as plain training would: skipping such steps left 20-60% of the iterations near a
+    zero loss without a step) and ends the iteration without a step around SGD (``"take"`` / ``"skip"`` force one). A zero loss or a zero gradient
     leaves nothing to search: the optimizer's step is taken as it is. After ``max_tries`` failures the state is left
     as before the step and the lr as the iteration started, so the lr never collapses.
 
@@ -264,12 +282,13 @@ class LineSearch(Backtracking):
         min_fraction: float | None = None,
         same_rng: bool = True,
         log: Trajectory | None = None,
+        uphill: str = "auto",
     ) -> None:
         who = "LineSearch"
         check_rewind(rewind, who)
         super().__init__(rewind, accept=Armijo(c, who),
                          step_size=StepSize(shrink, grow, lr_max, who, max_growth, min_fraction),
-                         max_tries=max_tries, same_rng=same_rng, log=log)  # fmt: skip
+                         max_tries=max_tries, same_rng=same_rng, log=log, uphill=uphill)  # fmt: skip
 
     c = property(lambda self: self.accept.c)
 
