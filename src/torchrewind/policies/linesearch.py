@@ -150,20 +150,19 @@ class Backtracking:
             else:
                 ok, why = self.accept(f0, f1, gd)
             used = lrs(opt)
-            if ok:
-                self.steps += 1
-                self.log.add(Event(it, self.steps, "accepted", f0, f1, used, why, extra={"tries": tries}))
-                self.step_size.grow_lrs(opt)
-                return f0
             # a step that is not a descent direction (∇f·Δ ≥ 0: momentum, Adam) and failed: the direction does not
             # depend on the lr, so a smaller one cannot make it one; take it as the optimizer proposes it, or give up
             # now rather than shrink to nothing
-            hopeless = self.accept.needs_direction and gd >= 0
-            if hopeless and self.take_uphill and math.isfinite(f1) and f1 != f0:
+            hopeless = not ok and self.accept.needs_direction and gd >= 0
+            uphill = hopeless and self.take_uphill and math.isfinite(f1) and f1 != f0
+            if ok or uphill:
                 self.steps += 1
-                self.log.add(Event(it, self.steps, "accepted", f0, f1, used, "not a descent direction: the "
-                                   "optimizer's step taken as it is", extra={"tries": tries}))  # fmt: skip
-                self.step_size.reset(opt, start_lrs)  # the lr was not judged by this step
+                why = why if ok else "not a descent direction: the optimizer's step taken as it is"
+                self.log.add(Event(it, self.steps, "accepted", f0, f1, used, why, extra={"tries": tries}))
+                if ok:
+                    self.step_size.grow_lrs(opt)
+                else:
+                    self.step_size.reset(opt, start_lrs)  # the lr was not judged by this step
                 return f0
             self.rw.undo()
             if tries == self.max_tries or hopeless or not self.step_size.can_shrink(opt):
