@@ -15,6 +15,11 @@ Usage::
     python benchmarks/bench_policies.py --section guards --plans scale,burst,lr,nan --tasks cnn_bn,recommender
                                                          # which single fault costs what (plain, SpikeGuard
                                                          # before and now)
+    python benchmarks/bench_policies.py --section guards --split tune --plans mixed --seeds 10 \
+        --guard-variant lr_factor=0.1 --guard-variant detector.threshold=3
+                                                         # SpikeGuard with other settings, side by side
+    python benchmarks/bench_policies.py --section search --split tune --seeds 5 --search-variant uphill=take
+                                                         # LineSearch(SGD) with other settings, side by side
 
 Every configuration runs on every task of the chosen halves (``tune`` and ``report``; the defaults were chosen on
 ``tune`` alone) for several seeds through ``run_many`` (2 worker processes, one torch thread each, denormals
@@ -50,6 +55,7 @@ Nothing here asserts on a number: the verdicts are printed and stored in the JSO
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import json
 import math
@@ -220,10 +226,10 @@ def lbfgs_step(run: Any, opt: torch.optim.Optimizer) -> Step:
     return Step(closure=closure, info=lambda: {"full_batch_evaluations": state["evals"], "budget": evals})
 
 
-def _search(kind: str, run: Any, opt: torch.optim.Optimizer) -> Step:
+def _search(kind: str, run: Any, opt: torch.optim.Optimizer, **settings: Any) -> Step:
     import torchrewind as tr
 
-    ls = getattr(tr, kind)(tr.Rewind(run.model, opt))
+    ls = getattr(tr, kind)(tr.Rewind(run.model, opt), **settings)
     lr0 = max(g["lr"] for g in opt.param_groups)
 
     def info() -> dict[str, Any]:
@@ -236,8 +242,52 @@ def _search(kind: str, run: Any, opt: torch.optim.Optimizer) -> Step:
     return Step(closure=ls.step, info=info)
 
 
-def search(kind: str) -> Any:
-    return functools.partial(_search, kind)
+def search(kind: str, **settings: Any) -> Any:
+    return functools.partial(_search, kind, **settings)
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+def parse_settings(text: str) -> dict[str, Any]:
+    """``"lr_factor=0.1,detector.threshold=3"`` -> ``{"lr_factor": 0.1, "detector.threshold": 3}`` (values are Python
+    literals; a bare word is a string)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"a variant is key=value[,key=value...], got {text!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _guard_variant(settings: dict[str, Any], run: Any, opt: torch.optim.Optimizer) -> Step:
+    """SpikeGuard as the study runs it (capacity 8, the model's buffers), with other settings; ``detector.X``: the
+    loss detector's setting X."""
+    det = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("detector.")}
+    kw = {k: v for k, v in settings.items() if not k.startswith("detector.")}
+    guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), detector=SpikeDetector(**det) if det else None,
+                       buffers=run.model, **kw)  # fmt: skip
+    return Step(after_backward=guard.step, wrap=guard.wrap, info=lambda: _guard_info(guard))
+
+
+def add_guard_variant(text: str, plans: tuple[str, ...]) -> str:
+    """A SpikeGuard column with these settings (``--guard-variant``), run under ``plans``; returns its method name."""
+    name = f"v[{text}]"
+    GUARD_METHODS[name] = (f"SpikeGuard, `{text}`", functools.partial(_guard_variant, parse_settings(text)), plans)
+    return name
+
+
+def add_search_variant(text: str) -> str:
+    """A LineSearch row around SGD (momentum 0.9, lr 1, as the default row) with these settings
+    (``--search-variant``; ``momentum=X`` goes to the optimizer instead); returns its method name."""
+    kw = parse_settings(text)
+    momentum = kw.pop("momentum", 0.9)
+    name = f"linesearch-sgd[{text}]"
+    SEARCH_METHODS[name] = (f"`LineSearch`, SGD lr={SEARCH_SGD_LR}, `{text}`",
+                            optimizer("SGD", lr=SEARCH_SGD_LR, momentum=momentum), search("LineSearch", **kw))
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -319,6 +369,11 @@ def false_rate(r: dict[str, Any]) -> float:
 FALSE_METHODS = ("spike", "spike-before", "spike-level", "spike-prev", "lightning")  # columns of the false-alarm table
 
 
+def false_methods() -> tuple[str, ...]:
+    """The false-alarm table's columns: the fixed ones and any ``--guard-variant``."""
+    return FALSE_METHODS + tuple(m for m in GUARD_METHODS if m.startswith("v["))
+
+
 def guard_analysis(results: list[dict[str, Any]], task_names: list[str],
                    plans: tuple[str, ...] = ("none", "mixed", "drift")) -> dict[str, Any]:  # fmt: skip
     g = by(results)
@@ -328,7 +383,7 @@ def guard_analysis(results: list[dict[str, Any]], task_names: list[str],
         ref = g.get((cname("plain", "none"), t), [])
         hib = bool(ref and ref[0]["higher_is_better"])
         row = [f"`{t}`", split]
-        for m in FALSE_METHODS:
+        for m in false_methods():
             rs = g.get((cname(m, "none"), t), [])
             if not rs:
                 continue
@@ -513,6 +568,12 @@ def main() -> None:
     p.add_argument("--plans", help="guard section: fault plans, comma-separated (default none,mixed,drift; the "
                    "single-fault plans scale, burst, lr, nan run plain and SpikeGuard before/now)")
     p.add_argument("--tasks", help="only these tasks, comma-separated (default: those of --split)")
+    p.add_argument("--guard-variant", action="append", default=[], metavar="K=V,...",
+                   help="guard section: also run SpikeGuard with these settings (repeatable), e.g. lr_factor=0.1 or "
+                   "detector.threshold=3")
+    p.add_argument("--search-variant", action="append", default=[], metavar="K=V,...",
+                   help="search section: also run LineSearch around SGD with these settings (repeatable), e.g. "
+                   "uphill=take, grow=1.05 or momentum=0 (the optimizer's)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args()
@@ -545,6 +606,8 @@ def main() -> None:
             ("none", "mixed", "drift")  # fmt: skip
         if "none" not in plans:
             plans = ("none", *plans)  # the fault-free reference
+        for text in args.guard_variant:
+            add_guard_variant(text, plans)
         res = run_many(guard_configs(plans), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
                        workers=args.workers, progress=not args.quiet)  # fmt: skip
         results += res
@@ -553,7 +616,7 @@ def main() -> None:
         print("## 1. Fault injection and false alarms (Adam, suggested lr)\n")
         print("False roll-backs and skips per 1000 clean iterations (goal 0; \"raised\": the guard stopped a healthy "
               "run):\n")  # fmt: skip
-        print(stats.table(["task", "split", *[GUARD_METHODS[m][0] for m in FALSE_METHODS]], ga["false"]))
+        print(stats.table(["task", "split", *[GUARD_METHODS[m][0] for m in false_methods()]], ga["false"]))
         print("\nFinal test metric; the verdict compares with plain training without faults (\"ev\": non-accepted "
               "decisions per run):\n")  # fmt: skip
         print(stats.table(["task", "split", "plan", *[GUARD_METHODS[m][0] for m in GUARD_METHODS]], ga["faults"]))
@@ -565,6 +628,8 @@ def main() -> None:
         if not with_sls:
             print(f"(SLS skipped: no {PEERS / 'sls'}; see the module docstring)\n")
         grid = (0.3, 1.0, 3.0) if args.quick else GRID
+        for text in args.search_variant:
+            add_search_variant(text)
         res = run_many(search_configs(with_sls, grid), tasks=task_names, seeds=seeds, scale=scale, cache=cache,
                        workers=args.workers, progress=not args.quiet)  # fmt: skip
         results += res

@@ -137,3 +137,40 @@ def test_benchmark_quick_runs(tmp_path, script):
     if script == "bench_tuners.py":  # ours leaves no trace, whatever the peers do
         for rows in res["trace"].values():
             assert all(v is not False for k, v in rows["torchrewind lr_find"].items()), rows
+
+
+@pytest.mark.slow
+def test_bench_policies_variants_run_side_by_side(tmp_path):
+    """--guard-variant / --search-variant add a SpikeGuard column and a LineSearch(SGD) row with other settings, with
+    verdicts like the defaults' (how the README's explored settings are reproduced)."""
+    path = tmp_path / "out.json"
+    out = run("benchmarks/bench_policies.py", "--quick", "--tasks", "wine_zero", "--plans", "mixed",
+              "--guard-variant", "lr_factor=0.1,detector.threshold=3", "--search-variant", "uphill=take,momentum=0",
+              "--cache", str(tmp_path / "cache.json"), "--json", str(path), "--quiet")  # fmt: skip
+    assert "SpikeGuard, `lr_factor=0.1,detector.threshold=3`" in out
+    assert "`LineSearch`, SGD lr=1.0, `uphill=take,momentum=0`" in out
+    res = json.loads(path.read_text())
+    assert {"v[lr_factor=0.1,detector.threshold=3]/none", "v[lr_factor=0.1,detector.threshold=3]/mixed"} <= set(
+        res["verdicts"]["guards"]
+    )
+    assert "`LineSearch`, SGD lr=1.0, `uphill=take,momentum=0`" in res["verdicts"]["search"]
+    runs = {r["config"]: r for r in res["results"] if r["task"] == "wine_zero" and r["seed"] == 0}
+    assert not [k for k, r in runs.items() if r.get("error")]
+    assert "linesearch-sgd[uphill=take,momentum=0]" in " ".join(runs)
+
+
+def test_bench_policies_parse_settings():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_policies import parse_settings
+
+    assert parse_settings("lr_factor=0.1,detector.threshold=3,uphill=take,buffers=None") == {
+        "lr_factor": 0.1, "detector.threshold": 3, "uphill": "take", "buffers": None}  # fmt: skip
+    with pytest.raises(SystemExit, match="key=value"):
+        parse_settings("lr_factor")
+
+
+@pytest.mark.slow
+def test_probe_updates_runs():
+    out = run("benchmarks/probe_updates.py", "--tasks", "wine_zero,vit_digits", "--seeds", "2", "--scale", "0.2",
+              "--workers", "1")  # fmt: skip
+    assert "| `vit_digits` | report |" in out and re.search(r"separated on \d of 2 tasks", out), out
