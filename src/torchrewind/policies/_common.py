@@ -26,6 +26,13 @@ def loss_value(loss: object, who: str) -> float:
     raise RewindTypeError(f"{who}: the loss must be a scalar tensor or a float, got {type(loss).__name__}.")
 
 
+def scales_each_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer scales each parameter's step itself (Adam, AdamW, RMSprop, Adagrad, ...: one with an
+    ``eps`` setting), so its lr is a per-parameter step size already; SGD's is not. The searches' ``"auto"`` settings
+    are resolved by it."""
+    return "eps" in optimizer.defaults
+
+
 def grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 

@@ -21,7 +21,7 @@ from ..distributed import all_sum, local, replicas
 from ..errors import RewindTypeError
 from ..rewind import Rewind
 from ..trajectory import Event, Trajectory
-from ._common import agreed_loss, check_rewind, grad_sq
+from ._common import agreed_loss, check_rewind, grad_sq, scales_each_step
 from ._state import check_state, header, load_all
 from .acceptance import Armijo, NoIncrease
 from .lr import lrs
@@ -69,7 +69,7 @@ class Backtracking:
         self.optimizer = self.rw.optimizer
         # resolved: take a failed non-descent step (around Adam-like optimizers skipping it stalls training: near a
         # zero loss their mini-batch step is often uphill, and the search left 20-60% of iterations without a step)
-        self.take_uphill = uphill == "take" or (uphill == "auto" and "eps" in self.optimizer.defaults)
+        self.take_uphill = uphill == "take" or (uphill == "auto" and scales_each_step(self.optimizer))
         self.log = log if log is not None else Trajectory()
         self.iteration = 0
         self.steps = 0

@@ -11,7 +11,7 @@ import torch
 
 from .._checks import check_number
 from ..errors import RewindTypeError, RewindValueError
-from ._common import check_factor
+from ._common import check_factor, scales_each_step
 from ._state import check_state, header
 from .lr import lrs, scale_lrs, set_lrs
 
@@ -58,7 +58,7 @@ class StepSize:
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Resolve ``lr_max="initial"``, ``max_growth`` and ``grow`` against the optimizer (its largest lr now)."""
         top = max(lrs(optimizer))
-        scaled = "eps" in optimizer.defaults  # the optimizer scales each parameter's step itself (Adam & co.)
+        scaled = scales_each_step(optimizer)  # Adam & co.
         if self.max_growth == "auto":
             self.growth = 1.0 if scaled else 10.0
         if self.grow_given == "auto":
