@@ -93,15 +93,16 @@ def _guard_info(guard: Any) -> dict[str, Any]:
 
 
 def spike_guard(run: Any, opt: torch.optim.Optimizer, previous: bool = False, level: bool = False,
-                buffers: bool = True, drop_first: bool = True) -> Step:
+                buffers: bool = True, detector: dict[str, Any] | None = None, **settings: Any) -> Step:
     """SpikeGuard with its defaults, watching the model's buffers (``buffers=model``), on a Rewind of capacity 8; or
     with the previous default detector, or with the noise measured from the spread of the log-losses instead of
     their batch-to-batch differences; ``buffers=False, drop_first=False``: SpikeGuard as it was before it watched
-    buffers and dropped a first spike's batch (every spike rolled back)."""
+    buffers and dropped a first spike's batch (every spike rolled back). ``detector``: the loss detector's settings;
+    ``settings``: SpikeGuard's (a ``--guard-variant``)."""
     det = SpikeDetector(space="linear", min_scale=0.0, min_abs=0.0, min_rel=0.2) if previous else \
-        SpikeDetector(noise="level") if level else None  # fmt: skip
+        SpikeDetector(noise="level") if level else SpikeDetector(**detector) if detector else None  # fmt: skip
     guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), detector=det,
-                       buffers=run.model if buffers else None, drop_first=drop_first)  # fmt: skip
+                       buffers=run.model if buffers else None, **settings)  # fmt: skip
     return Step(after_backward=guard.step, wrap=guard.wrap, info=lambda: _guard_info(guard))
 
 
@@ -262,20 +263,14 @@ def parse_settings(text: str) -> dict[str, Any]:
     return out
 
 
-def _guard_variant(settings: dict[str, Any], run: Any, opt: torch.optim.Optimizer) -> Step:
-    """SpikeGuard as the study runs it (capacity 8, the model's buffers), with other settings; ``detector.X``: the
-    loss detector's setting X."""
-    det = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("detector.")}
-    kw = {k: v for k, v in settings.items() if not k.startswith("detector.")}
-    guard = SpikeGuard(Rewind(run.model, opt, capacity=GUARD_CAPACITY), detector=SpikeDetector(**det) if det else None,
-                       buffers=run.model, **kw)  # fmt: skip
-    return Step(after_backward=guard.step, wrap=guard.wrap, info=lambda: _guard_info(guard))
-
-
 def add_guard_variant(text: str, plans: tuple[str, ...]) -> str:
-    """A SpikeGuard column with these settings (``--guard-variant``), run under ``plans``; returns its method name."""
+    """A SpikeGuard column as the study runs it (capacity 8, the model's buffers) with these settings
+    (``--guard-variant``; ``detector.X``: the loss detector's setting X), run under ``plans``; returns its method
+    name."""
+    kw = parse_settings(text)
+    det = {k.split(".", 1)[1]: kw.pop(k) for k in [k for k in kw if k.startswith("detector.")]}
     name = f"v[{text}]"
-    GUARD_METHODS[name] = (f"SpikeGuard, `{text}`", functools.partial(_guard_variant, parse_settings(text)), plans)
+    GUARD_METHODS[name] = (f"SpikeGuard, `{text}`", functools.partial(spike_guard, detector=det, **kw), plans)
     return name
 
 

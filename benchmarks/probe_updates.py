@@ -40,11 +40,10 @@ WARMUP = 20
 def watched(run: Any, opt: torch.optim.Optimizer) -> Step:
     """Plain training that logs each step's largest relative change of a parameter's norm."""
     watch = BufferWatch([p for g in opt.param_groups for p in g["params"]], "probe")
+    watch.rebase()  # the reference: the parameters before the first step (then after each step: only steps move them)
     changes: list[float] = []
 
     def after_backward(loss: torch.Tensor) -> None:
-        watch.change()
-        watch.accept()  # the reference: the parameters before this step
         opt.step()
         changes.append(watch.change())
         watch.accept()
@@ -52,13 +51,10 @@ def watched(run: Any, opt: torch.optim.Optimizer) -> Step:
     return Step(after_backward=after_backward, info=lambda: {"changes": changes})
 
 
-def ratios(changes: list[float]) -> list[float]:
-    """Each step's change over the median of the previous ``WINDOW`` (from step ``WARMUP`` on)."""
-    out = []
-    for i in range(WARMUP, len(changes)):
-        med = statistics.median(changes[max(0, i - WINDOW) : i])
-        out.append(changes[i] / med if med > 0 else float("inf"))
-    return out
+def ratio(changes: list[float], i: int) -> float:
+    """Step ``i``'s change over the median of the previous ``WINDOW``."""
+    med = statistics.median(changes[max(0, i - WINDOW) : i])
+    return changes[i] / med if med > 0 else float("inf")
 
 
 def main() -> None:
@@ -74,13 +70,13 @@ def main() -> None:
     res = run_many(cfgs, tasks=names, seeds=range(args.seeds), scale=args.scale, workers=args.workers, progress=False)
     rows, separated = [], 0
     for t in names:
-        clean = [max(ratios(r["step_info"]["changes"])) for r in res if r["task"] == t and r["config"] == "probe/none"]
-        hit = []
-        for r in res:
-            if r["task"] == t and r["config"] == "probe/lr":
-                at = next(f["at"] for f in r["faults"]["faults"] if f["kind"] == "lr")
-                ch = r["step_info"]["changes"]
-                hit.append(ch[at] / statistics.median(ch[max(0, at - WINDOW) : at]))
+        clean, hit = [], []
+        for r in (r for r in res if r["task"] == t):
+            ch = r["step_info"]["changes"]
+            if r["config"] == "probe/none":
+                clean.append(max(ratio(ch, i) for i in range(WARMUP, len(ch))))
+            else:  # at the first faulted step
+                hit.append(ratio(ch, next(f["at"] for f in r["faults"]["faults"] if f["kind"] == "lr")))
         ok = min(hit) > max(clean)
         separated += ok
         rows.append([f"`{t}`", tasks.TASKS[t].split, f"{max(clean):.1f}", f"{min(hit):.1f}", "yes" if ok else "no"])
