@@ -294,7 +294,10 @@ GUARD_METHODS = {  # name: (label, step factory, plans)
     "nonfinite": ("NonFiniteGuard", policy("NonFiniteGuard"), ("none", "mixed")),
     "lightning": ("Lightning SpikeDetection (+ free restart)", lightning_detector, ("none", "mixed", "drift")),
     "spike-before": ("SpikeGuard before (no buffers, every spike rolled back)",
-                     functools.partial(spike_guard, buffers=False, drop_first=False), ("none", "mixed", "drift")),
+                     functools.partial(spike_guard, buffers=False, drop_first=False, recheck=0),
+                     ("none", "mixed", "drift")),
+    "spike-norecheck": ("SpikeGuard, `recheck=0` (no probation after a roll-back)",
+                        functools.partial(spike_guard, recheck=0), ("none", "mixed", "drift")),
     "spike-nodrop": ("SpikeGuard, `drop_first=False`", functools.partial(spike_guard, drop_first=False),
                      ("none", "mixed")),
     "spike": ("**SpikeGuard** (defaults)", spike_guard, ("none", "mixed", "drift")),
@@ -304,10 +307,11 @@ GUARD_METHODS = {  # name: (label, step factory, plans)
                    ("none", "mixed", "drift")),
 }
 # The run cache is keyed by a config's name: a method whose behaviour changed gets a new revision, so its runs are
-# redone (rev 2: SpikeGuard watches the model's buffers and drops a first spike's batch). "spike-before" is rev 1's
-# "spike" exactly (same code path), so its cached runs stand.
-REVISION = {"spike": 2, "spike-level": 2, "spike-prev": 2, "spike-nodrop": 2}
-CACHE_NAME = {"spike-before": "spike"}
+# redone (rev 2: SpikeGuard watches the model's buffers and drops a first spike's batch; rev 3: probation after a
+# roll-back, ``recheck``). "spike-before" is rev 1's "spike" exactly and "spike-norecheck" rev 2's (same code
+# paths), so their cached runs stand.
+REVISION = {"spike": 3, "spike-level": 3, "spike-prev": 3, "spike-nodrop": 3, "spike-norecheck": 2}
+CACHE_NAME = {"spike-before": "spike", "spike-norecheck": "spike"}
 
 
 def cname(method: str, plan: str) -> str:
@@ -316,7 +320,8 @@ def cname(method: str, plan: str) -> str:
     return f"guard/{CACHE_NAME.get(method, method)}{f'@{rev}' if rev else ''}/{plan}"
 
 
-SINGLE_FAULT_METHODS = ("plain", "spike-before", "spike")  # what runs under the single-fault plans (--plans)
+# what runs under the single-fault plans (--plans)
+SINGLE_FAULT_METHODS = ("plain", "spike-before", "spike-norecheck", "spike")
 
 
 def guard_configs(only: tuple[str, ...] = ("none", "mixed", "drift")) -> list[Config]:
@@ -361,7 +366,8 @@ def false_rate(r: dict[str, Any]) -> float:
     return 1000.0 * len(ev) / max(r.get("completed", 0) or r["iterations"], 1)
 
 
-FALSE_METHODS = ("spike", "spike-before", "spike-level", "spike-prev", "lightning")  # columns of the false-alarm table
+# columns of the false-alarm table
+FALSE_METHODS = ("spike", "spike-norecheck", "spike-before", "spike-level", "spike-prev", "lightning")
 
 
 def false_methods() -> tuple[str, ...]:

@@ -569,9 +569,14 @@ def test_spike_guard_replay_rollback_limited_by_history():
 
     run.train(Probe, data)
     rolled = [e for e in guard.log if e.kind == "rolled_back"]
-    # + 1: a step check_params undid before the roll-back (it left the history as deep as before)
-    assert [e.undone for e in rolled] == [min(3, depth[e.iteration]) + ("parameters non-finite" in e.reason)
-                                          for e in rolled]  # fmt: skip
+    # + 1: a step check_params undid before the roll-back (it left the history as deep as before); on probation
+    # after a roll-back, only the steps taken since it are undone
+    since = {e.iteration: sum(1 for a in guard.log if a.kind == "accepted" and p.iteration < a.iteration < e.iteration)
+             for p, e in zip(rolled, rolled[1:])}  # fmt: skip
+    assert [e.undone for e in rolled] == [
+        (since[e.iteration] if "on probation" in e.reason else min(3, depth[e.iteration]))
+        + ("parameters non-finite" in e.reason) for e in rolled]  # fmt: skip
+    assert any("on probation" in e.reason for e in rolled)
     assert any(e.undone < 3 for e in rolled), [e.undone for e in rolled]
     rep = GuardRun(opt="sgd", lr=0.05, capacity=4)
     rep.replay(guard.log, data)
@@ -1013,7 +1018,7 @@ def test_spike_guard_rolls_back_min_of_rollback_and_history():
     assert values_equal(start["model"], full_state(m, o)["model"])
 
     m, o, rw = tiny(capacity=8)
-    guard = SpikeGuard(rw, drop_first=False, detector=det(warmup=3), rollback=3)
+    guard = SpikeGuard(rw, drop_first=False, detector=det(warmup=3), rollback=3, recheck=0)  # no probation
     states = []
     for i in range(6):
         backprop(m, o)
@@ -1795,7 +1800,7 @@ def test_rollback_after_a_nonfinite_step_in_a_cooldown_leaves_the_restored_lrs()
     sched = torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9)
     rw = Rewind(m, o, schedulers=[sched], capacity=4)
     guard = SpikeGuard(rw, detector=det(), rollback=2, cooldown=3, ramp=0, check_params=True, max_consecutive=1,
-                       drop_first=False)  # fmt: skip
+                       drop_first=False, recheck=0)  # fmt: skip  (recheck=0: a full roll-back, not probation's)
 
     def step(loss, boom=False):
         backprop(m, o)
@@ -2194,8 +2199,8 @@ def test_spike_guard_burst_rolls_back_once_then_drops_batches():
     backprop(m, o)
     guard.step(quiet(0))
     backprop(m, o)
-    guard.step(1e3)  # a step stood since: a real roll-back again
-    assert guard.log[-1].undone == 4
+    guard.step(1e3)  # a step stood since, on probation: a real roll-back again, to the last roll-back's point
+    assert guard.log[-1].undone == 1 and "on probation" in guard.log[-1].reason
     sd = guard.state_dict()
     assert sd["stepped_since_rollback"] is False
     other = SpikeGuard(Rewind(*tiny(capacity=8)[:2], capacity=8), drop_first=False, detector=det(warmup=3), rollback=4)
@@ -2358,6 +2363,72 @@ def test_spike_guard_first_spike_drops_its_batch_a_repeat_rolls_back():
         backprop(m, o)
         guard.step(float("nan"))
     assert [e.kind for e in guard.log[-2:]] == ["skipped", "rolled_back"] and guard.log[-1].undone == 4
+
+
+def _probation_run(recheck: int = 2, spike: bool = True, **kw):
+    """8 calm steps, then (``spike``) two spikes in a row: a dropped batch, then a roll-back of 4 steps."""
+    m, o, rw = tiny(capacity=8)
+    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=4, recheck=recheck, **kw)
+    for i in range(8):
+        backprop(m, o)
+        guard.step(quiet(i))
+    if spike:
+        for _ in range(2):
+            backprop(m, o)
+            guard.step(1e3)
+        assert [e.undone for e in guard.log[-2:]] == [0, 4] and guard.lr_scale == 0.5
+    return m, o, guard
+
+
+def feed_losses(m, o, guard, losses) -> list[tuple[str, int]]:
+    out = []
+    for v in losses:
+        backprop(m, o)
+        guard.step(v)
+        out.append((guard.log[-1].kind, guard.log[-1].undone))
+    return out
+
+
+def test_spike_guard_probation_after_a_roll_back():
+    """After a roll-back the next ``recheck`` steps are on probation: a loss 1.4x the median (below the spike bar:
+    1.5x and z 6) after one of them undoes the steps taken since the roll-back, bit for bit, and deepens the
+    cool-down. The same loss is applied on a run that never rolled back, after the probation, and with recheck=0;
+    a roll-back on probation does not start a new one (two judgements per roll-back in all)."""
+    rise = 1.4
+    m, o, guard = _probation_run()
+    restored = full_state(m, o)
+    assert feed_losses(m, o, guard, [quiet(0), rise]) == [("accepted", 0), ("rolled_back", 1)]
+    e = guard.log[-1]
+    assert "loss rise after a roll-back" in e.reason and "on probation" in e.reason
+    assert_same(restored, full_state(m, o)) and guard.lr_scale == 0.25
+    # the second judgement of this roll-back's probation; then none: the third rise stands
+    assert feed_losses(m, o, guard, [quiet(1), rise, quiet(2), rise]) == [("accepted", 0), ("rolled_back", 1),
+                                                                   ("accepted", 0), ("accepted", 0)]  # fmt: skip
+    assert guard.lr_scale == 0.125 and guard.probation == 0 and not guard.on_probation
+    # a spike on probation rolls back at once too (no first drop), to the roll-back's point
+    m, o, guard = _probation_run()
+    assert feed_losses(m, o, guard, [quiet(0), quiet(1), 1e3]) == [("accepted", 0), ("accepted", 0), ("rolled_back", 2)]
+    # the probation lasts ``recheck`` steps
+    m, o, guard = _probation_run()
+    assert feed_losses(m, o, guard, [quiet(0), quiet(1), quiet(2), rise]) == [("accepted", 0)] * 4
+    # no roll-back, or recheck=0: the rise is ordinary noise
+    for recheck, spike in ((2, False), (0, True)):
+        m, o, guard = _probation_run(recheck, spike)
+        assert feed_losses(m, o, guard, [quiet(0), rise]) == [("accepted", 0)] * 2
+    # the counters are part of the guard's state (resume mid-probation); a state saved before they existed loads
+    m, o, guard = _probation_run()
+    feed_losses(m, o, guard, [quiet(0)])
+    sd = json.loads(json.dumps(guard.state_dict()))
+    assert (sd["probation"], sd["on_probation"], sd["since_rollback"]) == (1, True, 1)
+    other = _probation_run(spike=False)[2]
+    other.load_state_dict(sd)
+    assert (other.probation, other.on_probation, other.since_rollback) == (1, True, 1)
+    old = {k: v for k, v in sd.items() if k not in ("probation", "on_probation", "since_rollback")}
+    other.load_state_dict(old)
+    assert (other.probation, other.on_probation, other.since_rollback) == (0, False, 0)
+    for bad in ({"recheck": -1}, {"recheck_threshold": 0.0}, {"recheck_min_rel": -0.1}):
+        with pytest.raises(RewindError, match=next(iter(bad))):
+            SpikeGuard(Rewind(*tiny()[:2]), **bad)
 
 
 def _bn_batches(n: int, scale_at: tuple[int, ...] = (), factor: float = 1e3):

@@ -136,14 +136,17 @@ class SpikeDetector:
             scale = 1e-12 * max(abs(centre), 1.0)
         return ((_log(x) if self.in_log else x) - centre) / scale
 
-    def is_spike(self, x: float) -> bool:
-        """Whether ``x`` is a spike (non-finite values always are, even during warm-up)."""
+    def is_spike(self, x: float, threshold: float | None = None, min_rel: float | None = None) -> bool:
+        """Whether ``x`` is a spike (non-finite values always are, even during warm-up). ``threshold`` and
+        ``min_rel`` replace the detector's own for this one judgement (a guard's lower bar after a roll-back)."""
         if not math.isfinite(x):
             return True
         if self.count < self.warmup:
             return False
         med = self._stats()[0]
-        return (self.score(x) > self.threshold and x > med + self.min_rel * abs(med)
+        threshold = self.threshold if threshold is None else threshold
+        min_rel = self.min_rel if min_rel is None else min_rel
+        return (self.score(x) > threshold and x > med + min_rel * abs(med)
                 and x - med > self.min_abs * abs(_median(sorted(self.first))))  # fmt: skip
 
     def update(self, x: float) -> None:
