@@ -163,8 +163,9 @@ class SpikeGuard(Guard):
 
     # -- the decision ---------------------------------------------------------------------------------------------
     def decide(self, loss: float, grad_norm: float | None) -> Decision:
-        """Roll back on a spike in the loss (or the gradient norm) and after ``max_consecutive`` non-finite
-        iterations in a row; skip a non-finite one; apply anything else.
+        """Roll back on a spike in the loss (or the gradient norm, or a buffer's jump), on a smaller rise of the loss
+        while on probation after a roll-back, and after ``max_consecutive`` non-finite iterations in a row; skip a
+        non-finite one; apply anything else.
 
         Example::
 
@@ -178,10 +179,10 @@ class SpikeGuard(Guard):
             return self.nonfinite_decision(reason)
         det = self.detector
         if det.is_spike(loss):
-            return self._spike(f"loss spike (z={det.score(loss):.1f})", confirmed=self.on_probation)
+            return self._spike(f"loss spike (z={det.score(loss):.1f})")
         if self.on_probation and det.is_spike(loss, self.recheck_threshold, self.recheck_min_rel):
             return self._spike(f"loss rise after a roll-back (z={det.score(loss):.1f}, above "
-                               f"recheck_threshold={self.recheck_threshold:g})", confirmed=True)  # fmt: skip
+                               f"recheck_threshold={self.recheck_threshold:g})")  # fmt: skip
         g = self.grad_detector
         if g is not None and grad_norm is not None and g.is_spike(grad_norm):
             return self._spike(f"gradient-norm spike (z={g.score(grad_norm):.1f})")
