@@ -2365,10 +2365,10 @@ def test_spike_guard_first_spike_drops_its_batch_a_repeat_rolls_back():
     assert [e.kind for e in guard.log[-2:]] == ["skipped", "rolled_back"] and guard.log[-1].undone == 4
 
 
-def _probation_run(recheck: int = 2, spike: bool = True, **kw):
+def _probation_run(recheck: int = 2, spike: bool = True):
     """8 calm steps, then (``spike``) two spikes in a row: a dropped batch, then a roll-back of 4 steps."""
     m, o, rw = tiny(capacity=8)
-    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=4, recheck=recheck, **kw)
+    guard = SpikeGuard(rw, detector=det(warmup=3), rollback=4, recheck=recheck)
     for i in range(8):
         backprop(m, o)
         guard.step(quiet(i))
@@ -2400,14 +2400,16 @@ def test_spike_guard_probation_after_a_roll_back():
     assert feed_losses(m, o, guard, [quiet(0), rise]) == [("accepted", 0), ("rolled_back", 1)]
     e = guard.log[-1]
     assert "loss rise after a roll-back" in e.reason and "on probation" in e.reason
-    assert_same(restored, full_state(m, o)) and guard.lr_scale == 0.25
+    assert_same(restored, full_state(m, o))
+    assert guard.lr_scale == 0.25
     # the second judgement of this roll-back's probation; then none: the third rise stands
     assert feed_losses(m, o, guard, [quiet(1), rise, quiet(2), rise]) == [("accepted", 0), ("rolled_back", 1),
                                                                    ("accepted", 0), ("accepted", 0)]  # fmt: skip
     assert guard.lr_scale == 0.125 and guard.probation == 0 and not guard.on_probation
     # a spike on probation rolls back at once too (no first drop), to the roll-back's point
     m, o, guard = _probation_run()
-    assert feed_losses(m, o, guard, [quiet(0), quiet(1), 1e3]) == [("accepted", 0), ("accepted", 0), ("rolled_back", 2)]
+    assert feed_losses(m, o, guard, [quiet(0), quiet(1), 1e3]) == [("accepted", 0), ("accepted", 0),
+                                                                 ("rolled_back", 2)]  # fmt: skip
     # the probation lasts ``recheck`` steps
     m, o, guard = _probation_run()
     assert feed_losses(m, o, guard, [quiet(0), quiet(1), quiet(2), rise]) == [("accepted", 0)] * 4

@@ -242,14 +242,15 @@ class LineSearch(Backtracking):
     optimizers that scale each parameter's step, such as Adam, whose tuned lr the search then only lowers when a
     step fails) and ``lr_max`` if given. ``grow="auto"`` is 1.1 around SGD and 10 around Adam & co.: there the next
     iteration starts at the optimizer's own lr again, so a rejected step lowers that step only (with 1.1, 3-5
-    rejections in a run kept Adam's lr low for ~20 iterations each and cost train loss). A trial that leaves the loss exactly as it was is rejected (the lr
-    is below what the loss resolves: accepting it would be a no-op step). If Δ is not a descent direction
-    (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss decreased", and a failure cannot be
-    helped by a smaller lr (Δ's direction does not depend on it): ``uphill="auto"`` then takes the optimizer's step
-    as it is around Adam & co. (as plain training would: skipping such steps left 20-60% of the iterations near a
-    zero loss without a step) and ends the iteration without a step around SGD (``"take"`` / ``"skip"`` force one). A zero loss or a zero gradient
-    leaves nothing to search: the optimizer's step is taken as it is. After ``max_tries`` failures the state is left
-    as before the step and the lr as the iteration started, so the lr never collapses.
+    rejections in a run kept Adam's lr low for ~20 iterations each and cost train loss). A trial that leaves the
+    loss exactly as it was is rejected (the lr is below what the loss resolves: accepting it would be a no-op step).
+    If Δ is not a descent direction (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss
+    decreased", and a failure cannot be helped by a smaller lr (Δ's direction does not depend on it):
+    ``uphill="auto"`` then takes the optimizer's step as it is around Adam & co. (as plain training would: skipping
+    such steps left 20-60% of the iterations near a zero loss without a step) and ends the iteration without a step
+    around SGD (``"take"`` / ``"skip"`` force one). A zero loss or a zero gradient leaves nothing to search: the
+    optimizer's step is taken as it is. After ``max_tries`` failures the state is left as before the step and the lr
+    as the iteration started, so the lr never collapses.
 
     ``min_fraction`` (default None) puts a floor under the lr: shrinking stops at that fraction of the initial lr
     (a rejection there ends the search).

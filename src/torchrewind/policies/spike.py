@@ -260,9 +260,9 @@ class SpikeGuard(Guard):
             )
 
     def _rolled_back(self, d: Decision, steps: int) -> dict[str, Any]:
-        if steps and self.buffer_watch is not None:
-            self.buffer_watch.rebase()  # older buffers are back: changes count from them
         if steps:
+            if self.buffer_watch is not None:
+                self.buffer_watch.rebase()  # older buffers are back: changes count from them
             # a roll-back on probation does not extend it: ``recheck`` steps are judged per roll-back in all
             self.probation = self.probation if self.on_probation else self.recheck
             self.since_rollback = 0
