@@ -344,9 +344,20 @@ SEARCH_METHODS = {  # name: (label, optimizer factory, step factory)
 }
 
 
+# rev 2: a trial that leaves the loss as it was ends the search; around SGD with momentum a trial whose direction goes
+# uphill restarts the momentum (uphill="auto"), so these runs are redone
+SEARCH_REVISION = {"linesearch-sgd": 2, "linesearch-adam": 2, "bolddriver-sgd": 2}
+
+
+def sname(method: str) -> str:
+    """The config (and cache) name of a search method."""
+    rev = SEARCH_REVISION.get(method.split("[", 1)[0])
+    return f"search/{method}{f'@{rev}' if rev else ''}"
+
+
 def search_configs(with_sls: bool, grid: tuple[float, ...] = GRID) -> list[Config]:
     out = [Config(f"grid/{o}/x{s:g}", f(lr_scale=s)) for o, f in (("sgd", sgd), ("adam", adam)) for s in grid]
-    out += [Config(f"search/{m}", o, st) for m, (_, o, st) in SEARCH_METHODS.items() if m != "sls" or with_sls]
+    out += [Config(sname(m), o, st) for m, (_, o, st) in SEARCH_METHODS.items() if m != "sls" or with_sls]
     return out
 
 
@@ -456,7 +467,7 @@ def search_analysis(results: list[dict[str, Any]], task_names: list[str], with_s
             if m == "sls" and not with_sls:
                 continue
             ref = adam_start if m == "linesearch-adam" else sgd_best
-            entries.append((label, g.get((f"search/{m}", t), []), ref))
+            entries.append((label, g.get((sname(m), t), []), ref))
         for label, rs, ref in entries:
             if not rs:
                 continue

@@ -270,6 +270,41 @@ def line_search_agreement(rank: int, world: int, port: int) -> None:
     finish()
 
 
+def line_search_restart_agreement(rank: int, world: int, port: int, wrap: str) -> None:
+    """LineSearch's momentum restart under DDP / FSDP2: whether a trial goes uphill is decided on the global ∇f·Δ
+    (each rank holds a share), so every rank restarts on the same trials and ends with the same state."""
+    init(rank, world, port)
+    run = Run(wrap, opt="sgd")
+    ls = LineSearch(run.rw, max_tries=4)
+    gen = torch.Generator().manual_seed(7)  # the same stale "momentum" on every rank
+    for i, x, t, _ in rank_data(8, {}):
+        if i % 2 == 1:  # a large random buffer: the heavy-ball step is dominated by it, uphill about half the time
+            with torch.no_grad():
+                for p in (p for g in run.opt.param_groups for p in g["params"]):
+                    buf = run.opt.state.get(p, {}).get("momentum_buffer")
+                    if buf is not None:
+                        noise = torch.randn(p.shape, generator=gen) * 50.0  # full shape on every rank
+                        if hasattr(buf, "to_local"):  # FSDP2: this rank's shard of it
+                            buf.to_local().copy_(_shard_like(noise, buf))
+                        else:
+                            buf.copy_(noise)
+        ls.step(lambda: loss_of(run.net, x, t, None))
+    events = [(e.kind, e.extra, e.lrs) for e in ls.log]
+    assert any(extra.get("restarted") for _, extra, _ in events), events
+    logs = gather(events)
+    assert all(x == logs[0] for x in logs)
+    if wrap == "ddp":
+        same_on_all_ranks(run.state())
+    finish()
+
+
+def _shard_like(full: torch.Tensor, dt):
+    """The local shard of ``full`` laid out as the DTensor ``dt``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, dt.device_mesh, dt.placements).to_local()
+
+
 def fsdp_undo_is_exact(rank: int, world: int, port: int, opt: str) -> None:
     """FSDP2 (fully_shard, DTensor shards of parameters and optimizer state): step -> undo -> step equals never
     having taken the undone step, bitwise on every rank's shards; undo(2) then redo(2) returns exactly."""

@@ -55,6 +55,13 @@ def test_line_search_ranks_agree():
     spawn(dist_workers.line_search_agreement)
 
 
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_line_search_momentum_restart_ranks_agree(wrap):
+    import dist_workers
+
+    spawn(dist_workers.line_search_restart_agreement, wrap)
+
+
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
 def test_fsdp2_undo_is_bitwise_exact(opt):
     import dist_workers

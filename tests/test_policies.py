@@ -314,10 +314,12 @@ class SearchRun:
         return out
 
     def replay(self, log: Trajectory, data, *, accept, shrink, grow, lr_max, max_tries, lr_min=None,
-               take_uphill=False) -> None:
+               take_uphill=False, restart=False) -> None:
         """Replay a LineSearch/BoldDriver log by hand: step, evaluate the trial loss on the same batch with the
         first evaluation's RNG state (then put the RNG back), undo + shrink on rejection, reset the lr on
-        exhaustion, grow (capped) on acceptance. Asserts the log's losses, lrs and decisions on the way."""
+        exhaustion (also when the loss did not move), grow (capped) on acceptance; with ``restart``, a trial whose
+        direction goes uphill is undone before its evaluation and the momentum buffers zeroed for this and every
+        later trial of the iteration. Asserts the log's losses, lrs and decisions on the way."""
         model, opt, rw = self.model, self.opt, self.rw
         for evs in group_by_iteration(log):
             i, x, t, fault = data[evs[0].iteration]
@@ -348,11 +350,22 @@ class SearchRun:
                     self.sched.step()
                 continue
             theta0 = [p.detach().clone() for p in params]
+            restarted = False
             for tries, e in enumerate(evs, 1):
-                assert e.extra == {"tries": tries}
                 assert e.lrs == get_lrs(opt), (e, get_lrs(opt))
+                if restarted:
+                    rw.ensure_recorded()  # the undo point keeps the buffers as they were
+                    zero_momentum(opt)
                 opt.step()
                 gd = directional(params, theta0)
+                if restart and not restarted and gd >= 0:
+                    rw.undo()
+                    restarted = True
+                    rw.ensure_recorded()
+                    zero_momentum(opt)
+                    opt.step()
+                    gd = directional(params, theta0)
+                assert e.extra == ({"tries": tries, "restarted": True} if restarted else {"tries": tries}), e
                 torch.set_rng_state(rng_before)  # same dropout mask as the first evaluation
                 with torch.no_grad():
                     f1 = loss_fn().item()
@@ -372,17 +385,20 @@ class SearchRun:
                         factor = min(factor, lr_max / top) if top > 0 else factor
                     if factor > 1.0:
                         put_lrs(opt, [lr * factor for lr in get_lrs(opt)])
+                    if lr_max is not None and max(get_lrs(opt)) > lr_max:  # lr * (cap / lr) an ulp over: clamped
+                        put_lrs(opt, [min(lr, lr_max) for lr in get_lrs(opt)])
                     continue
                 assert e.undone == 1
                 rw.undo()
                 assert get_lrs(opt) == e.lrs  # the Rewind brought back the lrs this trial used
                 hopeless = accept.descent and gd >= 0  # a smaller lr cannot turn it into a descent direction
                 floor = lr_min is not None and max(get_lrs(opt)) <= lr_min  # the lr cannot fall any lower
+                unmoved = f1 == f0  # a smaller lr cannot move the loss either
                 if e.kind == "exhausted":
-                    assert tries == len(evs) and (tries == max_tries or hopeless or floor), (e, tries, gd)
+                    assert tries == len(evs) and (tries == max_tries or hopeless or floor or unmoved), (e, tries, gd)
                     put_lrs(opt, start)
                 else:
-                    assert e.kind == "rejected" and tries < max_tries and not hopeless and not floor
+                    assert e.kind == "rejected" and tries < max_tries and not (hopeless or floor or unmoved)
                     factor = shrink if lr_min is None else max(shrink, lr_min / max(get_lrs(opt)))
                     put_lrs(opt, [lr * factor for lr in get_lrs(opt)])
                     if lr_min is not None and max(get_lrs(opt)) < lr_min:  # an ulp under the floor: clamped
@@ -390,6 +406,13 @@ class SearchRun:
                         put_lrs(opt, [lr * (lr_min / top) for lr in get_lrs(opt)])
             if self.sched is not None:
                 self.sched.step()
+
+
+def zero_momentum(opt: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        for state in opt.state.values():
+            if isinstance(state.get("momentum_buffer"), torch.Tensor):
+                state["momentum_buffer"].zero_()
 
 
 def nonfinite_reason(e: Event) -> bool:
@@ -634,7 +657,7 @@ def test_search_replay_is_exact(name, sched):
     floor = kw.get("min_fraction", 1e-3 if cls is BoldDriver else None)
     rep.replay(log, data, accept=accept, shrink=kw.get("shrink", 0.5), grow=kw.get("grow", default_grow),
                lr_max=lr_max, max_tries=kw["max_tries"], lr_min=None if floor is None else floor * lr,
-               take_uphill=take_uphill)  # fmt: skip
+               take_uphill=take_uphill, restart=cls is LineSearch and opt == "sgd")  # fmt: skip
     assert_same(run.state(), rep.state())
 
 
@@ -709,7 +732,8 @@ def test_search_random_replay(faults, bolddriver, opt, log_lr, shrink, grow, max
     rep = SearchRun(opt=opt, lr=lr, groups=groups)
     rep.replay(pol.log, data, accept=accept, shrink=shrink, grow=grow, lr_max=lr_max, max_tries=max_tries,
                lr_min=1e-3 * lr if bolddriver else None,  # BoldDriver's default floor
-               take_uphill=not bolddriver and opt == "adam")  # LineSearch's uphill="auto" around Adam
+               take_uphill=not bolddriver and opt == "adam",  # LineSearch's uphill="auto": Adam's step taken,
+               restart=not bolddriver and opt == "sgd")  # SGD's momentum restarted
     assert_same(run.state(), rep.state())
 
 
@@ -1382,6 +1406,9 @@ def test_linesearch_trial_losses_use_the_same_dropout_mask():
     run.train(ls, make_data(3))
     assert all(e.kind != "accepted" and e.loss_after == e.loss for e in ls.log)
     assert all("did not change the loss" in e.reason for e in ls.log)
+    # the loss did not move: a smaller lr cannot move it either, so one trial ends each search (max_tries=2)
+    assert all([e.kind for e in evs] == ["exhausted"] for evs in group_by_iteration(ls.log))
+    assert all("a smaller lr cannot change it either" in e.reason for e in ls.log)
     assert get_lrs(run.opt) == (1e-30,)  # exhausted: back to the iteration's starting lr
     run = SearchRun(opt="sgd_plain", lr=1e-30, dropout=0.5)
     ls = BoldDriver(run.rw, grow=1.0, same_rng=False)
@@ -2284,6 +2311,112 @@ def test_bolddriver_lr_floor():
     for bad in (0.0, 1.5, -1.0):
         with pytest.raises(RewindError, match="min_fraction"):
             BoldDriver(SearchRun().rw, min_fraction=bad)
+
+
+class _Scalar(torch.nn.Module):
+    """One weight w (no RNG use): batch ``(k, target)`` has the loss k·(w − target)², so the gradient and the heavy-ball
+    step are known in closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def loss(self, k: float, target: float) -> torch.Tensor:
+        return k * (self.w - target) ** 2
+
+
+def _scalar_run(lr: float = 1.0, momentum: float = 0.9, opt: str = "sgd"):
+    model = _Scalar()
+    o = (torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum) if opt == "sgd"
+         else torch.optim.Adam(model.parameters(), lr=lr) if opt == "adam"
+         else torch.optim.RMSprop(model.parameters(), lr=lr, momentum=momentum))  # fmt: skip
+    return model, o, Rewind(model, o)
+
+
+def _scalar_state(model, opt):
+    return {"w": model.w.detach().clone(), "buf": opt.state[model.w]["momentum_buffer"].clone()}
+
+
+# at lr 0.5 the first batch builds a momentum buffer pulling w up (w: 0 -> 10, buffer -20); at the second batch w is
+# 0.1 above its target, so the gradient is 0.2 and the heavy-ball step (0.9·20 − 0.2)·0.55 goes further up: uphill
+UPHILL = [(1.0, 10.0), (1.0, 9.9)]
+
+
+def test_linesearch_restarts_momentum_that_goes_uphill():
+    """uphill="restart" (the default around SGD with momentum): the uphill trial is undone before it is evaluated,
+    the momentum buffer zeroed and the gradient's own step searched; bitwise what SGD does from a zeroed buffer."""
+    model, opt, rw = _scalar_run(lr=0.5)
+    ls = LineSearch(rw)
+    assert ls.restart_uphill and not ls.take_uphill
+    for k, target in UPHILL:
+        ls.step(lambda: model.loss(k, target))
+    first, second = ls.log.events
+    assert first.kind == "accepted" and first.extra == {"tries": 1}
+    assert second.kind == "accepted" and second.extra == {"tries": 1, "restarted": True}
+    assert ls.forwards == 4  # two evaluations per iteration: the restarted trial's uphill step was never evaluated
+    assert second.loss_after < second.loss
+    # by hand: the same first step, then a zeroed buffer and a plain step at the grown lr
+    ref, ropt, _ = _scalar_run(lr=0.5)
+    ropt.zero_grad()
+    ref.loss(*UPHILL[0]).backward()
+    ropt.step()
+    ropt.param_groups[0]["lr"] *= 1.1  # the search grew the lr after the accepted step
+    ropt.state[ref.w]["momentum_buffer"].zero_()
+    ropt.zero_grad()
+    ref.loss(*UPHILL[1]).backward()
+    ropt.step()
+    ropt.param_groups[0]["lr"] *= 1.1
+    assert_same(_scalar_state(model, opt), _scalar_state(ref, ropt))
+    assert get_lrs(opt) == get_lrs(ropt)
+    # uphill="skip" (the previous behaviour): no step at all, the stale buffer kept
+    model, opt, rw = _scalar_run(lr=0.5)
+    ls = LineSearch(rw, uphill="skip")
+    ls.step(lambda: model.loss(*UPHILL[0]))
+    before = _scalar_state(model, opt)
+    ls.step(lambda: model.loss(*UPHILL[1]))
+    assert ls.log.events[-1].kind == "exhausted" and "not a descent direction" in ls.log.events[-1].reason
+    assert_same(before, _scalar_state(model, opt))
+
+
+def test_linesearch_restart_that_finds_nothing_restores_the_buffer():
+    """A restarted search that ends without a step leaves the state as before the iteration: the momentum buffer is
+    the old one, not the zeroed one (the undo point was recorded before the restart)."""
+    model, opt, rw = _scalar_run(lr=0.5)
+    ls = LineSearch(rw, max_tries=1)
+    ls.step(lambda: model.loss(*UPHILL[0]))
+    before = _scalar_state(model, opt)
+    ls.step(lambda: model.loss(40.0, 9.9))  # steep: the gradient step at this lr overshoots, Armijo fails
+    last = ls.log.events[-1]
+    assert last.kind == "exhausted" and last.extra == {"tries": 1, "restarted": True}
+    assert_same(before, _scalar_state(model, opt))
+    assert not torch.equal(before["buf"], torch.zeros(()))
+    # the next iteration runs from the old buffer again, with the lr the failed iteration started with
+    assert get_lrs(opt) == (0.5 * 1.1,)
+
+
+def test_linesearch_uphill_restart_needs_momentum():
+    _, opt, rw = _scalar_run(momentum=0.0)
+    assert not LineSearch(rw).restart_uphill  # "auto" around SGD without momentum: nothing to restart, skip
+    with pytest.raises(RewindValueError, match="uphill='restart' restarts the optimizer's momentum"):
+        LineSearch(rw, uphill="restart")
+    _, _, rw = _scalar_run(opt="adam")
+    assert not LineSearch(rw).restart_uphill  # Adam & co. take the step as it is
+    with pytest.raises(RewindValueError, match="has none here"):
+        LineSearch(rw, uphill="restart")
+    _, _, rw = _scalar_run(opt="rmsprop")  # momentum and eps: "auto" takes; "restart" is allowed
+    assert LineSearch(rw).take_uphill and LineSearch(rw, uphill="restart").restart_uphill
+
+
+def test_linesearch_restart_replay_is_exact():
+    """On real batches: restarts happen, and a replay by hand (restart included) ends bitwise where the search did."""
+    data = make_data(60)
+    run = SearchRun(opt="sgd", lr=0.05, groups=True)
+    ls = LineSearch(run.rw, max_tries=4)
+    run.train(ls, data)
+    assert any(e.extra.get("restarted") for e in ls.log)
+    rep = SearchRun(opt="sgd", lr=0.05, groups=True)
+    rep.replay(ls.log, data, accept=armijo(0.1), shrink=0.5, grow=1.1, lr_max=0.5, max_tries=4, restart=True)
+    assert_same(run.state(), rep.state())
 
 
 def test_linesearch_around_adam_never_collapses():

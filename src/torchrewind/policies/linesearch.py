@@ -18,7 +18,7 @@ import torch
 
 from .._checks import check_bool, check_choice, check_int, check_type
 from ..distributed import all_sum, local, replicas
-from ..errors import RewindTypeError
+from ..errors import RewindTypeError, RewindValueError
 from ..rewind import Rewind
 from ..trajectory import Event, Trajectory
 from ._common import agreed_loss, check_rewind, grad_sq, scales_each_step
@@ -33,8 +33,11 @@ class Backtracking:
     undo it and shrink the lrs (``step_size``) until it passes or ``max_tries`` trials failed. A failed step whose
     direction is not a descent direction (``∇f·Δ ≥ 0``, with a rule that needs the direction) cannot be helped by a
     smaller lr: ``uphill="skip"`` ends the iteration without a step, ``"take"`` applies the optimizer's step as it
-    is (if the loss stays finite and changes), ``"auto"`` takes it around optimizers with an ``eps`` setting (Adam &
-    co.) and skips it around others.
+    is (if the loss stays finite and changes), ``"restart"`` (optimizers with a ``momentum`` setting) restarts the
+    momentum as soon as a trial's direction goes uphill, before its loss is evaluated: the step is undone, the
+    momentum buffers are zeroed and the search goes on with the gradient's own direction; ``"auto"`` takes it around
+    optimizers with an ``eps`` setting (Adam & co.), restarts around others with momentum (SGD) and skips it around
+    the rest. A trial that leaves the loss exactly as it was ends the search: a smaller lr cannot change it either.
 
     Example::
 
@@ -56,7 +59,7 @@ class Backtracking:
     ) -> None:
         who = type(self).__name__
         self.rw = check_rewind(rewind, who)
-        self.uphill = check_choice("uphill", uphill, ("auto", "skip", "take"), who)
+        self.uphill = check_choice("uphill", uphill, ("auto", "skip", "take", "restart"), who)
         if not callable(accept):
             raise RewindTypeError(f"{who}: accept must be a rule like Armijo(...) or NoIncrease(...), got {accept!r}.")
         self.accept = accept
@@ -70,6 +73,15 @@ class Backtracking:
         # resolved: take a failed non-descent step (around Adam-like optimizers skipping it stalls training: near a
         # zero loss their mini-batch step is often uphill, and the search left 20-60% of iterations without a step)
         self.take_uphill = uphill == "take" or (uphill == "auto" and scales_each_step(self.optimizer))
+        # resolved: restart the momentum of a trial whose direction goes uphill (around SGD skipping such a step
+        # left the stale momentum buffer in place, so the next iterations went uphill too: 65% of
+        # matrix_factorisation's iterations ended without a step)
+        has_momentum = any(g.get("momentum", 0) for g in self.optimizer.param_groups)
+        if uphill == "restart" and not has_momentum:
+            raise RewindValueError(f"{who}: uphill='restart' restarts the optimizer's momentum, but "
+                                   f"{type(self.optimizer).__name__} has none here (momentum=0 in every param "
+                                   "group); use uphill='skip' or 'take', or give the optimizer momentum.")  # fmt: skip
+        self.restart_uphill = uphill == "restart" or (uphill == "auto" and not self.take_uphill and has_momentum)
         self.log = log if log is not None else Trajectory()
         self.iteration = 0
         self.steps = 0
@@ -127,11 +139,25 @@ class Backtracking:
             return f0
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         theta0 = self._copy_params(params) if self.accept.needs_direction else None
+        restart = self.restart_uphill and theta0 is not None
+        restarted = False
         for tries in range(1, self.max_tries + 1):
             self.rw.ensure_recorded()  # so this works with Rewind(auto=False) too
+            if restarted:
+                _zero_momentum(opt)  # the undo brought the buffers back
             opt.step()
+            gd = _directional(params, theta0, self.rw.group) if theta0 is not None else 0.0
+            if restart and not restarted and all_sum(self.rw.group, [gd])[0] >= 0:
+                # the momentum points uphill for this batch: no lr can help, the gradient's own direction can (no
+                # forward spent on the trial; the undo point stays before the restart, so giving up restores the
+                # buffers)
+                self.rw.undo()
+                restarted = True
+                self.rw.ensure_recorded()
+                _zero_momentum(opt)
+                opt.step()
+                gd = _directional(params, theta0, self.rw.group)
             try:
-                gd = _directional(params, theta0, self.rw.group) if theta0 is not None else 0.0
                 with torch.no_grad():
                     if rng_before is not None:
                         _set_rng_state(rng_before)  # same dropout masks as the first evaluation
@@ -155,26 +181,31 @@ class Backtracking:
             # now rather than shrink to nothing
             hopeless = not ok and self.accept.needs_direction and gd >= 0
             uphill = hopeless and self.take_uphill and math.isfinite(f1) and f1 != f0
+            extra = {"tries": tries, "restarted": True} if restarted else {"tries": tries}
             if ok or uphill:
                 self.steps += 1
                 why = why if ok else "not a descent direction: the optimizer's step taken as it is"
-                self.log.add(Event(it, self.steps, "accepted", f0, f1, used, why, extra={"tries": tries}))
+                self.log.add(Event(it, self.steps, "accepted", f0, f1, used, why, extra=extra))
                 if ok:
                     self.step_size.grow_lrs(opt)
                 else:
                     self.step_size.reset(opt, start_lrs)  # the lr was not judged by this step
                 return f0
             self.rw.undo()
-            if tries == self.max_tries or hopeless or not self.step_size.can_shrink(opt):
+            # the loss did not move: a smaller lr cannot move it either (near a float32-resolved minimum these
+            # trials were 45% of wine_zero's forwards, none ever followed by an accepted step)
+            unmoved = f1 == f0
+            if tries == self.max_tries or hopeless or unmoved or not self.step_size.can_shrink(opt):
                 self.step_size.reset(opt, start_lrs)
                 if hopeless:
                     why = f"{why}; not a descent direction: a smaller lr cannot help"
+                elif unmoved:
+                    why = f"{why}; a smaller lr cannot change it either"
                 elif tries < self.max_tries:
                     why = f"{why}; the lr is at its floor"
-                self.log.add(Event(it, self.steps, "exhausted", f0, f1, used, why, undone=1,
-                                   extra={"tries": tries}))  # fmt: skip
+                self.log.add(Event(it, self.steps, "exhausted", f0, f1, used, why, undone=1, extra=extra))
                 return f0
-            self.log.add(Event(it, self.steps, "rejected", f0, f1, used, why, undone=1, extra={"tries": tries}))
+            self.log.add(Event(it, self.steps, "rejected", f0, f1, used, why, undone=1, extra=extra))
             self.step_size.shrink_lrs(opt)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -243,20 +274,23 @@ class LineSearch(Backtracking):
     step fails) and ``lr_max`` if given. ``grow="auto"`` is 1.1 around SGD and 10 around Adam & co.: there the next
     iteration starts at the optimizer's own lr again, so a rejected step lowers that step only (with 1.1, 3-5
     rejections in a run kept Adam's lr low for ~20 iterations each and cost train loss). A trial that leaves the
-    loss exactly as it was is rejected (the lr is below what the loss resolves: accepting it would be a no-op step).
-    If Δ is not a descent direction (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss
-    decreased", and a failure cannot be helped by a smaller lr (Δ's direction does not depend on it):
-    ``uphill="auto"`` then takes the optimizer's step as it is around Adam & co. (as plain training would: skipping
-    such steps left 20-60% of the iterations near a zero loss without a step) and ends the iteration without a step
-    around SGD (``"take"`` / ``"skip"`` force one). A zero loss or a zero gradient leaves nothing to search: the
-    optimizer's step is taken as it is. After ``max_tries`` failures the state is left as before the step and the lr
-    as the iteration started, so the lr never collapses.
+    loss exactly as it was ends the search without a step (the lr is below what the loss resolves: accepting it
+    would be a no-op step, and a smaller lr cannot move the loss either). If Δ is not a descent direction
+    (∇f·Δ ≥ 0, possible with momentum or Adam), the test becomes "the loss decreased", and a failure cannot be
+    helped by a smaller lr (Δ's direction does not depend on it): ``uphill="auto"`` then takes the optimizer's step
+    as it is around Adam & co. (as plain training would: skipping such steps left 20-60% of the iterations near a
+    zero loss without a step); around SGD with momentum it restarts the momentum as soon as the trial's direction
+    is seen to go uphill, before evaluating it (buffers zeroed, the gradient's own step searched; skipping instead
+    kept a stale buffer and left 65% of one task's iterations without a step); around others it ends the iteration
+    without a step (``"take"`` / ``"restart"`` / ``"skip"`` force one). A zero loss or a zero gradient leaves nothing
+    to search: the optimizer's step is taken as it is. After ``max_tries`` failures the state is left as before the
+    step and the lr as the iteration started, so the lr never collapses.
 
     ``min_fraction`` (default None) puts a floor under the lr: shrinking stops at that fraction of the initial lr
     (a rejection there ends the search).
 
-    Defaults (``c=0.1``, ``shrink=0.5``, ``grow="auto"``, ``max_growth="auto"``) were chosen on the ``tune`` half of
-    ``benchmarks/suite`` (``benchmarks/bench_policies.py``).
+    Defaults (``c=0.1``, ``shrink=0.5``, ``grow="auto"``, ``max_growth="auto"``, ``uphill="auto"``) were chosen on
+    the ``tune`` half of ``benchmarks/suite`` (``benchmarks/bench_policies.py``).
     Trial evaluations call ``loss_fn`` again (with the first evaluation's RNG state, so dropout masks match); modules
     in training mode such as BatchNorm update their running statistics at each call, as for any extra forward. The
     pieces: ``accept``
@@ -302,8 +336,8 @@ class BoldDriver(Backtracking):
     as the iteration started), where before the lr fell to 1e-10x its start on some tasks and each iteration then
     spent its tries on steps too small to matter. The floor was chosen on the ``tune`` half of ``benchmarks/suite``
     (1e-2, 1e-3, 1e-4: 1e-3 had the lowest or equal mean train loss of 1e-3 and 1e-4 on every task, and fewer passes).
-    A step that leaves the loss exactly as it was is a rejection; a zero loss or gradient takes the optimizer's step
-    as it is.
+    A step that leaves the loss exactly as it was ends the iteration's search (no step); a zero loss or gradient
+    takes the optimizer's step as it is.
 
     Example::
 
@@ -346,6 +380,17 @@ def _directional(params: list[torch.Tensor], theta0: list[torch.Tensor], group: 
             dot = torch.dot(d.reshape(-1).double(), (g.to_dense() if g.is_sparse else g).reshape(-1).double())
             dots.append((dot / replicas(p, group) if group is not None else dot).cpu())
         return float(torch.stack(dots).sum().item()) if dots else 0.0
+
+
+def _zero_momentum(opt: torch.optim.Optimizer) -> None:
+    """Restart heavy-ball momentum: zero every ``momentum_buffer`` in place (in place, so the Rewind's undo restores
+    the same tensors; a zeroed buffer takes the gradient as it is at the next step, as a fresh one does, up to
+    dampening)."""
+    with torch.no_grad():
+        for st in opt.state.values():
+            b = st.get("momentum_buffer")
+            if isinstance(b, torch.Tensor):
+                b.zero_()
 
 
 def _rng_state() -> tuple:
