@@ -2325,9 +2325,9 @@ class _Scalar(torch.nn.Module):
         return k * (self.w - target) ** 2
 
 
-def _scalar_run(lr: float = 1.0, momentum: float = 0.9, opt: str = "sgd"):
+def _scalar_run(lr: float = 1.0, momentum: float = 0.9, opt: str = "sgd", **kw):
     model = _Scalar()
-    o = (torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum) if opt == "sgd"
+    o = (torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, **kw) if opt == "sgd"
          else torch.optim.Adam(model.parameters(), lr=lr) if opt == "adam"
          else torch.optim.RMSprop(model.parameters(), lr=lr, momentum=momentum))  # fmt: skip
     return model, o, Rewind(model, o)
@@ -2342,10 +2342,13 @@ def _scalar_state(model, opt):
 UPHILL = [(1.0, 10.0), (1.0, 9.9)]
 
 
-def test_linesearch_restarts_momentum_that_goes_uphill():
+@pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}, {"fused": True}],
+                         ids=["for-loop", "foreach", "fused"])
+def test_linesearch_restarts_momentum_that_goes_uphill(impl):
     """uphill="restart" (the default around SGD with momentum): the uphill trial is undone before it is evaluated,
-    the momentum buffer zeroed and the gradient's own step searched; bitwise what SGD does from a zeroed buffer."""
-    model, opt, rw = _scalar_run(lr=0.5)
+    the momentum buffer zeroed and the gradient's own step searched; bitwise what SGD does from a zeroed buffer, with
+    each of SGD's implementations (they all keep the buffer in ``state["momentum_buffer"]``)."""
+    model, opt, rw = _scalar_run(lr=0.5, **impl)
     ls = LineSearch(rw)
     assert ls.restart_uphill and not ls.take_uphill
     for k, target in UPHILL:
@@ -2356,7 +2359,7 @@ def test_linesearch_restarts_momentum_that_goes_uphill():
     assert ls.forwards == 4  # two evaluations per iteration: the restarted trial's uphill step was never evaluated
     assert second.loss_after < second.loss
     # by hand: the same first step, then a zeroed buffer and a plain step at the grown lr
-    ref, ropt, _ = _scalar_run(lr=0.5)
+    ref, ropt, _ = _scalar_run(lr=0.5, **impl)
     ropt.zero_grad()
     ref.loss(*UPHILL[0]).backward()
     ropt.step()
@@ -2369,7 +2372,7 @@ def test_linesearch_restarts_momentum_that_goes_uphill():
     assert_same(_scalar_state(model, opt), _scalar_state(ref, ropt))
     assert get_lrs(opt) == get_lrs(ropt)
     # uphill="skip" (the previous behaviour): no step at all, the stale buffer kept
-    model, opt, rw = _scalar_run(lr=0.5)
+    model, opt, rw = _scalar_run(lr=0.5, **impl)
     ls = LineSearch(rw, uphill="skip")
     ls.step(lambda: model.loss(*UPHILL[0]))
     before = _scalar_state(model, opt)
