@@ -345,8 +345,8 @@ SEARCH_METHODS = {  # name: (label, optimizer factory, step factory)
 
 
 # rev 2: a trial that leaves the loss as it was ends the search; around SGD with momentum a trial whose direction goes
-# uphill restarts the momentum (uphill="auto"), so these runs are redone
-SEARCH_REVISION = {"linesearch-sgd": 2, "linesearch-adam": 2, "bolddriver-sgd": 2}
+# uphill restarts the momentum (uphill="auto"); rev 3 (SGD only): c="auto" is 0.3 around SGD. These runs are redone.
+SEARCH_REVISION = {"linesearch-sgd": 3, "linesearch-adam": 2, "bolddriver-sgd": 2}
 
 
 def sname(method: str) -> str:

@@ -612,8 +612,9 @@ SEARCHES = {
     # name: (optimizer, lr, policy class, kwargs, accept, lr_max used by the replay)
     "linesearch-sgd": ("sgd", 1.0, LineSearch, dict(max_tries=4, c=1e-4, lr_max="initial"), armijo(1e-4), 1.0),
     # max_growth="auto": 10x the initial lr around SGD (no eps setting), 1x around Adam
-    "linesearch-sgd-defaults": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(0.1), 10.0),
-    "linesearch-sgd-growth": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, max_growth=2.0), armijo(0.1), 6.0),
+    # c="auto": 0.3 around SGD, 0.1 around Adam & co.
+    "linesearch-sgd-defaults": ("sgd", 1.0, LineSearch, dict(max_tries=4), armijo(0.3), 10.0),
+    "linesearch-sgd-growth": ("sgd_plain", 3.0, LineSearch, dict(max_tries=4, max_growth=2.0), armijo(0.3), 6.0),
     "linesearch-adam": ("adam", 0.05, LineSearch, dict(max_tries=4, c=0.3, shrink=0.3, lr_max="initial"),
                         armijo(0.3), 0.05),
     # uphill="skip": a failed non-descent step ends the iteration without a step (the default around SGD)
@@ -2397,6 +2398,18 @@ def test_linesearch_restart_that_finds_nothing_restores_the_buffer():
     assert get_lrs(opt) == (0.5 * 1.1,)
 
 
+def test_linesearch_c_auto():
+    """c="auto": 0.3 around SGD & co. (chosen with the momentum restart on the suite's tune half), 0.1 around
+    optimizers that scale each step (chosen for Adam); a number is kept; anything else is refused."""
+    assert LineSearch(_scalar_run()[2]).c == 0.3
+    assert LineSearch(_scalar_run(momentum=0.0)[2]).c == 0.3
+    assert LineSearch(_scalar_run(opt="adam")[2]).c == 0.1
+    assert LineSearch(_scalar_run()[2], c=0.05).c == 0.05
+    for bad in ("big", 0.0, 1.0):
+        with pytest.raises(RewindError, match="c must be"):
+            LineSearch(_scalar_run()[2], c=bad)
+
+
 def test_linesearch_uphill_restart_needs_momentum():
     _, opt, rw = _scalar_run(momentum=0.0)
     assert not LineSearch(rw).restart_uphill  # "auto" around SGD without momentum: nothing to restart, skip
@@ -2413,12 +2426,12 @@ def test_linesearch_uphill_restart_needs_momentum():
 def test_linesearch_restart_replay_is_exact():
     """On real batches: restarts happen, and a replay by hand (restart included) ends bitwise where the search did."""
     data = make_data(60)
-    run = SearchRun(opt="sgd", lr=0.05, groups=True)
+    run = SearchRun(opt="sgd", lr=0.3, groups=True)
     ls = LineSearch(run.rw, max_tries=4)
     run.train(ls, data)
     assert any(e.extra.get("restarted") for e in ls.log)
-    rep = SearchRun(opt="sgd", lr=0.05, groups=True)
-    rep.replay(ls.log, data, accept=armijo(0.1), shrink=0.5, grow=1.1, lr_max=0.5, max_tries=4, restart=True)
+    rep = SearchRun(opt="sgd", lr=0.3, groups=True)
+    rep.replay(ls.log, data, accept=armijo(0.3), shrink=0.5, grow=1.1, lr_max=3.0, max_tries=4, restart=True)
     assert_same(run.state(), rep.state())
 
 

@@ -289,8 +289,9 @@ class LineSearch(Backtracking):
     ``min_fraction`` (default None) puts a floor under the lr: shrinking stops at that fraction of the initial lr
     (a rejection there ends the search).
 
-    Defaults (``c=0.1``, ``shrink=0.5``, ``grow="auto"``, ``max_growth="auto"``, ``uphill="auto"``) were chosen on
-    the ``tune`` half of ``benchmarks/suite`` (``benchmarks/bench_policies.py``).
+    Defaults (``c="auto"``: 0.3 around SGD & co., 0.1 around optimizers with an ``eps`` setting; ``shrink=0.5``,
+    ``grow="auto"``, ``max_growth="auto"``, ``uphill="auto"``) were chosen on the ``tune`` half of
+    ``benchmarks/suite`` (``benchmarks/bench_policies.py``).
     Trial evaluations call ``loss_fn`` again (with the first evaluation's RNG state, so dropout masks match); modules
     in training mode such as BatchNorm update their running statistics at each call, as for any extra forward. The
     pieces: ``accept``
@@ -307,7 +308,7 @@ class LineSearch(Backtracking):
         self,
         rewind: Rewind,
         *,
-        c: float = 0.1,
+        c: float | str = "auto",
         shrink: float = 0.5,
         grow: float | str = "auto",
         max_tries: int = 10,
@@ -320,6 +321,10 @@ class LineSearch(Backtracking):
     ) -> None:
         who = "LineSearch"
         check_rewind(rewind, who)
+        if isinstance(c, str):
+            if c != "auto":
+                raise RewindValueError(f"{who}: c must be a number in (0, 1) or 'auto', got {c!r}.")
+            c = 0.1 if scales_each_step(rewind.optimizer) else 0.3
         super().__init__(rewind, accept=Armijo(c, who),
                          step_size=StepSize(shrink, grow, lr_max, who, max_growth, min_fraction),
                          max_tries=max_tries, same_rng=same_rng, log=log, uphill=uphill)  # fmt: skip
