@@ -2410,6 +2410,27 @@ def test_linesearch_c_auto():
             LineSearch(_scalar_run()[2], c=bad)
 
 
+def test_linesearch_error_in_a_restarted_trial_leaves_the_state_as_before():
+    """loss_fn raising while a restarted trial is judged: the undo restores the iteration's start, old buffer
+    included (the restart's zeroing is not left behind)."""
+    model, opt, rw = _scalar_run(lr=0.5)
+    ls = LineSearch(rw)
+    ls.step(lambda: model.loss(*UPHILL[0]))
+    before = _scalar_state(model, opt)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("data loader died")
+        return model.loss(*UPHILL[1])
+
+    with pytest.raises(RuntimeError, match="data loader died"):
+        ls.step(loss_fn)
+    assert_same(before, _scalar_state(model, opt))
+    assert get_lrs(opt) == (0.55,)
+
+
 def test_linesearch_uphill_restart_needs_momentum():
     _, opt, rw = _scalar_run(momentum=0.0)
     assert not LineSearch(rw).restart_uphill  # "auto" around SGD without momentum: nothing to restart, skip

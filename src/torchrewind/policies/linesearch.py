@@ -146,24 +146,27 @@ class Backtracking:
             if restarted:
                 _zero_momentum(opt)  # the undo brought the buffers back
             opt.step()
-            gd = _directional(params, theta0, self.rw.group) if theta0 is not None else 0.0
-            if restart and not restarted and all_sum(self.rw.group, [gd])[0] >= 0:
-                # the momentum points uphill for this batch: no lr can help, the gradient's own direction can (no
-                # forward spent on the trial; the undo point stays before the restart, so giving up restores the
-                # buffers)
-                self.rw.undo()
-                restarted = True
-                self.rw.ensure_recorded()
-                _zero_momentum(opt)
-                opt.step()
-                gd = _directional(params, theta0, self.rw.group)
+            stepped = True
             try:
+                gd = _directional(params, theta0, self.rw.group) if theta0 is not None else 0.0
+                if restart and not restarted and all_sum(self.rw.group, [gd])[0] >= 0:
+                    # the momentum points uphill for this batch: no lr can help, the gradient's own direction can
+                    # (no forward spent on the trial; the undo point stays before the restart, so giving up
+                    # restores the buffers)
+                    self.rw.undo()
+                    stepped, restarted = False, True
+                    self.rw.ensure_recorded()
+                    _zero_momentum(opt)
+                    opt.step()
+                    stepped = True
+                    gd = _directional(params, theta0, self.rw.group)
                 with torch.no_grad():
                     if rng_before is not None:
                         _set_rng_state(rng_before)  # same dropout masks as the first evaluation
                     f1, gd = agreed_loss(self.rw, loss_fn(), f"{who}: loss_fn()", (gd,))
             except BaseException:
-                self.rw.undo()  # an error while judging the trial: leave the state as before the step
+                if stepped:
+                    self.rw.undo()  # an error while judging the trial: leave the state as before the step
                 raise
             finally:
                 if rng_after is not None:
