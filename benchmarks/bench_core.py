@@ -6,7 +6,7 @@ of ``Rewind`` on small real training loops.
 Usage::
 
     python benchmarks/bench_core.py                 # full run (< 3 min on 2 CPU cores)
-    python benchmarks/bench_core.py --quick         # smoke run (< 20 s): small models, few repeats
+    python benchmarks/bench_core.py --quick         # smoke run (~40 s on a 2-core machine): small models, few repeats
     python benchmarks/bench_core.py --json out.json # also write every number as JSON
 
 Everything is measured in one process, with the methods interleaved round by round (so slow drift of the machine
@@ -509,7 +509,7 @@ def train_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: small models, few repeats (< 20 s)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small models, few repeats (~40 s on a 2-core machine)")
     ap.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
     ap.add_argument("--repeats", type=int, default=None, help="rounds per core measurement (default 25; quick 5)")
     ap.add_argument("--no-train", action="store_true", help="skip the training-iteration overhead part")
