@@ -22,7 +22,14 @@ import torchrewind
 from torchrewind import FaultTriage, LineSearch, NonFiniteGuard, Rewind, SpikeGuard
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+DOCS = sorted((README.parent / "docs").glob("*.md"))
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+
+
+BLOCKS = python_blocks(README)
 
 # first line of each block -> the test that runs it
 CLAIMED = {
@@ -61,7 +68,7 @@ def namespace(n_batches: int = 6) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.9)
     return {"torch": torch, "F": F, "model": model, "opt": opt, "sched": sched, "loader": loader, "batches": loader,
-            "train_set": torch.utils.data.TensorDataset(x, y), "x_all": x, "y_all": y}
+            "train_set": torch.utils.data.TensorDataset(x, y)}
 
 
 def run(code: str, ns: dict, name: str) -> dict:
@@ -201,13 +208,21 @@ def check_listing(listing: str, func: object) -> None:
             assert got == p.default, f"{name}: the docs list {p.name}={got!r}, the default is {p.default!r}"
 
 
-DOCS = sorted((README.parent / "docs").glob("*.md"))
+def check_defaults(args: str, func: object, where: str) -> int:
+    """Every ``name=default`` in a listed call's argument text is ``func``'s default for ``name``; returns how many
+    were checked."""
+    params = inspect.signature(func).parameters
+    pairs = re.findall(r"(\w+)=([^,]+)", args)
+    for name, default in pairs:
+        assert params[name].default == ast.literal_eval(default.strip()), f"README: {where}({name}={default})"
+    return len(pairs)
+
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_docs_blocks_parse(path: Path) -> None:
     """Every python block of docs/ is valid Python, or a signature listing that matches the real signature."""
-    for code in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+    for code in python_blocks(path):
         try:
             ast.parse(code)
         except SyntaxError:
@@ -222,13 +237,10 @@ def test_api_listing() -> None:
     code = block("Rewind(model, optimizer,")
     check_listing(code[: code.index("\nrw.")], Rewind)
 
-    def instances(owner: str) -> list:  # attributes set in __init__ exist on instances only
-        ns = namespace()
-        rw = Rewind(ns["model"], ns["opt"])
-        return {"rw": [rw], "guard": [SpikeGuard(rw), NonFiniteGuard(Rewind(ns["model"], ns["opt"]))],
-                "triage": [FaultTriage(rw)]}[owner]  # fmt: skip
-
-    objs = {k: instances(k) for k in ("rw", "guard", "triage")}
+    ns = namespace()
+    rw = Rewind(ns["model"], ns["opt"])  # attributes set in __init__ exist on instances only
+    objs = {"rw": [rw], "guard": [SpikeGuard(rw), NonFiniteGuard(Rewind(ns["model"], ns["opt"]))],
+            "triage": [FaultTriage(rw)]}  # fmt: skip
     named = re.findall(r"(?<![\w/])(rw|guard|triage)\.(\w+)", code)  # not docs/triage.md
     assert len(named) > 30
     for owner, attr in named:
@@ -236,14 +248,7 @@ def test_api_listing() -> None:
             assert hasattr(obj, attr), f"README names {owner}.{attr}; {type(obj).__name__} has no such attribute"
     # the defaults of the methods it lists with them: rw.undo(n=1), guard.step(loss, closure=None), ...
     calls = re.findall(r"(?<![\w/])(rw|guard|triage)\.(\w+)\(([^()]*)\)", code)
-    checked = 0
-    for owner, method, args in calls:
-        for name, default in re.findall(r"(\w+)=([^,]+)", args):
-            for obj in objs[owner]:
-                real_default = inspect.signature(getattr(obj, method)).parameters[name].default
-                assert real_default == ast.literal_eval(default.strip()), f"README: {owner}.{method}({name}={default})"
-                checked += 1
+    checked = sum(check_defaults(args, getattr(obj, method), f"{owner}.{method}")
+                  for owner, method, args in calls for obj in objs[owner])  # fmt: skip
     assert checked >= 6
-    t = inspect.signature(FaultTriage)
-    for name, default in re.findall(r"(\w+)=([^,)]+)", code.split("triage = FaultTriage(", 1)[1].split(")", 1)[0]):
-        assert t.parameters[name].default == ast.literal_eval(default), name
+    assert check_defaults(code.split("triage = FaultTriage(", 1)[1].split(")", 1)[0], FaultTriage, "FaultTriage") == 5
