@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import cnn_task, transformer_task  # noqa: E402  (the same realistic small models)
+from bench_core import cnn_task, frozen_gc, transformer_task  # noqa: E402  (the same realistic small models)
 
 from torchrewind import Rewind  # noqa: E402
 
@@ -72,11 +72,12 @@ def bench(name: str, make_model: Any, batch_at: Any, rounds: int, per: int, devi
     for r in runs.values():  # warm-up: optimizer state created and re-homed, worker thread started
         block(r, max(3, per // 2))
     keys = list(runs)
-    for i in range(rounds):
-        k = i % len(keys)
-        for key in keys[k:] + keys[:k]:
-            gc.collect()
-            runs[key]["ms"].append(block(runs[key], per) * 1e3)
+    with frozen_gc():
+        for i in range(rounds):
+            k = i % len(keys)
+            for key in keys[k:] + keys[:k]:
+                gc.collect()
+                runs[key]["ms"].append(block(runs[key], per) * 1e3)
     plain = runs["plain"]["ms"]
     out: dict[str, Any] = {
         "task": name,

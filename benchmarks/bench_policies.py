@@ -593,10 +593,10 @@ def main() -> None:
     torch.set_num_threads(1)
     seeds = list(range(args.seeds if args.seeds else 3))
     scale = args.scale if args.scale else (0.06 if args.quick else 0.5)
-    if args.quick:
-        task_names = ["wine_zero", "gru_forecast"]  # one per half
-    elif args.tasks:
+    if args.tasks:  # also with --quick (it used to be overridden there)
         task_names = args.tasks.split(",")
+    elif args.quick:
+        task_names = ["wine_zero", "gru_forecast"]  # one per half
     else:
         task_names = tasks.names(None if args.split == "both" else args.split)
     with_sls = (PEERS / "sls" / "sls.py").exists()

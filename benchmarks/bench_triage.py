@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.suit
 
 import torch  # noqa: E402
 
+from benchmarks.bench_core import frozen_gc  # noqa: E402
 from benchmarks.suite import tasks  # noqa: E402
 from benchmarks.suite.faults import Fault, FaultPlan, Injector  # noqa: E402
 from benchmarks.suite.runner import adam  # noqa: E402
@@ -141,9 +142,10 @@ def overhead_section(res: dict[str, Any], task_names: list[str], rounds: int, pe
         vs = [Variant(n, task, 0, 1.0, k, **kw) for n, k, kw in specs]
         for v in vs:
             v.block(per_block)  # warm-up, untimed
-        for r in range(rounds):
-            for v in vs[r % len(vs) :] + vs[: r % len(vs)]:
-                v.times.append(v.block(per_block) / per_block)
+        with frozen_gc():
+            for r in range(rounds):
+                for v in vs[r % len(vs) :] + vs[: r % len(vs)]:
+                    v.times.append(v.block(per_block) / per_block)
         plain = vs[0].times
         out[task] = {}
         for v in vs:

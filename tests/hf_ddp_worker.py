@@ -1,5 +1,6 @@
 """RewindTrainerCallback under the Hugging Face Trainer with DDP (torchrun, 2 CPU processes, gloo): run by
-tests/test_hf.py as ``python -m torch.distributed.run --standalone --nproc-per-node 2 hf_ddp_worker.py OUT_DIR [--shard]``.
+tests/test_hf.py as
+``python -m torch.distributed.run --standalone --nproc-per-node 2 hf_ddp_worker.py OUT_DIR full,shard``.
 
 One batch has its labels x1000; the Trainer's DistributedSampler puts it on one rank. Prints, on rank 0, each rank's
 non-accepted decisions and whether the ranks' parameters are bitwise identical after training."""
@@ -36,10 +37,10 @@ def data(n: int = 800) -> list[dict]:
     return [{"x": x[i], "labels": y[i]} for i in range(n)]
 
 
-if __name__ == "__main__":
+def train(out_dir: str, shard: bool) -> None:
     torch.manual_seed(0)
-    cb = RewindTrainerCallback("spike", rollback=2, rewind_kwargs={"shard": "--shard" in sys.argv})
-    args = TrainingArguments(output_dir=sys.argv[1], use_cpu=True, report_to=[], save_strategy="no",
+    cb = RewindTrainerCallback("spike", rollback=2, rewind_kwargs={"shard": shard})
+    args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], save_strategy="no",
                              logging_strategy="no", max_steps=100, per_device_train_batch_size=4,
                              dataloader_num_workers=0, seed=7, learning_rate=1e-2, disable_tqdm=True,
                              ddp_backend="gloo")  # fmt: skip
@@ -54,10 +55,19 @@ if __name__ == "__main__":
         rw = cb.rewind
         print("world", dist.get_world_size(), "shard:", rw.shard, "group:", rw.group is not None, "events:", out[0][0],
               out[1][0])  # fmt: skip
-        print("identical:", torch.equal(out[0][1], out[1][1]), "same decisions:", out[0][0] == out[1][0])
+        print("identical:", torch.equal(out[0][1], out[1][1]), "same decisions:", out[0][0] == out[1][0], flush=True)
+    del trainer
+    dist.barrier()
+    gc.collect()
+
+
+if __name__ == "__main__":
+    # one launch trains once per mode, one after the other in the same ranks (as a sweep in one job would): each
+    # fresh torchrun rank spends ~10 s importing transformers
+    for mode in sys.argv[2].split(","):
+        train(sys.argv[1], shard=mode == "shard")
     # leave together, with the DDP reducer's gloo work freed first: torch 2.13's gloo can abort at interpreter exit
     # otherwise (pytorch/pytorch#179291)
-    del trainer
     dist.barrier()
     gc.collect()
     dist.destroy_process_group()

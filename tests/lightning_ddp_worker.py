@@ -1,4 +1,5 @@
-"""RewindCallback under Lightning's DDP (ddp_spawn, 2 CPU processes, gloo): run by tests/test_lightning.py.
+"""RewindCallback under Lightning's DDP (2 CPU processes, gloo; ``ddp_spawn``, or ``ddp_fork`` with ``--fork``): run by
+tests/test_lightning.py.
 
 A batch seen by rank 1 only is poisoned (inputs x1000). Prints, on rank 0, each rank's non-accepted decisions and
 whether the ranks' parameters are bitwise identical after training."""
@@ -60,7 +61,8 @@ class Report(L.Callback):
 
 if __name__ == "__main__":
     cb = RewindCallback("spike", rollback=2, skip_batches=1, rewind_kwargs={"shard": "--shard" in sys.argv})
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+    strategy = "ddp_fork" if "--fork" in sys.argv else "ddp_spawn"
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[cb, Report(cb)])  # fmt: skip
     trainer.fit(Model(), DataLoader(Batches(), batch_size=None))

@@ -464,11 +464,7 @@ def _train(directory, total, mode, **kw):
 def test_resume_after_kill_9_mid_save_continues_bitwise(tmp_path):
     """Run 1 is killed (-9) while writing step 15's checkpoint; run 2, the same script, resumes from step 10 with one
     line and ends bitwise where an uninterrupted run ends (parameters, optimizer, scheduler, RNG)."""
-    ref = _train(tmp_path / "ref", 22, "ref")
-    out, err = ref.communicate(timeout=120)
-    assert ref.returncode == 0, err
-    assert "start 0 0" in out  # a fresh directory: rollback_to(0) is the live state
-
+    ref = _train(tmp_path / "ref", 22, "ref")  # the uninterrupted run, alongside the one that is killed
     crash = tmp_path / "crash"
     p = _train(crash, 22, "hang-at-15")
     while (line := p.stdout.readline()) and line.strip() != "saving 15":
@@ -476,6 +472,9 @@ def test_resume_after_kill_9_mid_save_continues_bitwise(tmp_path):
     assert line.strip() == "saving 15"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    out, err = ref.communicate(timeout=120)
+    assert ref.returncode == 0, err
+    assert "start 0 0" in out  # a fresh directory: rollback_to(0) is the live state
     assert sorted(x.name for x in crash.iterdir() if ".tmp-" in x.name)  # the torn save is there ...
 
     again = _train(crash, 22, "resumed")

@@ -4,12 +4,10 @@ Every test spawns a process group; the workers (tests/dist_workers.py) assert on
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn
 
 pytestmark = [
     pytest.mark.distributed,
@@ -18,16 +16,6 @@ pytestmark = [
 ]
 
 pytest.importorskip("sklearn")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, *args, world: int = 2) -> None:
-    mp.spawn(fn, args=(world, _port(), *args), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp"])

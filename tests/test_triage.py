@@ -581,10 +581,7 @@ def test_no_fault_no_rerun_one_forward_per_iteration():
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo")
 def test_ddp_fault_on_one_rank_transient_and_reproducible(tmp_path):
     pytest.importorskip("sklearn")
-    import torch.multiprocessing as mp
     import triage_workers
+    from ranks import spawn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(triage_workers.fault_on_one_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(triage_workers.fault_on_one_rank, str(tmp_path))
