@@ -1,8 +1,9 @@
 """Start a CPU process group's ranks for a test: ``spawn(fn, *args)`` runs ``fn(rank, world, port, *args)`` in each.
 
-Ranks are forked on Linux, as torch's own ``MultiProcessTestCase`` does: they start with torch and the test helpers
-already imported, ~6 s sooner per test than ``spawn``'s fresh interpreters (the distributed tests were 140 s of the
-suite). Elsewhere (macOS, Windows) fork is unsafe or missing, so they are spawned."""
+Ranks are forked on Linux, as many of torch's own distributed tests are (``MultiProcessTestCase._fork_processes``):
+they start with torch and the test helpers already imported, ~6 s sooner per test than ``spawn``'s fresh interpreters
+(the distributed tests were 140 s of the suite). Elsewhere (macOS, Windows) fork is unsafe or missing: they are
+spawned."""
 
 from __future__ import annotations
 
