@@ -56,6 +56,8 @@ def train(out_dir: str, shard: bool) -> None:
         print("world", dist.get_world_size(), "shard:", rw.shard, "group:", rw.group is not None, "events:", out[0][0],
               out[1][0])  # fmt: skip
         print("identical:", torch.equal(out[0][1], out[1][1]), "same decisions:", out[0][0] == out[1][0], flush=True)
+    # leave together, with the DDP reducer's gloo work freed first: torch 2.13's gloo can abort at interpreter exit
+    # otherwise (pytorch/pytorch#179291)
     del trainer
     dist.barrier()
     gc.collect()
@@ -66,8 +68,4 @@ if __name__ == "__main__":
     # fresh torchrun rank spends ~10 s importing transformers
     for mode in sys.argv[2].split(","):
         train(sys.argv[1], shard=mode == "shard")
-    # leave together, with the DDP reducer's gloo work freed first: torch 2.13's gloo can abort at interpreter exit
-    # otherwise (pytorch/pytorch#179291)
-    dist.barrier()
-    gc.collect()
     dist.destroy_process_group()
